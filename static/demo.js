@@ -1,0 +1,99 @@
+// The demo page: one Socket.IO connection, its state, and every event it receives.
+(function () {
+  "use strict";
+
+  const LOG_LIMIT = 200; // a flood must not freeze the tab
+  const script = document.getElementById("demo-script");
+  const loggedIn = script.dataset.loggedIn === "true";
+  const $ = (id) => document.getElementById(id);
+  const badge = $("badge");
+  const logList = $("log");
+  let received = 0;
+
+  function setState(state, detail) {
+    badge.textContent = detail ? state + " · " + detail : state;
+    badge.className = "badge badge-" + state;
+    document.body.dataset.connection = state;
+  }
+
+  function addEntry(event, data, kind) {
+    received += 1;
+    const item = document.createElement("li");
+    item.className = "entry" + (kind ? " entry-" + kind : "");
+    item.dataset.event = event;
+    const head = document.createElement("div");
+    head.className = "entry-head";
+    const time = document.createElement("time");
+    const now = new Date();
+    time.dateTime = now.toISOString();
+    time.textContent = now.toLocaleTimeString([], { hour12: false }) + "." +
+      String(now.getMilliseconds()).padStart(3, "0");
+    const name = document.createElement("span");
+    name.className = "event-name";
+    name.textContent = event;
+    head.append(time, name);
+    const body = document.createElement("pre");
+    body.className = "entry-data";
+    body.textContent = JSON.stringify(data, null, 2);
+    item.append(head, body);
+    logList.prepend(item);
+    while (logList.childElementCount > LOG_LIMIT) logList.lastElementChild.remove();
+    $("log-count").textContent = "(" + received + ")";
+  }
+
+  // Fetch a fresh token at every (re)connection attempt: tokens expire, sessions last.
+  function auth(callback) {
+    if (!loggedIn) return callback({});
+    fetch("/auth/token", { credentials: "same-origin", cache: "no-store" })
+      .then((r) => (r.ok ? r.json() : Promise.reject(new Error("token: HTTP " + r.status))))
+      .then((body) => callback({ token: body.token }))
+      .catch(() => callback({}));
+  }
+
+  const socket = io({ auth: auth, transports: ["websocket"], reconnectionDelayMax: 3000 });
+  window.demoSocket = socket;
+
+  socket.on("connect", () => {
+    setState("connected");
+    $("sid").textContent = socket.id;
+    socket.emit("whoami", null, (me) => {
+      $("server-instance").textContent = me.instance;
+      if (loggedIn && me.user_id === null) setState("connected", "anonymous: session expired?");
+    });
+  });
+  socket.on("disconnect", (reason) => {
+    $("sid").textContent = "–";
+    // The server or a logout ended it: no retry. Anything else: the client retries by itself.
+    setState(reason === "io server disconnect" || reason === "io client disconnect" ? "disconnected" : "reconnecting", reason);
+  });
+  socket.io.on("reconnect_attempt", (attempt) => setState("reconnecting", "attempt " + attempt));
+  socket.on("connect_error", (err) => {
+    const code = err.data && err.data.code;
+    setState(socket.active ? "reconnecting" : "disconnected", code || err.message);
+  });
+  socket.onAny((event, ...args) => addEntry(event, args.length > 1 ? args : args[0]));
+
+  const sendForm = $("send-form");
+  if (sendForm) {
+    sendForm.addEventListener("submit", (e) => {
+      e.preventDefault();
+      const input = $("message");
+      const text = input.value.trim();
+      if (!text) return;
+      socket.emit("events", { text: text, sent_at: new Date().toISOString() });
+      input.value = "";
+      input.focus();
+    });
+  }
+  const logoutForm = $("logout-form");
+  if (logoutForm) {
+    // Close the socket before the session ends, so nothing for this user arrives afterwards.
+    logoutForm.addEventListener("submit", () => socket.disconnect());
+  }
+  $("clear-log").addEventListener("click", () => {
+    logList.replaceChildren();
+    received = 0;
+    $("log-count").textContent = "(0)";
+  });
+  setState("disconnected", "connecting");
+})();

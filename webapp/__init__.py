@@ -1,0 +1,51 @@
+"""Quart + Socket.IO gateways on many instances, joined by Redis."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from quart import Quart
+
+from .config import ConfigError, Settings
+
+__all__ = ["ConfigError", "Settings", "create_app"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def create_app(settings: Settings | None = None, config: Mapping[str, Any] | None = None) -> Quart:
+    """Build the Quart app and its services; nothing connects until the app starts serving.
+
+    `settings` defaults to the environment (Settings.from_env); `config` overrides Quart config.
+    """
+    settings = settings or Settings.from_env()
+    app = Quart(
+        __name__,
+        static_folder=str(ROOT / "static"),
+        template_folder=str(ROOT / "templates"),
+    )
+    app.config.from_mapping(
+        SETTINGS=settings,
+        SECRET_KEY=settings.secret_key,
+        MAX_CONTENT_LENGTH=settings.max_payload_bytes,
+        JSON_SORT_KEYS=False,
+    )
+    if config:
+        app.config.update(config)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.warn_about_defaults()
+
+    from . import api, auth, demo, errors, health
+    from .realtime import Realtime
+
+    errors.register(app)
+    auth.init_app(app)
+    Realtime(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(demo.bp)
+    app.register_blueprint(health.bp)
+    return app

@@ -1,0 +1,76 @@
+"""Demo login/logout with quart-auth, and the page's socket token."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from quart import Blueprint, Quart, Response, current_app, jsonify, redirect, request, url_for
+from quart_auth import AuthUser, QuartAuth, current_user, login_user, logout_user
+
+from ..config import Settings
+from ..errors import ApiError
+from ..names import is_user_id
+from .tokens import TokenSigner
+
+bp = Blueprint("auth", __name__)
+
+
+def init_app(app: Quart) -> None:
+    """Wire quart-auth and the token signer onto the app."""
+    settings: Settings = app.config["SETTINGS"]
+    app.config.setdefault("QUART_AUTH_COOKIE_SECURE", settings.production)
+    app.config.setdefault("QUART_AUTH_DURATION", 7 * 24 * 3600)
+    QuartAuth(app)
+    app.extensions["tokens"] = TokenSigner(settings.secret_key)
+    app.register_blueprint(bp)
+
+
+def signer() -> TokenSigner:
+    return current_app.extensions["tokens"]  # type: ignore[no-any-return]
+
+
+def _settings() -> Settings:
+    return current_app.config["SETTINGS"]  # type: ignore[no-any-return]
+
+
+def _same_origin() -> bool:
+    """A form POST must come from our own page (login CSRF protection)."""
+    origin = request.headers.get("Origin") or request.headers.get("Referer")
+    if not origin:
+        return True  # non-browser clients send neither
+    return urlsplit(origin).netloc == request.host
+
+
+@bp.post("/login")
+async def login() -> Response:
+    """Log in to the demo with just a name."""
+    if not _settings().demo_login:
+        raise ApiError(404, "not_found", "demo login is disabled")
+    if not _same_origin():
+        raise ApiError(403, "forbidden", "cross-origin login refused")
+    form = await request.form
+    username = (form.get("username") or "").strip()
+    if not is_user_id(username):
+        return redirect(url_for("demo.index", error="name: 1-128 of A-Z a-z 0-9 _ . @ -"))
+    login_user(AuthUser(username))
+    return redirect(url_for("demo.index"))
+
+
+@bp.post("/logout")
+async def logout() -> Response:
+    """End the demo session."""
+    if not _same_origin():
+        raise ApiError(403, "forbidden", "cross-origin logout refused")
+    logout_user()
+    return redirect(url_for("demo.index"))
+
+
+@bp.get("/auth/token")
+async def token() -> Response:
+    """Mint a socket token for the logged-in user."""
+    if not await current_user.is_authenticated:
+        raise ApiError(401, "unauthorized", "log in first")
+    minted = signer().mint(str(current_user.auth_id), _settings().token_ttl)
+    response = jsonify({"token": minted.value, "expires_at": minted.expires_at_iso})
+    response.headers["Cache-Control"] = "no-store"
+    return response

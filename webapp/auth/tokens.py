@@ -1,0 +1,59 @@
+"""Expiring signed socket tokens: any instance sharing SECRET_KEY verifies them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from itsdangerous import BadSignature, URLSafeSerializer
+
+from ..names import is_user_id
+
+_SALT = "webapp.socket-token.v1"
+
+
+class InvalidToken(ValueError):
+    """The token is malformed, tampered with, signed with another key or expired."""
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str
+    user_id: str
+    expires_at: float
+
+    @property
+    def expires_at_iso(self) -> str:
+        return datetime.fromtimestamp(self.expires_at, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class TokenSigner:
+    """Mints and verifies tokens; the signature check is constant-time (HMAC)."""
+
+    def __init__(self, secret_key: str) -> None:
+        self._serializer = URLSafeSerializer(secret_key, salt=_SALT)
+
+    def mint(self, user_id: str, ttl: int, now: float | None = None) -> Token:
+        if not is_user_id(user_id):
+            raise ValueError("invalid user id")
+        expires_at = int((time.time() if now is None else now) + ttl)
+        value = self._serializer.dumps({"sub": user_id, "exp": expires_at})
+        return Token(value=value, user_id=user_id, expires_at=expires_at)
+
+    def verify(self, value: object, now: float | None = None) -> str:
+        """Return the token's user id or raise InvalidToken."""
+        if not isinstance(value, str) or not value or len(value) > 1024:
+            raise InvalidToken("token is not a string of a sane length")
+        try:
+            claims = self._serializer.loads(value)
+        except BadSignature:
+            raise InvalidToken("token signature is invalid") from None
+        if not isinstance(claims, dict):
+            raise InvalidToken("token payload is malformed")
+        user_id, expires_at = claims.get("sub"), claims.get("exp")
+        if not is_user_id(user_id) or not isinstance(expires_at, int):
+            raise InvalidToken("token payload is malformed")
+        if expires_at <= (time.time() if now is None else now):
+            raise InvalidToken("token has expired")
+        return user_id  # type: ignore[return-value]

@@ -1,0 +1,149 @@
+"""Typed settings read from the environment, validated once at start-up."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the application reads from its environment."""
+
+    env: str = "development"
+    redis_url: str | None = None
+    secret_key: str = DEV_SECRET_KEY
+    api_keys: tuple[str, ...] = ()
+    port: int = 5000
+    channel_prefix: str = "webapp"
+    instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    cors_origins: tuple[str, ...] = ()
+    demo_login: bool = True
+    token_ttl: int = 3600
+    max_token_ttl: int = 7 * 24 * 3600
+    max_payload_bytes: int = 64 * 1024
+    redis_timeout: float = 2.0
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate settings; raise ConfigError naming the bad variable."""
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        app_env = get("WEBAPP_ENV") or "development"
+        if app_env not in ("development", "production", "test"):
+            raise ConfigError(f"WEBAPP_ENV must be development, production or test, not {app_env!r}")
+
+        redis_url = get("REDIS_URL")
+        if redis_url is not None:
+            _check_redis_url(redis_url)
+
+        secret_key = get("SECRET_KEY")
+        if secret_key is None:
+            if app_env == "production":
+                raise ConfigError("SECRET_KEY must be set when WEBAPP_ENV=production")
+            secret_key = DEV_SECRET_KEY
+        elif app_env == "production" and len(secret_key) < 16:
+            raise ConfigError("SECRET_KEY must be at least 16 characters in production")
+
+        prefix = get("CHANNEL_PREFIX") or "webapp"
+        if not _PREFIX_RE.match(prefix):
+            raise ConfigError("CHANNEL_PREFIX must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+
+        values: dict[str, object] = {
+            "env": app_env,
+            "redis_url": redis_url,
+            "secret_key": secret_key,
+            "api_keys": _split(get("API_KEYS")),
+            "port": _int(get("PORT"), "PORT", 5000, 1, 65535),
+            "channel_prefix": prefix,
+            "cors_origins": _split(get("CORS_ORIGINS")),
+            "demo_login": _bool(get("DEMO_LOGIN"), "DEMO_LOGIN", True),
+            "token_ttl": _int(get("TOKEN_TTL"), "TOKEN_TTL", 3600, 10, 30 * 24 * 3600),
+            "max_payload_bytes": _int(
+                get("MAX_PAYLOAD_BYTES"), "MAX_PAYLOAD_BYTES", 64 * 1024, 1024, 16 * 1024 * 1024
+            ),
+        }
+        instance_id = get("INSTANCE_ID")
+        if instance_id is not None:
+            values["instance_id"] = instance_id[:64]
+        return cls(**values)  # type: ignore[arg-type]
+
+    def warn_about_defaults(self) -> None:
+        """Log what a development default means, loudly where it matters."""
+        if self.secret_key == DEV_SECRET_KEY:
+            log.warning(
+                "SECRET_KEY is not set: using a public development key. Tokens and sessions "
+                "are forgeable. Set SECRET_KEY (and WEBAPP_ENV=production) before deploying."
+            )
+        if self.redis_url is None:
+            log.warning(
+                "REDIS_URL is not set: using the in-memory bus. Events reach only sockets "
+                "of this one instance."
+            )
+        if not self.api_keys:
+            log.warning("API_KEYS is not set: every /api/* call will answer 401.")
+
+
+def _check_redis_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {parts.scheme!r}://")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"REDIS_URL has an invalid port: {exc}") from None
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError("REDIS_URL has no host")
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError("REDIS_URL port must be between 1 and 65535")
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _int(value: str | None, name: str, default: int, low: int, high: int) -> int:
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
+    return number
+
+
+def _bool(value: str | None, name: str, default: bool) -> bool:
+    if value is None:
+        return default
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")

@@ -1,0 +1,25 @@
+"""The demo page: log in with a name, open a socket, watch events arrive."""
+
+from __future__ import annotations
+
+from quart import Blueprint, current_app, render_template, request
+from quart_auth import current_user
+
+from ..config import Settings
+
+bp = Blueprint("demo", __name__)
+
+
+@bp.get("/")
+async def index() -> str:
+    """Show the login form, or the live page for a logged-in user."""
+    settings: Settings = current_app.config["SETTINGS"]
+    logged_in = await current_user.is_authenticated
+    return await render_template(
+        "index.html",
+        user_id=current_user.auth_id if logged_in else None,
+        instance_id=settings.instance_id,
+        bus_kind=current_app.extensions["realtime"].bus.kind,
+        demo_login=settings.demo_login,
+        error=request.args.get("error", "")[:200],
+    )

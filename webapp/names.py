@@ -1,0 +1,28 @@
+"""The contract's rules for user ids and event names, shared by every edge."""
+
+from __future__ import annotations
+
+import re
+
+USER_ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
+_USER_ID_RE = re.compile(USER_ID_PATTERN)
+
+RESERVED_EVENTS = frozenset(
+    {"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"}
+)
+
+
+def is_user_id(value: object) -> bool:
+    """True for 1 to 128 characters of A-Z a-z 0-9 _ . @ -."""
+    return isinstance(value, str) and _USER_ID_RE.match(value) is not None and "\n" not in value
+
+
+def event_name_problem(value: object) -> str | None:
+    """Why `value` is not a usable event name, or None when it is."""
+    if not isinstance(value, str) or not value:
+        return "event must be a non-empty string"
+    if len(value) > 128:
+        return "event must be at most 128 characters"
+    if value in RESERVED_EVENTS:
+        return f"event {value!r} is reserved by Socket.IO"
+    return None

@@ -1,0 +1,307 @@
+"""Transports that carry envelopes between instances: Redis pub/sub, or memory for one instance.
+
+The propagator speaks envelopes; a bus only moves bytes on named channels. Swapping the
+transport touches this file alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes], Awaitable[None]]
+
+
+class BusUnavailable(RuntimeError):
+    """The bus could not take the message; nothing was handed over."""
+
+
+class Bus(Protocol):
+    kind: str
+
+    async def start(self, handler: MessageHandler) -> None: ...
+    async def close(self) -> None: ...
+    async def publish(self, channel: str, message: bytes) -> None: ...
+    async def subscribe(self, channel: str) -> bool: ...
+    async def unsubscribe(self, channel: str) -> None: ...
+    @property
+    def ready(self) -> bool: ...
+    def status(self) -> dict[str, Any]: ...
+
+
+class MemoryBus:
+    """A single-instance bus: published messages reach only this process's subscriptions."""
+
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self._channels: set[str] = set()
+        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._handler: MessageHandler | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, handler: MessageHandler) -> None:
+        self._handler = handler
+        self._task = asyncio.create_task(self._consume(), name="memory-bus-consumer")
+
+    async def close(self) -> None:
+        await _cancel(self._task)
+        self._task = None
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        if self._task is None:
+            raise BusUnavailable("the in-memory bus is not running")
+        self._queue.put_nowait((channel, message))
+
+    async def subscribe(self, channel: str) -> bool:
+        self._channels.add(channel)
+        return True
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._channels.discard(channel)
+
+    @property
+    def ready(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": self.kind, "connected": self.ready, "channels": len(self._channels)}
+
+    async def _consume(self) -> None:
+        assert self._handler is not None
+        while True:
+            channel, message = await self._queue.get()
+            if channel in self._channels:
+                await _dispatch(self._handler, channel, message)
+
+
+class RedisBus:
+    """Redis pub/sub with one subscriber connection read by one consumer task.
+
+    The set of channels this instance should hold is the truth; after any reconnect the
+    consumer subscribes to all of it again, so recovery never depends on what Redis remembers.
+    """
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 2.0,
+        backoff_min: float = 0.1,
+        backoff_max: float = 5.0,
+        idle_ping: float = 5.0,
+        max_connections: int = 200,
+    ) -> None:
+        self._url = url
+        self._timeout = timeout
+        self._backoff_min = backoff_min
+        self._backoff_max = backoff_max
+        self._idle_ping = idle_ping
+        self._max_connections = max_connections
+        self._wanted: set[str] = set()
+        self._confirmed: set[str] = set()
+        self._initial: set[str] = set()
+        self._waiters: dict[tuple[str, str], deque[asyncio.Future[bool]]] = {}
+        self._conn: AbstractConnection | None = None
+        self._send_lock = asyncio.Lock()
+        self._handler: MessageHandler | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._client: Redis | None = None
+        self._sub_pool: ConnectionPool | None = None
+        self.reconnects = 0
+        self.last_error: str | None = None
+
+    async def start(self, handler: MessageHandler) -> None:
+        self._handler = handler
+        # Publishing borrows from a blocking pool so a burst waits for a connection instead of
+        # failing; one quick retry covers a pooled connection that died with a Redis restart.
+        pool = BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=self._max_connections,
+            timeout=self._timeout,
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        self._client = Redis(connection_pool=pool)
+        # RESP2 on the subscriber: its replies are plain arrays this loop reads itself (RESP3
+        # would route them to push handlers instead).
+        self._sub_pool = ConnectionPool.from_url(
+            self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout, protocol=2
+        )
+        self._task = asyncio.create_task(self._run(), name="redis-bus-consumer")
+
+    async def close(self) -> None:
+        await _cancel(self._task)
+        self._task = None
+        await self._drop_connection()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        if self._sub_pool is not None:
+            await self._sub_pool.disconnect()
+            self._sub_pool = None
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        if self._client is None:
+            raise BusUnavailable("the Redis bus is not running")
+        try:
+            await self._client.publish(channel, message)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise BusUnavailable(f"Redis publish failed: {exc}") from exc
+
+    async def subscribe(self, channel: str) -> bool:
+        """Hold `channel`; True once Redis confirmed it, False if it will be made on recovery."""
+        self._wanted.add(channel)
+        return await self._command("subscribe", channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._wanted.discard(channel)
+        await self._command("unsubscribe", channel)
+
+    @property
+    def ready(self) -> bool:
+        return self._conn is not None and not self._initial
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "connected": self._conn is not None,
+            "channels": len(self._confirmed),
+            "wanted": len(self._wanted),
+            "reconnects": self.reconnects,
+            "last_error": self.last_error,
+        }
+
+    async def _command(self, kind: str, channel: str) -> bool:
+        conn = self._conn
+        if conn is None:
+            return False
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        queue = self._waiters.setdefault((kind, channel), deque())
+        queue.append(waiter)
+        try:
+            await self._send(conn, kind.upper(), channel)
+            return await asyncio.wait_for(asyncio.shield(waiter), self._timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("Redis %s %s not confirmed: %s", kind, channel, exc)
+            return False
+        finally:
+            if waiter in queue:
+                queue.remove(waiter)
+            if not queue:
+                self._waiters.pop((kind, channel), None)
+
+    async def _send(self, conn: AbstractConnection, *args: str) -> None:
+        # The consumer task reads this connection; writes must never trigger a read.
+        async with self._send_lock:
+            await conn.send_command(*args, check_health=False)
+
+    async def _run(self) -> None:
+        delay = self._backoff_min
+        while True:
+            try:
+                await self._connect()
+                delay = self._backoff_min
+                await self._read_forever()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("Redis subscriber lost (%s); retrying in %.1fs", self.last_error, delay)
+            except Exception:  # keep the consumer alive whatever a bug throws
+                self.last_error = "internal error"
+                log.exception("Redis consumer failed; restarting it")
+            await self._drop_connection()
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, self._backoff_max)
+            self.reconnects += 1
+
+    async def _connect(self) -> None:
+        assert self._sub_pool is not None
+        conn = self._sub_pool.make_connection()
+        await conn.connect()
+        self._conn = conn
+        self._initial = set(self._wanted)
+        if self._initial:
+            await self._send(conn, "SUBSCRIBE", *sorted(self._initial))
+        self.last_error = None
+        log.info("Redis subscriber connected; subscribing %d channels", len(self._initial))
+
+    async def _read_forever(self) -> None:
+        assert self._conn is not None and self._handler is not None
+        conn, handler = self._conn, self._handler
+        pinged = False
+        while True:
+            reply = await conn.read_response(timeout=self._idle_ping)
+            if reply is None:
+                # Silence can hide a dead peer: ping, and give up if the pong never comes.
+                if pinged:
+                    raise asyncio.TimeoutError("Redis did not answer PING")
+                await self._send(conn, "PING")
+                pinged = True
+                continue
+            pinged = False
+            kind = reply[0]
+            if kind == b"message":
+                await _dispatch(handler, reply[1].decode(), reply[2])
+            elif kind in (b"subscribe", b"unsubscribe"):
+                self._confirm(kind.decode(), reply[1].decode())
+
+    def _confirm(self, kind: str, channel: str) -> None:
+        if kind == "subscribe":
+            self._confirmed.add(channel)
+            self._initial.discard(channel)
+        else:
+            self._confirmed.discard(channel)
+        queue = self._waiters.get((kind, channel))
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(True)
+                break
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        self._confirmed.clear()
+        self._initial.clear()
+        for queue in self._waiters.values():
+            for waiter in queue:
+                if not waiter.done():
+                    waiter.set_result(False)
+        if conn is not None:
+            await conn.disconnect(nowait=True)
+
+
+async def _dispatch(handler: MessageHandler, channel: str, message: bytes) -> None:
+    try:
+        await handler(channel, message)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("handler failed for a message on %s; consumption goes on", channel)
+
+
+async def _cancel(task: asyncio.Task[Any] | None) -> None:
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass

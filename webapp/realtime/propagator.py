@@ -1,0 +1,182 @@
+"""The three delivery scopes across instances, and delivery of consumed envelopes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import socketio
+from engineio import packet as eio_packet
+from socketio import packet as sio_packet
+
+from . import envelope
+from .bus import Bus
+from .state import SocketState
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "/"
+
+
+class Propagator:
+    """Publishes events for every instance and delivers the ones this instance consumes."""
+
+    def __init__(
+        self, bus: Bus, state: SocketState, sio: socketio.AsyncServer, prefix: str, instance_id: str
+    ) -> None:
+        self.bus = bus
+        self.state = state
+        self.sio = sio
+        self.instance_id = instance_id
+        self.channel_all = f"{prefix}:all"
+        self.channel_authenticated = f"{prefix}:authenticated"
+        self._user_prefix = f"{prefix}:user:"
+        self._user_locks = _KeyedLocks()
+        self.delivered = 0
+        self.dropped = 0
+        self._last_drop_log = 0.0
+
+    def user_channel(self, user_id: str) -> str:
+        return self._user_prefix + user_id
+
+    async def start(self) -> None:
+        await self.bus.start(self.on_message)
+        await self.bus.subscribe(self.channel_all)
+        await self.bus.subscribe(self.channel_authenticated)
+
+    async def close(self) -> None:
+        await self.bus.close()
+
+    # --- sockets coming and going -------------------------------------------------------
+
+    async def attach(self, sid: str, user_id: str | None) -> None:
+        """Register a socket; for a user's first socket here, hold its channel first."""
+        if user_id is None:
+            self.state.add(sid, None)
+            return
+        async with self._user_locks.hold(user_id):
+            if not self.state.holds_user(user_id):
+                await self.bus.subscribe(self.user_channel(user_id))
+            self.state.add(sid, user_id)
+
+    async def detach(self, sid: str) -> None:
+        """Forget a socket; release its user's channel when it was the last one here."""
+        user_id, last = self.state.remove(sid)
+        if user_id is None or not last:
+            return
+        async with self._user_locks.hold(user_id):
+            # A new socket of the same user may have arrived while we waited.
+            if not self.state.holds_user(user_id):
+                await self.bus.unsubscribe(self.user_channel(user_id))
+
+    # --- publishing -------------------------------------------------------------------------
+
+    async def emit_to_user(
+        self, user_id: str, event: str, data: Any, *, origin_sid: str | None = None
+    ) -> str:
+        """Send to every socket of `user_id` on every instance, except `origin_sid`."""
+        envelope_id, raw = envelope.make(
+            "user", event, data, user_id=user_id, instance=self.instance_id, sid=origin_sid
+        )
+        await self.bus.publish(self.user_channel(user_id), raw)
+        return envelope_id
+
+    async def emit_to_all(self, event: str, data: Any) -> str:
+        """Send to every connected socket on every instance, anonymous ones included."""
+        envelope_id, raw = envelope.make("all", event, data, instance=self.instance_id)
+        await self.bus.publish(self.channel_all, raw)
+        return envelope_id
+
+    async def emit_to_authenticated(self, event: str, data: Any) -> str:
+        """Send to every socket that has a user, on every instance."""
+        envelope_id, raw = envelope.make("authenticated", event, data, instance=self.instance_id)
+        await self.bus.publish(self.channel_authenticated, raw)
+        return envelope_id
+
+    # --- consuming ----------------------------------------------------------------------
+
+    async def on_message(self, channel: str, raw: bytes) -> None:
+        """Deliver one consumed message to the local sockets it addresses; drop garbage."""
+        try:
+            env = envelope.parse(raw)
+        except envelope.BadEnvelope as exc:
+            self._drop(channel, str(exc))
+            return
+        if env.scope == "user":
+            if channel != self.user_channel(env.user_id or ""):
+                self._drop(channel, "user envelope on a channel that is not its user's")
+                return
+            sids: Iterable[str] = self.state.sids_of(env.user_id or "")
+            skip = env.origin.sid
+            if skip is not None:
+                sids = [sid for sid in sids if sid != skip]
+        elif env.scope == "all" and channel == self.channel_all:
+            sids = self.state.all_sids()
+        elif env.scope == "authenticated" and channel == self.channel_authenticated:
+            sids = self.state.authenticated_sids()
+        else:
+            self._drop(channel, f"{env.scope} envelope on the wrong channel")
+            return
+        await self.send(list(sids), env.event, env.data)
+
+    async def send(self, sids: list[str], event: str, data: Any) -> None:
+        """Encode one Socket.IO packet and queue it for each socket (as rooms do)."""
+        if not sids:
+            return
+        pkt = self.sio.packet_class(sio_packet.EVENT, namespace=NAMESPACE, data=[event, data])
+        encoded = pkt.encode()
+        parts = encoded if isinstance(encoded, list) else [encoded]
+        eio_pkts = [eio_packet.Packet(eio_packet.MESSAGE, part) for part in parts]
+        manager, eio = self.sio.manager, self.sio.eio
+        for sid in sids:
+            eio_sid = manager.eio_sid_from_sid(sid, NAMESPACE)
+            if eio_sid is None:
+                continue
+            for eio_pkt in eio_pkts:
+                await eio.send_packet(eio_sid, eio_pkt)
+            self.delivered += 1
+
+    def _drop(self, channel: str, why: str) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= 5.0:  # rate-limited: garbage must not flood the log
+            self._last_drop_log = now
+            log.warning("dropped a message on %s (%s); %d dropped so far", channel, why, self.dropped)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "sockets": len(self.state),
+            "users": len(self.state.users()),
+            "delivered": self.delivered,
+            "dropped_invalid": self.dropped,
+        }
+
+
+class _KeyedLocks:
+    """One asyncio.Lock per key, existing only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
