@@ -35,8 +35,7 @@ def create_app(settings: Settings | None = None, config: Mapping[str, Any] | Non
     )
     if config:
         app.config.update(config)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_to_stderr()
     settings.warn_about_defaults()
 
     from . import api, auth, demo, errors, health
@@ -49,3 +48,14 @@ def create_app(settings: Settings | None = None, config: Mapping[str, Any] | Non
     app.register_blueprint(demo.bp)
     app.register_blueprint(health.bp)
     return app
+
+
+def _log_to_stderr() -> None:
+    """Show our INFO logs when nobody configured logging (hypercorn configures only its own)."""
+    root, ours = logging.getLogger(), logging.getLogger("webapp")
+    if root.handlers or ours.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)

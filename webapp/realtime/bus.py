@@ -64,7 +64,8 @@ class MemoryBus:
     async def publish(self, channel: str, message: bytes) -> None:
         if self._task is None:
             raise BusUnavailable("the in-memory bus is not running")
-        self._queue.put_nowait((channel, message))
+        if channel in self._channels:  # like Redis: who gets it is decided at publish time
+            self._queue.put_nowait((channel, message))
 
     async def subscribe(self, channel: str) -> bool:
         self._channels.add(channel)
@@ -84,8 +85,7 @@ class MemoryBus:
         assert self._handler is not None
         while True:
             channel, message = await self._queue.get()
-            if channel in self._channels:
-                await _dispatch(self._handler, channel, message)
+            await _dispatch(self._handler, channel, message)
 
 
 class RedisBus:

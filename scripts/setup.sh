@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the project with its test extras; quick when nothing changed.
+# Sourced by run.sh and test.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+pick_python() {
+  for candidate in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$candidate"; return 0
+    fi
+  done
+  echo "webapp: Python 3.11 or newer is needed (set PYTHON=/path/to/python3.11)" >&2
+  return 1
+}
+
+if [ ! -x .venv/bin/python ]; then
+  python=$(pick_python)
+  echo "webapp: creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+stamp=.venv/.installed-$(cat pyproject.toml | cksum | cut -d' ' -f1)
+if [ ! -f "$stamp" ]; then
+  echo "webapp: installing the project and its test dependencies into .venv"
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e '.[test]'
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need (venv, Redis, Chromium) and runs the whole suite.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -m "not browser"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+
+redis_answers() { .venv/bin/python -c 'import redis; redis.Redis(socket_connect_timeout=1).ping()' 2>/dev/null; }
+if ! redis_answers; then
+  if ! command -v redis-server >/dev/null 2>&1; then
+    echo "webapp: installing redis-server"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  fi
+  echo "webapp: starting redis-server on 127.0.0.1:6379"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --logfile /tmp/webapp-ci-redis.log
+  for _ in $(seq 50); do redis_answers && break; sleep 0.1; done
+  redis_answers || { echo "webapp: redis-server did not start" >&2; exit 1; }
+fi
+
+set +e
+.venv/bin/python -m pytest "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "webapp: pytest collected no tests; that is a failure" >&2
+  exit 1
+fi
+exit "$status"

@@ -1,0 +1,242 @@
+"""Real parts for tests: hypercorn processes, Socket.IO clients, REST calls, Redis probes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import socketio
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "test-api-key"
+SECRET_KEY = "test-secret-key-0123456789"
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+_OUR_VARIABLES = frozenset(
+    {"REDIS_URL", "SECRET_KEY", "API_KEYS", "CHANNEL_PREFIX", "CORS_ORIGINS", "WEBAPP_ENV", "DEMO_LOGIN",
+     "MAX_PAYLOAD_BYTES", "TOKEN_TTL", "INSTANCE_ID", "PORT"}
+)
+WAIT = 10.0  # upper bound of every wait on an event, in seconds
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+class Instance:
+    """One `hypercorn webapp.asgi:app` process on its own port."""
+
+    def __init__(self, name: str, env: dict[str, str], port: int | None = None) -> None:
+        self.name = name
+        self.port = port or free_port()
+        inherited = {k: v for k, v in os.environ.items() if k not in _OUR_VARIABLES}
+        self.env = {**inherited, **env, "INSTANCE_ID": name, "PORT": str(self.port)}
+        self.log = tempfile.NamedTemporaryFile(prefix=f"webapp-{name}-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Instance:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hypercorn", "webapp.asgi:app", "--bind", f"127.0.0.1:{self.port}"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def wait_serving(self, timeout: float = 20.0, ready: bool = True) -> None:
+        """Wait until /healthz answers (and, with `ready`, until /readyz says ready)."""
+        path = "/readyz" if ready else "/healthz"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                status, _ = http_get(self.url + path, timeout=1.0)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} not serving {path} after {timeout}s:\n{self.output()}")
+
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        return http_get(self.url + "/readyz")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-6000:]
+
+
+def instance_env(prefix: str, redis_url: str | None = REDIS_URL, **extra: str) -> dict[str, str]:
+    env = {
+        "SECRET_KEY": SECRET_KEY,
+        "API_KEYS": f"other-key,{API_KEY}",
+        "CHANNEL_PREFIX": prefix,
+        "WEBAPP_ENV": "test",
+        **extra,
+    }
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    else:
+        env.pop("REDIS_URL", None)
+    return env
+
+
+async def api(
+    base: str, path: str, body: Any = None, *, key: str | None = API_KEY, raw: bytes | None = None
+) -> tuple[int, Any]:
+    """POST to a REST hook; return the status and the decoded JSON answer."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = raw if raw is not None else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + path, data=data, headers=headers) as response:
+            return response.status, await response.json(content_type=None)
+
+
+async def token_for(base: str, user_id: str, ttl: int | None = None) -> str:
+    body: dict[str, Any] = {"user_id": user_id}
+    if ttl is not None:
+        body["ttl"] = ttl
+    status, answer = await api(base, "/api/tokens", body)
+    assert status == 201, answer
+    return str(answer["token"])
+
+
+class Probe:
+    """A real Socket.IO client that records every event it receives, in order."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.events: list[tuple[str, Any]] = []
+        self.connect_error: Any = None
+        self.client = socketio.AsyncClient(reconnection=False)
+        self._changed = asyncio.Event()
+        self.client.on("*", self._record)
+        self.client.on("connect_error", self._on_connect_error)
+
+    async def _record(self, event: str, data: Any = None) -> None:
+        self.events.append((event, data))
+        self._changed.set()
+
+    async def _on_connect_error(self, data: Any) -> None:
+        self.connect_error = data
+        self._changed.set()
+
+    async def connect(
+        self, base: str, token: str | None = None, *, how: str = "auth", wait: float = WAIT
+    ) -> Probe:
+        url, auth, headers = base, None, {}
+        if token is not None and how == "auth":
+            auth = {"token": token}
+        elif token is not None and how == "query":
+            url = f"{base}?token={token}"
+        elif token is not None and how == "header":
+            headers = {"Authorization": f"Bearer {token}"}
+        await self.client.connect(
+            url, auth=auth, headers=headers, transports=["websocket"], wait_timeout=wait
+        )
+        return self
+
+    @property
+    def sid(self) -> str:
+        return str(self.client.get_sid())
+
+    def of(self, event: str) -> list[Any]:
+        return [data for name, data in self.events if name == event]
+
+    async def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise AssertionError(f"{self.name}: timed out waiting for {what}; got {self.events}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    async def wait_for(self, event: str, count: int = 1, timeout: float = WAIT) -> list[Any]:
+        await self.wait_until(lambda: len(self.of(event)) >= count, f"{count}x {event!r}", timeout)
+        return self.of(event)
+
+    async def close(self) -> None:
+        if self.client.connected:
+            await self.client.disconnect()
+        await self.client.shutdown()
+
+
+async def fence(base: str, probes: Iterable[Probe]) -> None:
+    """Broadcast a marker to all and wait until every probe has it.
+
+    Each instance delivers what it consumes in order, so once the marker is in, anything
+    published before it that was going to arrive has arrived: asserting "never" is safe.
+    """
+    marker = uuid.uuid4().hex
+    status, answer = await api(base, "/api/emit/all", {"event": "fence", "data": marker})
+    assert status == 202, answer
+    await asyncio.gather(
+        *(p.wait_until(lambda p=p: marker in p.of("fence"), f"fence {marker}") for p in probes)
+    )
+
+
+def without_fences(probe: Probe) -> list[tuple[str, Any]]:
+    return [(name, data) for name, data in probe.events if name != "fence"]
+
+
+async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+    """Poll a cheap condition (e.g. a Redis query) until it holds; bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)

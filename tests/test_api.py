@@ -1,0 +1,157 @@
+"""REST hooks, auth and probes through the app factory (in process, in-memory bus)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from quart import Quart
+from quart.typing import TestClientProtocol as Client
+
+from webapp import Settings, create_app
+from webapp.auth.tokens import TokenSigner
+
+from .harness import API_KEY, SECRET_KEY, free_port
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+async def test_emit_is_accepted(client: Client) -> None:
+    for path in ("/api/emit/all", "/api/emit/authenticated", "/api/emit/users/alice@example.com"):
+        response = await client.post(path, json={"event": "news", "data": {"n": 1}}, headers=AUTH)
+        assert response.status_code == 202, path
+        body = await response.get_json()
+        assert body["accepted"] is True and len(body["id"]) == 32
+
+
+async def test_data_is_optional(client: Client) -> None:
+    response = await client.post("/api/emit/all", json={"event": "ping"}, headers=AUTH)
+    assert response.status_code == 202
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}, {"Authorization": "Basic " + API_KEY}],
+)
+async def test_missing_or_wrong_key_is_401(client: Client, headers: dict[str, str]) -> None:
+    response = await client.post("/api/emit/all", json={"event": "x"}, headers=headers)
+    assert response.status_code == 401
+    assert (await response.get_json())["error"]["code"] == "unauthorized"
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_no_keys_configured_is_401(settings: Settings) -> None:
+    app = create_app(dataclasses.replace(settings, api_keys=()))
+    async with app.test_app():
+        response = await app.test_client().post("/api/emit/all", json={"event": "x"}, headers=AUTH)
+    assert response.status_code == 401
+    assert "API_KEYS" in (await response.get_json())["error"]["message"]
+
+
+@pytest.mark.parametrize("raw", [b"{", b"not json", b"\xff\xfe{}", b""])
+async def test_malformed_json_is_400(client: Client, raw: bytes) -> None:
+    response = await client.post("/api/emit/all", data=raw, headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert (await response.get_json())["error"]["code"] == "malformed_json"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "mentions"),
+    [
+        ("/api/emit/all", {}, "event"),
+        ("/api/emit/all", {"event": ""}, "event"),
+        ("/api/emit/all", {"event": "connect"}, "reserved"),
+        ("/api/emit/all", {"event": "x" * 129}, "128"),
+        ("/api/emit/all", {"event": 5}, "event"),
+        ("/api/emit/all", {"event": "x", "extra": 1}, "extra"),
+        ("/api/emit/all", [1, 2], "object"),
+        ("/api/emit/users/bad%20user", {"event": "x"}, "user_id"),
+        ("/api/tokens", {"user_id": "no spaces please"}, "user_id"),
+        ("/api/tokens", {"user_id": "alice", "ttl": 1}, "ttl"),
+        ("/api/tokens", {"user_id": "alice", "ttl": 10**9}, "ttl"),
+        ("/api/tokens", {"user_id": "alice", "ttl": "soon"}, "ttl"),
+    ],
+)
+async def test_bad_fields_are_422(client: Client, path: str, body: object, mentions: str) -> None:
+    response = await client.post(path, json=body, headers=AUTH)
+    assert response.status_code == 422
+    error = (await response.get_json())["error"]
+    assert error["code"] == "invalid_fields" and mentions in error["message"]
+
+
+async def test_oversized_body_is_413(client: Client) -> None:
+    response = await client.post("/api/emit/all", json={"event": "x", "data": "y" * 5000}, headers=AUTH)
+    assert response.status_code == 413
+    assert (await response.get_json())["error"]["code"] == "payload_too_large"
+
+
+async def test_unknown_path_is_json_404(client: Client) -> None:
+    response = await client.get("/api/nothing-here", headers=AUTH)
+    assert response.status_code in (401, 404)
+    response = await client.get("/nothing-here")
+    assert response.status_code == 404
+    assert (await response.get_json())["error"]["code"] == "not_found"
+
+
+async def test_api_token_verifies_everywhere(client: Client) -> None:
+    response = await client.post("/api/tokens", json={"user_id": "bob", "ttl": 60}, headers=AUTH)
+    assert response.status_code == 201
+    body = await response.get_json()
+    assert TokenSigner(SECRET_KEY).verify(body["token"]) == "bob"
+    assert body["expires_at"].endswith("Z")
+
+
+async def test_page_login_token_logout(client: Client) -> None:
+    page = await (await client.get("/")).get_data(as_text=True)
+    assert 'name="username"' in page and "unit" in page
+    assert (await client.get("/auth/token")).status_code == 401
+
+    response = await client.post("/login", form={"username": "alice"})
+    assert response.status_code == 302
+    page = await (await client.get("/")).get_data(as_text=True)
+    assert "alice" in page and 'id="message"' in page
+
+    response = await client.get("/auth/token")
+    assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
+    assert TokenSigner(SECRET_KEY).verify((await response.get_json())["token"]) == "alice"
+
+    await client.post("/logout")
+    assert (await client.get("/auth/token")).status_code == 401
+
+
+async def test_login_refuses_bad_names_and_cross_origin(client: Client) -> None:
+    response = await client.post("/login", form={"username": "bad name!"})
+    assert response.status_code == 302 and "error=" in response.headers["Location"]
+    assert (await client.get("/auth/token")).status_code == 401
+    response = await client.post("/login", form={"username": "alice"}, headers={"Origin": "https://evil.test"})
+    assert response.status_code == 403
+
+
+async def test_demo_login_can_be_disabled(settings: Settings) -> None:
+    app = create_app(dataclasses.replace(settings, demo_login=False))
+    async with app.test_app():
+        client = app.test_client()
+        assert (await client.post("/login", form={"username": "alice"})).status_code == 404
+        assert "disabled" in await (await client.get("/")).get_data(as_text=True)
+
+
+async def test_probes_on_memory_bus(client: Client) -> None:
+    assert (await client.get("/healthz")).status_code == 200
+    response = await client.get("/readyz")
+    assert response.status_code == 200
+    body = await response.get_json()
+    assert body["ready"] is True and body["bus"]["kind"] == "memory" and body["instance"] == "unit"
+
+
+async def test_bus_unavailable_is_503_never_202(settings: Settings) -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    app: Quart = create_app(dataclasses.replace(settings, redis_url=closed, redis_timeout=0.5))
+    async with app.test_app():
+        client = app.test_client()
+        for path in ("/api/emit/all", "/api/emit/authenticated", "/api/emit/users/alice"):
+            response = await client.post(path, json={"event": "x"}, headers=AUTH)
+            assert response.status_code == 503, path
+            assert (await response.get_json())["error"]["code"] == "bus_unavailable"
+        assert (await client.get("/readyz")).status_code == 503
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/")).status_code == 200

@@ -1,0 +1,75 @@
+"""One real instance: the in-memory product mode, Redis unreachable, bad configuration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from .harness import ROOT, Instance, Probe, api, fence, free_port, http_get, instance_env, token_for, unique, without_fences
+
+pytestmark = pytest.mark.cluster
+
+
+async def test_memory_bus_delivers_on_one_instance() -> None:
+    instance = Instance("solo", instance_env(unique("solo"), redis_url=None)).start()
+    alice = Probe("alice")
+    anon = Probe("anon")
+    try:
+        instance.wait_serving()
+        assert "in-memory bus" in instance.output()
+        await alice.connect(instance.url, await token_for(instance.url, "alice"))
+        await anon.connect(instance.url)
+        assert (await api(instance.url, "/api/emit/users/alice", {"event": "dm", "data": 1}))[0] == 202
+        assert (await api(instance.url, "/api/emit/authenticated", {"event": "members"}))[0] == 202
+        await fence(instance.url, [alice, anon])
+        assert without_fences(alice) == [("dm", 1), ("members", None)]
+        assert without_fences(anon) == []
+    finally:
+        await alice.close()
+        await anon.close()
+        instance.stop()
+
+
+async def test_redis_unreachable_gives_503_and_the_process_keeps_serving() -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    instance = Instance("lonely", instance_env(unique("down"), redis_url=closed)).start()
+    anon = Probe("anon")
+    try:
+        instance.wait_serving(ready=False)
+        status, body = instance.readyz()
+        assert status == 503 and body["ready"] is False and body["bus"]["connected"] is False
+        for path in ("/api/emit/all", "/api/emit/authenticated", "/api/emit/users/alice"):
+            status, answer = await api(instance.url, path, {"event": "x"})
+            assert status == 503 and answer["error"]["code"] == "bus_unavailable", path
+        # sockets are still accepted (subscriptions are made on recovery), and answered directly
+        await anon.connect(instance.url)
+        assert await anon.client.call("events", "echo", timeout=10) == {"ok": True, "answers": 1}
+        assert await anon.wait_for("events") == ["echo"]
+        assert http_get(instance.url + "/healthz")[0] == 200
+        assert instance.proc is not None and instance.proc.poll() is None
+    finally:
+        await anon.close()
+        instance.stop()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"REDIS_URL": "http://nope"}, "REDIS_URL must start with"),
+        ({"WEBAPP_ENV": "production", "SECRET_KEY": ""}, "SECRET_KEY must be set"),
+    ],
+)
+def test_bad_configuration_is_a_clear_error(env: dict[str, str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import webapp.asgi"],
+        cwd=ROOT,
+        env={**instance_env("cfg"), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"webapp: configuration error: {message}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,191 @@
+"""Unit level: socket state, tokens, envelopes, config, the in-memory bus."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from webapp.auth.tokens import InvalidToken, TokenSigner
+from webapp.config import ConfigError, Settings
+from webapp.realtime import envelope
+from webapp.realtime.bus import BusUnavailable, MemoryBus
+from webapp.realtime.propagator import _KeyedLocks
+from webapp.realtime.state import SocketState
+
+
+class TestSocketState:
+    def test_first_and_last_socket_of_a_user(self) -> None:
+        state = SocketState()
+        assert state.add("s1", "alice") is True
+        assert state.add("s2", "alice") is False
+        assert state.add("s3", None) is False
+        assert sorted(state.sids_of("alice")) == ["s1", "s2"]
+        assert sorted(state.authenticated_sids()) == ["s1", "s2"]
+        assert sorted(state.all_sids()) == ["s1", "s2", "s3"]
+        assert state.remove("s1") == ("alice", False)
+        assert state.remove("s2") == ("alice", True)
+        assert state.remove("s3") == (None, False)
+        assert len(state) == 0 and state.users() == [] and not state.holds_user("alice")
+
+    def test_unknown_and_duplicate_sockets(self) -> None:
+        state = SocketState()
+        assert state.remove("nope") == (None, False)
+        state.add("s1", "bob")
+        with pytest.raises(ValueError):
+            state.add("s1", "bob")
+        assert state.user_of("s1") == "bob" and state.user_of("nope") is None
+
+
+class TestTokens:
+    signer = TokenSigner("key-one")
+
+    def test_round_trip(self) -> None:
+        token = self.signer.mint("alice@example.com", ttl=60)
+        assert self.signer.verify(token.value) == "alice@example.com"
+        assert token.expires_at_iso.endswith("Z")
+
+    def test_expired(self) -> None:
+        token = self.signer.mint("alice", ttl=60, now=1_000_000)
+        assert self.signer.verify(token.value, now=1_000_059) == "alice"
+        with pytest.raises(InvalidToken, match="expired"):
+            self.signer.verify(token.value, now=1_000_060)
+
+    def test_tampered(self) -> None:
+        value = self.signer.mint("alice", ttl=60).value
+        payload, _, signature = value.rpartition(".")
+        forged = TokenSigner("key-one")._serializer.dump_payload({"sub": "mallory", "exp": 2**40})
+        for bad in (value[:-2] + "xx", forged.decode() + "." + signature, "", "x" * 5000, None, 42):
+            with pytest.raises(InvalidToken):
+                self.signer.verify(bad)
+
+    def test_other_key(self) -> None:
+        value = TokenSigner("key-two").mint("alice", ttl=60).value
+        with pytest.raises(InvalidToken, match="signature"):
+            self.signer.verify(value)
+
+    def test_refuses_invalid_user(self) -> None:
+        with pytest.raises(ValueError):
+            self.signer.mint("not valid!", ttl=60)
+
+
+class TestEnvelope:
+    def test_round_trip(self) -> None:
+        envelope_id, raw = envelope.make("user", "events", {"x": [1, 2]}, user_id="bob", instance="A", sid="s1")
+        env = envelope.parse(raw)
+        assert (env.id, env.scope, env.event, env.data, env.user_id) == (envelope_id, "user", "events", {"x": [1, 2]}, "bob")
+        assert env.origin.instance == "A" and env.origin.sid == "s1"
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            b"not json",
+            b"\xff\xfe",
+            b"[]",
+            b'{"v": 2, "id": "x", "scope": "all", "event": "e", "ts": 1}',
+            b'{"v": 1, "id": "x", "scope": "nobody", "event": "e", "ts": 1}',
+            b'{"v": 1, "id": "x", "scope": "all", "event": "", "ts": 1}',
+            b'{"v": 1, "id": "x", "scope": "all", "event": "disconnect", "ts": 1}',
+            b'{"v": 1, "id": "x", "scope": "user", "event": "e", "ts": 1}',
+            b'{"v": 1, "id": "x", "scope": "user", "user_id": "no spaces", "event": "e", "ts": 1}',
+            b'{"v": 1, "scope": "all", "event": "e", "ts": 1}',
+        ],
+    )
+    def test_rejects(self, raw: bytes) -> None:
+        with pytest.raises(envelope.BadEnvelope):
+            envelope.parse(raw)
+
+    def test_never_pickles(self) -> None:
+        _, raw = envelope.make("all", "e", None, instance="A")
+        assert orjson.loads(raw)["v"] == 1
+
+
+class TestConfig:
+    def test_defaults(self) -> None:
+        settings = Settings.from_env({})
+        assert settings.redis_url is None and settings.port == 5000 and settings.channel_prefix == "webapp"
+        assert settings.api_keys == () and settings.cors_origins == ()
+
+    def test_parses_lists(self) -> None:
+        settings = Settings.from_env({"API_KEYS": "a, b,,c", "CORS_ORIGINS": "https://x.test"})
+        assert settings.api_keys == ("a", "b", "c") and settings.cors_origins == ("https://x.test",)
+
+    @pytest.mark.parametrize(
+        ("env", "message"),
+        [
+            ({"WEBAPP_ENV": "production"}, "SECRET_KEY must be set"),
+            ({"REDIS_URL": "http://localhost"}, "REDIS_URL must start with"),
+            ({"REDIS_URL": "redis://localhost:99999"}, "REDIS_URL"),
+            ({"PORT": "eighty"}, "PORT must be an integer"),
+            ({"CHANNEL_PREFIX": "has space"}, "CHANNEL_PREFIX"),
+            ({"DEMO_LOGIN": "maybe"}, "DEMO_LOGIN"),
+        ],
+    )
+    def test_refuses_bad_values(self, env: dict[str, str], message: str) -> None:
+        with pytest.raises(ConfigError, match=message):
+            Settings.from_env(env)
+
+
+class TestMemoryBus:
+    async def test_delivers_only_subscribed_channels_in_order(self) -> None:
+        bus = MemoryBus()
+        got: list[tuple[str, bytes]] = []
+        done = asyncio.Event()
+
+        async def handler(channel: str, message: bytes) -> None:
+            got.append((channel, message))
+            if message == b"last":
+                done.set()
+
+        await bus.start(handler)
+        try:
+            assert await bus.subscribe("a")
+            await bus.publish("b", b"not for us")
+            for n in range(3):
+                await bus.publish("a", str(n).encode())
+            await bus.unsubscribe("a")
+            await bus.publish("a", b"after unsubscribe")
+            await bus.subscribe("z")
+            await bus.publish("z", b"last")
+            await asyncio.wait_for(done.wait(), 5)
+        finally:
+            await bus.close()
+        assert got == [("a", b"0"), ("a", b"1"), ("a", b"2"), ("z", b"last")]
+
+    async def test_handler_errors_do_not_stop_consumption(self) -> None:
+        bus = MemoryBus()
+        done = asyncio.Event()
+
+        async def handler(channel: str, message: bytes) -> None:
+            if message == b"boom":
+                raise RuntimeError("boom")
+            done.set()
+
+        await bus.start(handler)
+        try:
+            await bus.subscribe("a")
+            await bus.publish("a", b"boom")
+            await bus.publish("a", b"fine")
+            await asyncio.wait_for(done.wait(), 5)
+        finally:
+            await bus.close()
+
+    async def test_publish_when_closed_is_unavailable(self) -> None:
+        with pytest.raises(BusUnavailable):
+            await MemoryBus().publish("a", b"x")
+
+
+async def test_keyed_locks_are_released() -> None:
+    locks = _KeyedLocks()
+    order: list[str] = []
+
+    async def hold(name: str) -> None:
+        async with locks.hold("alice"):
+            order.append(name + "+")
+            await asyncio.sleep(0)
+            order.append(name + "-")
+
+    await asyncio.gather(hold("one"), hold("two"))
+    assert order == ["one+", "one-", "two+", "two-"]
+    assert len(locks) == 0
