@@ -18,6 +18,12 @@ if ! redis_answers; then
   redis_answers || { echo "webapp: redis-server did not start" >&2; exit 1; }
 fi
 
+# The browser tests drive Debian's Chromium (Playwright cannot download browsers here).
+if [ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]; then
+  echo "webapp: installing chromium for the browser tests"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?
