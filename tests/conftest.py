@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -16,7 +17,7 @@ from .harness import API_KEY, REDIS_URL, SECRET_KEY, Instance, Probe, instance_e
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings.from_env(
+    from_env = Settings.from_env(
         {
             "SECRET_KEY": SECRET_KEY,
             "API_KEYS": API_KEY,
@@ -26,6 +27,7 @@ def settings() -> Settings:
             "INSTANCE_ID": "unit",
         }
     )
+    return dataclasses.replace(from_env, drain_on_sigterm=False)
 
 
 @pytest.fixture

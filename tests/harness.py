@@ -67,7 +67,7 @@ class Instance:
 
     def start(self) -> Instance:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hypercorn", "webapp.asgi:app", "--bind", f"127.0.0.1:{self.port}"],
+            [sys.executable, "-m", "hypercorn", "webapp.asgi:app", "--bind", f"127.0.0.1:{self.port}", "--workers", "0", "--graceful-timeout", "2"],
             cwd=ROOT,
             env=self.env,
             stdout=self.log,
@@ -240,3 +240,80 @@ async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = W
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+class RedisServer:
+    """A redis-server of the test's own, on its own port, that the test stops and restarts."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        raise TimeoutError(f"redis-server on {self.port} did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+class RawSocket:
+    """A bare Engine.IO v4 / Socket.IO v5 client over one WebSocket: cheap, and able to misbehave."""
+
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.session = session
+        self.ws = ws
+
+    @classmethod
+    async def open(cls, base: str, token: str | None = None, *, timeout: float = WAIT) -> RawSocket:
+        session = aiohttp.ClientSession()
+        try:
+            url = base.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
+            ws = await session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=timeout))
+            opened = await ws.receive_str(timeout=timeout)
+            assert opened.startswith("0{"), opened
+        except BaseException:
+            await session.close()
+            raise
+        raw = cls(session, ws)
+        await ws.send_str("40" + (json.dumps({"token": token}) if token else ""))
+        return raw
+
+    async def connected(self, timeout: float = WAIT) -> dict[str, Any]:
+        """The namespace answer: {"sid": ...} when accepted, the error data when refused."""
+        while True:
+            text = await self.ws.receive_str(timeout=timeout)
+            if text.startswith("40") or text.startswith("44"):
+                return dict(json.loads(text[2:]))
+            if text == "2":
+                await self.ws.send_str("3")
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.session.close()

@@ -155,3 +155,12 @@ async def test_bus_unavailable_is_503_never_202(settings: Settings) -> None:
         assert (await client.get("/readyz")).status_code == 503
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/")).status_code == 200
+
+
+async def test_deeply_nested_data_is_422_not_500(client: Client) -> None:
+    deep = b'{"event": "x", "data": ' + b"[" * 400 + b"]" * 400 + b"}"
+    response = await client.post("/api/emit/all", data=deep, headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 422
+    too_deep = b'{"event": "x", "data": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    response = await client.post("/api/emit/all", data=too_deep, headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 400

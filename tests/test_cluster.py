@@ -103,9 +103,9 @@ async def test_several_answers_keep_their_order_everywhere(cluster: Cluster, pro
 async def test_gateway_refuses_bad_payload_with_an_error_event(cluster: Cluster, probes: list[Probe]) -> None:
     c = await cast(cluster, probes)
     ack = await c["alice_a"].client.call("stream", {"count": "lots"}, timeout=10)
-    assert ack["ok"] is False
+    assert ack["ok"] is False and ack["error"] == "bad_payload"
     errors = await c["alice_a"].wait_for("error")
-    assert errors == [{"code": "bad_payload", "message": ack["error"]}]
+    assert errors == [{"code": "bad_payload", "message": ack["message"], "event": "stream"}]
     await fence(cluster.a.url, c.values())
     assert without_fences(c["alice_b"]) == []
 

@@ -37,6 +37,16 @@ class Settings:
     max_token_ttl: int = 7 * 24 * 3600
     max_payload_bytes: int = 64 * 1024
     redis_timeout: float = 2.0
+    redis_backoff_max: float = 5.0
+    outbox_max_messages: int = 1000
+    outbox_max_age: float = 30.0
+    shutdown_timeout: float = 10.0
+    socket_rate: float = 20.0
+    socket_burst: int = 40
+    socket_max_queue: int = 1000
+    replay_max_len: int = 10_000
+    # Off for apps run inside a test process, where SIGTERM belongs to the test runner.
+    drain_on_sigterm: bool = True
 
     @property
     def production(self) -> bool:
@@ -84,6 +94,14 @@ class Settings:
             "max_payload_bytes": _int(
                 get("MAX_PAYLOAD_BYTES"), "MAX_PAYLOAD_BYTES", 64 * 1024, 1024, 16 * 1024 * 1024
             ),
+            "redis_backoff_max": _float(get("REDIS_BACKOFF_MAX"), "REDIS_BACKOFF_MAX", 5.0, 0.1, 300),
+            "outbox_max_messages": _int(get("OUTBOX_MAX_MESSAGES"), "OUTBOX_MAX_MESSAGES", 1000, 0, 1_000_000),
+            "outbox_max_age": _float(get("OUTBOX_MAX_AGE"), "OUTBOX_MAX_AGE", 30.0, 0.1, 3600),
+            "shutdown_timeout": _float(get("SHUTDOWN_TIMEOUT"), "SHUTDOWN_TIMEOUT", 10.0, 0.0, 600),
+            "socket_rate": _float(get("SOCKET_RATE"), "SOCKET_RATE", 20.0, 0.1, 100_000),
+            "socket_burst": _int(get("SOCKET_BURST"), "SOCKET_BURST", 40, 1, 1_000_000),
+            "replay_max_len": _int(get("REPLAY_MAX_LEN"), "REPLAY_MAX_LEN", 10_000, 0, 10_000_000),
+            "socket_max_queue": _int(get("SOCKET_MAX_QUEUE"), "SOCKET_MAX_QUEUE", 1000, 10, 10_000_000),
         }
         instance_id = get("INSTANCE_ID")
         if instance_id is not None:
@@ -133,6 +151,18 @@ def _int(value: str | None, name: str, default: int, low: int, high: int) -> int
         number = int(value)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
+    return number
+
+
+def _float(value: str | None, name: str, default: float, low: float, high: float) -> float:
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
     if not low <= number <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
     return number

@@ -110,6 +110,8 @@ async def _emit(scope: str, publish: Callable[[str, Any], Awaitable[str]]) -> Re
     body = await body_as(EmitIn)
     try:
         envelope_id = await publish(body.event, body.data)
+    except TypeError as exc:  # orjson refuses what JSON parsing accepted: nesting over 254
+        raise ApiError(422, "invalid_fields", f"data: cannot be encoded ({exc})") from None
     except BusUnavailable as exc:
         current_app.logger.warning("emit refused, bus unavailable: %s", exc)
         raise ApiError(

@@ -19,7 +19,7 @@ async def healthz() -> Response:
 async def readyz() -> Response:
     """200 when the bus is connected and subscribed, else 503; details either way."""
     service = realtime()
-    ready = service.bus.ready
+    ready = service.ready
     response = jsonify(
         {
             "ready": ready,

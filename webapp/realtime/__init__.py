@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import signal
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import socketio
 from quart import Quart, current_app
 
@@ -12,37 +18,54 @@ from ..auth.tokens import TokenSigner
 from ..config import Settings
 from . import gateway
 from .bus import Bus, MemoryBus, RedisBus
-from .propagator import Propagator
+from .limits import RateLimiter
+from .outbox import Outbox
+from .propagator import NAMESPACE, Propagator
 from .state import SocketState
 
 EXTENSION = "realtime"
+log = logging.getLogger(__name__)
 
 
 class Realtime:
     """Builds the realtime parts from settings; starts and stops them with the app."""
 
     def __init__(self, app: Quart | None = None) -> None:
-        self.lost_answers = 0
+        self.draining = False
+        self._drain_task: asyncio.Task[None] | None = None
         if app is not None:
             self.init_app(app)
 
     def init_app(self, app: Quart) -> None:
         settings: Settings = app.config["SETTINGS"]
+        self.settings = settings
         self.sio = socketio.AsyncServer(
             async_mode="asgi",
             cors_allowed_origins=list(settings.cors_origins) or None,
-            max_http_buffer_size=settings.max_payload_bytes,
+            # The hard cap per frame; gateways refuse smaller oversized payloads politely.
+            max_http_buffer_size=settings.max_payload_bytes * 2,
             logger=False,
             engineio_logger=False,
         )
-        self.bus: Bus = (
-            RedisBus(settings.redis_url, timeout=settings.redis_timeout)
-            if settings.redis_url
-            else MemoryBus()
-        )
+        self.bus: Bus = MemoryBus()
+        if settings.redis_url:
+            self.bus = RedisBus(
+                settings.redis_url,
+                timeout=settings.redis_timeout,
+                backoff_max=settings.redis_backoff_max,
+                replay_key=f"{settings.channel_prefix}:replay" if settings.replay_max_len else None,
+                replay_max=settings.replay_max_len,
+            )
         self.state = SocketState()
+        self.limiter = RateLimiter(settings.socket_rate, settings.socket_burst)
         self.propagator = Propagator(
-            self.bus, self.state, self.sio, settings.channel_prefix, settings.instance_id
+            self.bus,
+            self.state,
+            self.sio,
+            settings.channel_prefix,
+            settings.instance_id,
+            outbox=Outbox(self.bus, settings.outbox_max_messages, settings.outbox_max_age),
+            max_queue=settings.socket_max_queue,
         )
         signer: TokenSigner = app.extensions["tokens"]
         gateway.register(self, signer)
@@ -51,16 +74,74 @@ class Realtime:
 
     async def _serve(self) -> AsyncIterator[None]:
         await self.propagator.start()
+        if self.settings.drain_on_sigterm:
+            self._install_sigterm_drain()
         try:
             yield
         finally:
+            if self._drain_task is not None:
+                await self._drain_task
             await self.propagator.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.bus.ready and not self.draining
+
+    def refuse_input(self, sid: str, data: Any) -> tuple[str, str] | None:
+        """Why a socket's event is refused (code, message), or None to let it through."""
+        if not self.limiter.allow(sid):
+            return "rate_limited", f"at most {self.limiter.rate:g} events/s (bursts of {self.limiter.burst:g})"
+        try:
+            size = len(orjson.dumps(data))
+        except (TypeError, orjson.JSONEncodeError):
+            return "bad_payload", "payloads must be JSON (no binary attachments, nesting at most 254 deep)"
+        if size > self.settings.max_payload_bytes:
+            return "payload_too_large", f"payloads are limited to {self.settings.max_payload_bytes} bytes"
+        return None
+
+    def _install_sigterm_drain(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - not on a Unix main loop
+            log.warning("cannot install the SIGTERM drain on this platform")
+
+    def _on_sigterm(self) -> None:
+        if self._drain_task is not None:
+            return
+        log.info("SIGTERM: draining %d sockets within %.1fs", len(self.state), self.settings.shutdown_timeout)
+        self.draining = True
+        # The server's own SIGINT handling stops it listening and later runs our shutdown hooks.
+        os.kill(os.getpid(), signal.SIGINT)
+        self._drain_task = asyncio.create_task(self.drain(), name="drain")
+
+    async def drain(self) -> None:
+        """Tell every socket why it goes, close it (clients reconnect elsewhere), release channels."""
+        self.draining = True
+        sids = list(self.state.all_sids())
+        notice = {"reason": "instance shutting down", "instance": self.settings.instance_id, "reconnect": True}
+        await self.propagator.send(sids, "server_shutdown", notice)
+        sockets = self.sio.eio.sockets
+        closing = []
+        for sid in sids:
+            sock = sockets.get(self.sio.manager.eio_sid_from_sid(sid, NAMESPACE))
+            if sock is not None:
+                # An Engine.IO close, not a Socket.IO disconnect: clients treat it as a transport
+                # loss and reconnect by themselves.
+                closing.append(sock.close(wait=True, reason="server shutting down"))
+        try:
+            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), self.settings.shutdown_timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain deadline passed with %d sockets still open", len(self.state))
+        log.info("drained; %d sockets left", len(self.state))
 
     def status(self) -> dict[str, Any]:
         return {
             "bus": self.bus.status(),
             **self.propagator.status(),
-            "answers_not_propagated": self.lost_answers,
+            "draining": self.draining,
+            "rate_limited": self.limiter.refused,
         }
 
 

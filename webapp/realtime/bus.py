@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -19,6 +20,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+
+from .replay import RecentMessages, stream_id_at
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,9 @@ class RedisBus:
         backoff_max: float = 5.0,
         idle_ping: float = 5.0,
         max_connections: int = 200,
+        replay_key: str | None = None,
+        replay_max: int = 10_000,
+        replay_margin: float = 2.0,
     ) -> None:
         self._url = url
         self._timeout = timeout
@@ -123,7 +129,15 @@ class RedisBus:
         self._task: asyncio.Task[None] | None = None
         self._client: Redis | None = None
         self._sub_pool: ConnectionPool | None = None
+        self._replay_key = replay_key
+        self._replay_max = replay_max
+        self._replay_margin = replay_margin
+        self._recent = RecentMessages(keep=replay_margin + 1.0)
+        self._alive_at: float | None = None  # wall time of the last reply read; None before any
+        self._catching_up = False
+        self._after_replay = False
         self.reconnects = 0
+        self.replayed = 0
         self.last_error: str | None = None
 
     async def start(self, handler: MessageHandler) -> None:
@@ -161,7 +175,14 @@ class RedisBus:
         if self._client is None:
             raise BusUnavailable("the Redis bus is not running")
         try:
-            await self._client.publish(channel, message)
+            if self._replay_key is None:
+                await self._client.publish(channel, message)
+            else:
+                # One round trip, atomically: the replay stream and the live channel.
+                async with self._client.pipeline(transaction=True) as pipe:
+                    pipe.xadd(self._replay_key, {"c": channel, "m": message}, maxlen=self._replay_max)
+                    pipe.publish(channel, message)
+                    await pipe.execute()
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise BusUnavailable(f"Redis publish failed: {exc}") from exc
 
@@ -176,7 +197,7 @@ class RedisBus:
 
     @property
     def ready(self) -> bool:
-        return self._conn is not None and not self._initial
+        return self._conn is not None and not self._initial and not self._catching_up
 
     def status(self) -> dict[str, Any]:
         return {
@@ -185,6 +206,7 @@ class RedisBus:
             "channels": len(self._confirmed),
             "wanted": len(self._wanted),
             "reconnects": self.reconnects,
+            "replayed": self.replayed,
             "last_error": self.last_error,
         }
 
@@ -238,6 +260,8 @@ class RedisBus:
         await conn.connect()
         self._conn = conn
         self._initial = set(self._wanted)
+        # Only a reconnect owes a replay; the first connection of the process owes nothing.
+        self._catching_up = self._replay_key is not None and self._alive_at is not None
         if self._initial:
             await self._send(conn, "SUBSCRIBE", *sorted(self._initial))
         self.last_error = None
@@ -245,8 +269,11 @@ class RedisBus:
 
     async def _read_forever(self) -> None:
         assert self._conn is not None and self._handler is not None
-        conn, handler = self._conn, self._handler
+        conn = self._conn
+        held_back: list[tuple[str, bytes]] = []  # live messages that must wait for the replay
         pinged = False
+        if self._catching_up and not self._initial:
+            await self._catch_up(held_back)
         while True:
             reply = await conn.read_response(timeout=self._idle_ping)
             if reply is None:
@@ -257,11 +284,47 @@ class RedisBus:
                 pinged = True
                 continue
             pinged = False
+            self._alive_at = time.time()
             kind = reply[0]
             if kind == b"message":
-                await _dispatch(handler, reply[1].decode(), reply[2])
+                if self._catching_up:
+                    held_back.append((reply[1].decode(), reply[2]))
+                    continue
+                if self._after_replay:
+                    # Published before the replay read the stream, so possibly replayed already;
+                    # pub/sub keeps publish order, so the first unseen message ends this check.
+                    if reply[2] in self._recent:
+                        continue
+                    self._after_replay = False
+                await self._deliver(reply[1].decode(), reply[2])
             elif kind in (b"subscribe", b"unsubscribe"):
                 self._confirm(kind.decode(), reply[1].decode())
+                if self._catching_up and not self._initial:
+                    await self._catch_up(held_back)
+                    held_back = []
+
+    async def _deliver(self, channel: str, message: bytes) -> None:
+        assert self._handler is not None
+        if self._replay_key is not None:
+            self._recent.add(message)
+        await _dispatch(self._handler, channel, message)
+
+    async def _catch_up(self, held_back: list[tuple[str, bytes]]) -> None:
+        """Replay what was published while this subscriber was away, then what waited."""
+        assert self._client is not None and self._replay_key is not None and self._alive_at is not None
+        since = stream_id_at(self._alive_at - self._replay_margin)
+        entries = await self._client.xrange(self._replay_key, min=since, max="+", count=self._replay_max)
+        for _, fields in entries:
+            channel, message = fields[b"c"].decode(), fields[b"m"]
+            if channel in self._confirmed and message not in self._recent:
+                self.replayed += 1
+                await self._deliver(channel, message)
+        for channel, message in held_back:
+            if message not in self._recent:
+                await self._deliver(channel, message)
+        self._catching_up = False
+        self._after_replay = True
+        log.info("Redis subscriber caught up (%d replayed so far)", self.replayed)
 
     def _confirm(self, kind: str, channel: str) -> None:
         if kind == "subscribe":
@@ -278,6 +341,7 @@ class RedisBus:
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
+        self._catching_up = self._after_replay = False
         self._confirmed.clear()
         self._initial.clear()
         for queue in self._waiters.values():

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+import orjson
 import socketio
 
 from ..auth.tokens import InvalidToken, TokenSigner
-from .bus import BusUnavailable
 
 if TYPE_CHECKING:
     from . import Realtime
@@ -40,29 +41,35 @@ def token_from(environ: dict[str, Any], auth: Any) -> str | None:
 def propagate(realtime: Realtime, event: str) -> Callable[[Handler], Gateway]:
     """Send each answer of a handler to the asking socket and to its user's other sockets.
 
-    A handler returns None (no answer), a list (one answer per item), an async generator
-    (one answer per item) or any other value (one answer). Answers go out in order; the
-    asking socket gets each directly and never again through the bus.
+    A handler returns None (no answer), a list or a generator or an async generator (one
+    answer per item) or any other value (one answer); it raises GatewayError to refuse. Answers go out in order; the
+    asking socket gets each directly and never again through the bus. Before the handler
+    runs, the socket's rate and the payload's size and JSON-ness are checked.
     """
 
     def decorate(handler: Handler) -> Gateway:
         @functools.wraps(handler)
-        async def gateway(sid: str, data: Any) -> Any:
-            result = handler(sid, data)
-            if inspect.isawaitable(result):
-                result = await result
+        async def gateway(sid: str, data: Any = None) -> Any:
+            problem = realtime.refuse_input(sid, data)
+            if problem is not None:
+                await _error(realtime, sid, event, *problem)
+                return {"ok": False, "error": problem[0]}
+            try:
+                result = handler(sid, data)
+                if inspect.isawaitable(result):
+                    result = await result
+            except GatewayError as exc:
+                await _error(realtime, sid, event, "bad_payload", str(exc))
+                return {"ok": False, "error": "bad_payload", "message": str(exc)}
             count = 0
             if inspect.isasyncgen(result):
                 async for answer in result:
-                    await _answer(realtime, sid, event, answer)
-                    count += 1
-            elif isinstance(result, list):
+                    count += await _answer(realtime, sid, event, answer)
+            elif isinstance(result, (list, types.GeneratorType)):
                 for answer in result:
-                    await _answer(realtime, sid, event, answer)
-                    count += 1
+                    count += await _answer(realtime, sid, event, answer)
             elif result is not None:
-                await _answer(realtime, sid, event, result)
-                count = 1
+                count += await _answer(realtime, sid, event, result)
             return {"ok": True, "answers": count}
 
         return gateway
@@ -70,17 +77,26 @@ def propagate(realtime: Realtime, event: str) -> Callable[[Handler], Gateway]:
     return decorate
 
 
-async def _answer(realtime: Realtime, sid: str, event: str, data: Any) -> None:
+async def _answer(realtime: Realtime, sid: str, event: str, data: Any) -> int:
+    """Answer the asking socket, then its user's other sockets; 1 when answered."""
     propagator = realtime.propagator
-    await propagator.send([sid], event, data)
     user_id = propagator.state.user_of(sid)
-    if user_id is None:
-        return  # anonymous sockets have no other sockets to reach
-    try:
-        await propagator.emit_to_user(user_id, event, data, origin_sid=sid)
-    except BusUnavailable as exc:
-        realtime.lost_answers += 1
-        log.warning("answer to %s not propagated to %s's other sockets: %s", sid, user_id, exc)
+    raw = None
+    if user_id is not None:
+        try:
+            raw = propagator.answer_envelope(user_id, event, data, sid)
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            log.error("gateway %s gave an answer that is not JSON: %s", event, exc)
+            await _error(realtime, sid, event, "bad_answer", "the gateway's answer could not be encoded")
+            return 0
+    await propagator.send([sid], event, data)
+    if raw is not None and not await propagator.propagate_answer(user_id or "", event, raw):
+        log.warning("answer to %s not propagated to %s's other sockets: outbox full", sid, user_id)
+    return 1
+
+
+async def _error(realtime: Realtime, sid: str, event: str, code: str, message: str) -> None:
+    await realtime.propagator.send([sid], "error", {"code": code, "message": message, "event": event})
 
 
 class GatewayError(ValueError):
@@ -93,6 +109,10 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
 
     @sio.event
     async def connect(sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        if realtime.draining:
+            raise socketio.exceptions.ConnectionRefusedError(
+                "shutting down", {"code": "shutting_down", "message": "this instance is shutting down"}
+            )
         token = token_from(environ, auth)
         user_id = None
         if token is not None:
@@ -106,11 +126,14 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
 
     @sio.event
     async def disconnect(sid: str, reason: Any = None) -> None:
+        realtime.limiter.forget(sid)
         await realtime.propagator.detach(sid)
 
     @sio.event
     async def whoami(sid: str, data: Any = None) -> dict[str, Any]:
         """Tell a socket who it is and which instance holds it (as an ack)."""
+        if not realtime.limiter.allow(sid):
+            return {"ok": False, "error": "rate_limited"}
         return {
             "sid": sid,
             "user_id": realtime.propagator.state.user_of(sid),
@@ -124,19 +147,11 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
         return [data]
 
     @sio.on("stream")
-    async def stream_gateway(sid: str, data: Any) -> Any:
-        try:
-            count = _stream_count(data)
-        except GatewayError as exc:
-            await realtime.propagator.send([sid], "error", {"code": "bad_payload", "message": str(exc)})
-            return {"ok": False, "error": str(exc)}
-        return await _stream(sid, count)
-
     @propagate(realtime, "stream")
-    async def _stream(sid: str, count: int) -> Any:
+    async def stream(sid: str, data: Any) -> Any:
         """Answer 1..count as separate answers, like the original's stream of 1, 2, 3."""
-        for n in range(1, count + 1):
-            yield {"n": n, "of": count}
+        count = _stream_count(data)
+        return ({"n": n, "of": count} for n in range(1, count + 1))
 
 
 def _stream_count(data: Any) -> int:

@@ -15,6 +15,7 @@ from socketio import packet as sio_packet
 
 from . import envelope
 from .bus import Bus
+from .outbox import Outbox
 from .state import SocketState
 
 log = logging.getLogger(__name__)
@@ -26,12 +27,24 @@ class Propagator:
     """Publishes events for every instance and delivers the ones this instance consumes."""
 
     def __init__(
-        self, bus: Bus, state: SocketState, sio: socketio.AsyncServer, prefix: str, instance_id: str
+        self,
+        bus: Bus,
+        state: SocketState,
+        sio: socketio.AsyncServer,
+        prefix: str,
+        instance_id: str,
+        *,
+        outbox: Outbox,
+        max_queue: int = 1000,
     ) -> None:
         self.bus = bus
         self.state = state
         self.sio = sio
         self.instance_id = instance_id
+        self.outbox = outbox
+        self.max_queue = max_queue
+        self.slow_evicted = 0
+        self._evictions: set[asyncio.Task[None]] = set()
         self.channel_all = f"{prefix}:all"
         self.channel_authenticated = f"{prefix}:authenticated"
         self._user_prefix = f"{prefix}:user:"
@@ -45,10 +58,14 @@ class Propagator:
 
     async def start(self) -> None:
         await self.bus.start(self.on_message)
+        self.outbox.start()
         await self.bus.subscribe(self.channel_all)
         await self.bus.subscribe(self.channel_authenticated)
 
     async def close(self) -> None:
+        await self.outbox.close()
+        for task in list(self._evictions):
+            task.cancel()
         await self.bus.close()
 
     # --- sockets coming and going -------------------------------------------------------
@@ -84,6 +101,17 @@ class Propagator:
         )
         await self.bus.publish(self.user_channel(user_id), raw)
         return envelope_id
+
+    async def propagate_answer(self, user_id: str, event: str, raw: bytes) -> bool:
+        """Publish a gateway answer already encoded as an envelope; held in the outbox while
+        the bus is down. False when the outbox had to drop it."""
+        return await self.outbox.publish(self.user_channel(user_id), raw)
+
+    def answer_envelope(self, user_id: str, event: str, data: Any, origin_sid: str) -> bytes:
+        """Encode an answer for the user's other sockets (raises TypeError for non-JSON data)."""
+        return envelope.make(
+            "user", event, data, user_id=user_id, instance=self.instance_id, sid=origin_sid
+        )[1]
 
     async def emit_to_all(self, event: str, data: Any) -> str:
         """Send to every connected socket on every instance, anonymous ones included."""
@@ -131,14 +159,25 @@ class Propagator:
         encoded = pkt.encode()
         parts = encoded if isinstance(encoded, list) else [encoded]
         eio_pkts = [eio_packet.Packet(eio_packet.MESSAGE, part) for part in parts]
-        manager, eio = self.sio.manager, self.sio.eio
+        manager, sockets = self.sio.manager, self.sio.eio.sockets
         for sid in sids:
-            eio_sid = manager.eio_sid_from_sid(sid, NAMESPACE)
-            if eio_sid is None:
+            sock = sockets.get(manager.eio_sid_from_sid(sid, NAMESPACE))
+            if sock is None or sock.closing or sock.closed:
+                continue
+            if sock.queue.qsize() >= self.max_queue:
+                self._evict(sock, sid)
                 continue
             for eio_pkt in eio_pkts:
-                await eio.send_packet(eio_sid, eio_pkt)
+                await sock.send(eio_pkt)  # only queues: a slow reader never blocks this loop
             self.delivered += 1
+
+    def _evict(self, sock: Any, sid: str) -> None:
+        """Disconnect a socket that stopped reading; its queue stays at the bound it reached."""
+        self.slow_evicted += 1
+        log.warning("socket %s stopped reading (%d packets queued); disconnecting it", sid, sock.queue.qsize())
+        task = asyncio.create_task(sock.close(wait=False, abort=True, reason="slow consumer"))
+        self._evictions.add(task)
+        task.add_done_callback(self._evictions.discard)
 
     def _drop(self, channel: str, why: str) -> None:
         self.dropped += 1
@@ -153,6 +192,8 @@ class Propagator:
             "users": len(self.state.users()),
             "delivered": self.delivered,
             "dropped_invalid": self.dropped,
+            "slow_consumers_evicted": self.slow_evicted,
+            "outbox": self.outbox.status(),
         }
 
 

@@ -1,0 +1,97 @@
+"""One PNG of the medians: latency percentiles, throughput, W5's idle-instance CPU, W4's costs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .params import Workload  # noqa: E402
+
+COLOURS = {"ours": "#2b6cb0", "baseline": "#c05621"}
+Summary = dict[str, dict[str, dict[str, float]]]
+
+
+def _values(summary: Summary, labels: list[str], key: str, app: str) -> list[float]:
+    return [summary[label][key][app] for label in labels]
+
+
+def _clean(values: list[float]) -> list[float]:
+    return [0.0 if v is None or math.isnan(v) else v for v in values]
+
+
+def draw(summary: Summary, suite: list[Workload], path: Path, caption: str) -> None:
+    """Draw the four panels into `path`."""
+    latency = [w.label for w in suite if w.key in ("w1", "w2", "w3", "w5")]
+    throughput = [w.label for w in suite if w.key in ("w1", "w2", "w3")]
+    scaling = [w for w in suite if w.key == "w5"]
+    connect = next((w.label for w in suite if w.key == "w4"), None)
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    ax = axes[0][0]
+    width = 0.2
+    for i, (app, pct) in enumerate((("ours", "p50"), ("ours", "p99"), ("baseline", "p50"), ("baseline", "p99"))):
+        xs = [x + (i - 1.5) * width for x in range(len(latency))]
+        ax.bar(xs, _clean(_values(summary, latency, f"{pct}_ms", app)), width, color=COLOURS[app],
+               alpha=1.0 if pct == "p50" else 0.55, hatch="" if pct == "p50" else "//", label=f"{app} {pct}")
+    ax.set_xticks(range(len(latency)), [_short(label) for label in latency], rotation=20)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency, ms (log)")
+    ax.set_title("Delivery latency, p50 and p99")
+    ax.legend(fontsize=8)
+
+    ax = axes[0][1]
+    for i, app in enumerate(("ours", "baseline")):
+        xs = [x + (i - 0.5) * 0.35 for x in range(len(throughput))]
+        ax.bar(xs, _clean(_values(summary, throughput, "deliveries_per_s", app)), 0.35, color=COLOURS[app], label=app)
+    ax.set_xticks(range(len(throughput)), [_short(label) for label in throughput])
+    ax.set_ylabel("deliveries/s")
+    ax.set_title("Throughput (W1 closed loop, W2 fixed rate, W3 gateway)")
+    ax.legend(fontsize=8)
+
+    ax = axes[1][0]
+    sizes = [w.instances for w in scaling]
+    for app in ("ours", "baseline"):
+        ax.plot(sizes, _clean(_values(summary, [w.label for w in scaling], "other_cpu_ms_per_1k_emits", app)),
+                marker="o", color=COLOURS[app], label=f"{app}: each other instance")
+        ax.plot(sizes, _clean(_values(summary, [w.label for w in scaling], "holder_cpu_pct", app)),
+                marker="s", linestyle="--", color=COLOURS[app], alpha=0.6, label=f"{app}: holder CPU %")
+    ax.set_xticks(sizes)
+    ax.set_xlabel("instances")
+    ax.set_ylabel("CPU ms per 1000 emits  /  holder CPU %")
+    ax.set_title("W5: emits to users held by one instance")
+    ax.legend(fontsize=8)
+
+    ax = axes[1][1]
+    if connect is not None:
+        keys = [("connects_per_s", "connects/s"), ("kib_per_socket", "RSS KiB/socket")]
+        for i, app in enumerate(("ours", "baseline")):
+            values = [summary[connect][key][app] for key, _ in keys]
+            bars = ax.bar([x + (i - 0.5) * 0.35 for x in range(len(keys))], _clean(values), 0.35,
+                          color=COLOURS[app], label=app)
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_xticks(range(len(keys)), [name for _, name in keys])
+        ax.set_yscale("log")
+        ax.set_title("W4: opening sockets on one instance")
+        ax.legend(fontsize=8)
+
+    fig.suptitle("webapp (ours: per-user Redis channels) vs python-socketio AsyncRedisManager (baseline)")
+    fig.text(0.5, 0.005, caption, ha="center", fontsize=8, color="#555")
+    fig.tight_layout(rect=(0, 0.02, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(label: str) -> str:
+    return label.replace("W5 instances ", "W5 ").replace("user fan-out", "fan-out")
+
+
+def caption_for(meta: dict[str, Any]) -> str:
+    return (f"medians of {meta['runs']} run(s) · {meta['machine']['cpu']} × {meta['machine']['cores']} cores · "
+            f"{meta['started']}")

@@ -1,0 +1,216 @@
+"""Server processes for the bench: hypercorn instances of one app sharing one Redis prefix.
+
+Pinning: with `taskset`, instance 0 (the one every single-instance measurement uses, and W5's
+holder) gets core 0 to itself among the servers; all other instances share the remaining cores.
+The load generator and Redis are not pinned: they take whatever is free.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from . import procfs
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET_KEY = "bench-secret-key-0123456789"
+API_KEY = "bench-api-key"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """One app under test: what hypercorn serves, extra environment, its broadcast channel."""
+
+    name: str
+    target: str
+    channel: Callable[[str], str]
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+OURS = AppSpec(
+    "ours",
+    "webapp.asgi:app",
+    channel=lambda prefix: f"{prefix}:all",
+    # The per-socket rate limit protects production from abusive clients; the gateway workload
+    # measures propagation, so it is lifted. Short drain so instances stop quickly.
+    env={"SOCKET_RATE": "100000", "SOCKET_BURST": "1000000", "SHUTDOWN_TIMEOUT": "1"},
+)
+BASELINE = AppSpec("baseline", "bench.baseline_app:app", channel=lambda prefix: f"{prefix}:socketio")
+APPS = (OURS, BASELINE)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def core_for(index: int, cores: int) -> int | None:
+    """Instance 0 on core 0; the others round-robin over cores 1..n-1; no pinning on one core."""
+    if cores < 2:
+        return None
+    return 0 if index == 0 else 1 + (index - 1) % (cores - 1)
+
+
+class Server:
+    """One `hypercorn <app>` process (a master and its worker child) on its own port."""
+
+    def __init__(self, app: AppSpec, name: str, env: Mapping[str, str], log: Path, core: int | None):
+        self.app = app
+        self.name = name
+        self.port = free_port()
+        self.core = core
+        self._env = {**os.environ, **env, **app.env, "INSTANCE_ID": name, "PORT": str(self.port)}
+        self._log_path = log
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.worker_pid = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "hypercorn", self.app.target, "--bind", f"127.0.0.1:{self.port}"]
+        if self.core is not None and shutil.which("taskset"):
+            command = ["taskset", "-c", str(self.core), *command]  # taskset execs: same pid
+        with self._log_path.open("ab") as log:
+            # A session of its own: stop() can signal the master and its worker together.
+            self._proc = subprocess.Popen(
+                command, cwd=ROOT, env=self._env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def poll_ready(self) -> bool:
+        """True once /readyz answers 200 and the worker process is known."""
+        assert self._proc is not None
+        if self._proc.poll() is not None:
+            raise RuntimeError(f"{self.app.name} {self.name} exited with {self._proc.returncode}:\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(self.url + "/readyz", timeout=1.0) as response:
+                if response.status != 200:
+                    return False
+        except (OSError, urllib.error.HTTPError):
+            return False
+        self.worker_pid = self._find_worker()
+        return self.worker_pid != 0
+
+    def _find_worker(self) -> int:
+        # hypercorn's master spawns one worker (and multiprocessing's resource tracker).
+        assert self._proc is not None
+        for pid in procfs.children(self._proc.pid):
+            try:
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+            except OSError:
+                continue
+        return 0
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None and procfs.alive(self.worker_pid)
+
+    def signal(self, sig: int) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                os.killpg(self._proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, deadline: float) -> bool:
+        assert self._proc is not None
+        try:
+            self._proc.wait(max(0.0, deadline - time.monotonic()))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self._log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+class Cluster:
+    """Instances of one app on one Redis prefix; grows on demand, stops everything at the end."""
+
+    def __init__(self, app: AppSpec, prefix: str, redis_url: str, log_dir: Path, pin: bool) -> None:
+        self.app = app
+        self.prefix = prefix
+        self.redis_url = redis_url
+        self.log_dir = log_dir
+        self.pin = pin
+        self.servers: list[Server] = []
+        self._cores = len(os.sched_getaffinity(0))
+        self._env = {
+            "REDIS_URL": redis_url,
+            "SECRET_KEY": SECRET_KEY,
+            "API_KEYS": API_KEY,
+            "CHANNEL_PREFIX": prefix,
+            "WEBAPP_ENV": "test",
+        }
+
+    def grow(self, count: int) -> None:
+        """Start instances until there are `count`, and wait until every one hears broadcasts."""
+        new = []
+        while len(self.servers) < count:
+            index = len(self.servers)
+            core = core_for(index, self._cores) if self.pin else None
+            log = self.log_dir / f"{self.app.name}-{self.prefix}-{index}.log"
+            server = Server(self.app, f"{self.app.name}-{index}", self._env, log, core)
+            server.start()
+            self.servers.append(server)
+            new.append(server)
+        deadline = time.monotonic() + START_TIMEOUT
+        pending = list(new)
+        while pending:
+            pending = [s for s in pending if not s.poll_ready()]
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"{pending[0].name} not ready after {START_TIMEOUT:.0f}s:\n{pending[0].log_tail()}")
+            time.sleep(0.1)
+        self._wait_subscribers(deadline)
+
+    def _wait_subscribers(self, deadline: float) -> None:
+        # /readyz says "connected"; Redis itself says who will hear a broadcast.
+        channel = self.app.channel(self.prefix)
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            while True:
+                (_, subscribers), = client.pubsub_numsub(channel)
+                if subscribers >= len(self.servers):
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{channel}: {subscribers} subscribers, expected {len(self.servers)}")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def targets(self) -> list[dict[str, object]]:
+        return [{"name": s.name, "url": s.url, "pid": s.worker_pid} for s in self.servers]
+
+    def dead(self) -> list[str]:
+        return [s.name for s in self.servers if not s.alive]
+
+    def stop(self) -> None:
+        """SIGTERM every instance, then SIGKILL whatever is still there after STOP_TIMEOUT."""
+        for server in self.servers:
+            server.signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for server in self.servers:
+            if not server.wait(deadline):
+                server.signal(signal.SIGKILL)
+                server.wait(time.monotonic() + STOP_TIMEOUT)
+        self.servers = []

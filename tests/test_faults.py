@@ -1,0 +1,256 @@
+"""Faults against real processes: Redis restarts or is missing, instances die or drain, slow readers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from .harness import (
+    Instance,
+    Probe,
+    RawSocket,
+    RedisServer,
+    api,
+    fence,
+    http_get,
+    instance_env,
+    token_for,
+    unique,
+    wait_until,
+    without_fences,
+)
+
+pytestmark = pytest.mark.cluster
+
+FAST_RECOVERY = {"REDIS_BACKOFF_MAX": "0.5"}
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def instances() -> Iterator[list[Instance]]:
+    started: list[Instance] = []
+    yield started
+    for instance in started:
+        instance.stop(signal.SIGKILL)
+
+
+def launch(instances: list[Instance], name: str, prefix: str, redis_url: str | None, **extra: str) -> Instance:
+    instance = Instance(name, instance_env(prefix, redis_url=redis_url, **{**FAST_RECOVERY, **extra})).start()
+    instances.append(instance)
+    return instance
+
+
+async def ready(instance: Instance, want: bool = True) -> None:
+    await wait_until(lambda: (instance.readyz()[0] == 200) is want, f"{instance.name} ready={want}", timeout=15)
+
+
+async def test_redis_restart_under_traffic(
+    own_redis: RedisServer, instances: list[Instance], probes: list[Probe]
+) -> None:
+    prefix = unique("restart")
+    a = launch(instances, "A", prefix, own_redis.url)
+    b = launch(instances, "B", prefix, own_redis.url)
+    a.wait_serving()
+    b.wait_serving()
+    alice = unique("alice")
+    token = await token_for(a.url, alice)
+    alice_a, alice_b, anon_b = Probe("alice@A"), Probe("alice@B"), Probe("anon@B")
+    probes.extend([alice_a, alice_b, anon_b])
+    await alice_a.connect(a.url, token)
+    await alice_b.connect(b.url, token)
+    await anon_b.connect(b.url)
+
+    # steady traffic through the whole outage: every acknowledged tick must arrive everywhere
+    acknowledged: list[int] = []
+    refused: list[int] = []
+    stop = asyncio.Event()
+
+    async def traffic() -> None:
+        n = 0
+        while not stop.is_set() and n < 2000:
+            status, _ = await api((a, b)[n % 2].url, "/api/emit/all", {"event": "tick", "data": n})
+            (acknowledged if status == 202 else refused).append(n)
+            assert status in (202, 503)
+            n += 1
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(traffic())
+    await wait_until(lambda: len(acknowledged) >= 10, "some traffic before the outage")
+
+    own_redis.stop()
+    await ready(a, False)
+    await ready(b, False)
+    await wait_until(lambda: len(refused) >= 3, "REST hooks answering 503 during the outage")
+
+    # during the outage: a new user connects, and a gateway answer waits in the outbox
+    carol = unique("carol")
+    carol_a = Probe("carol@A")
+    probes.append(carol_a)
+    await carol_a.connect(a.url, await token_for(a.url, carol))
+    assert await alice_a.client.call("events", "said during the outage", timeout=10) == {"ok": True, "answers": 1}
+    assert await alice_a.wait_for("events") == ["said during the outage"]
+
+    own_redis.start()
+    await ready(a)
+    await ready(b)
+    assert await alice_b.wait_for("events") == ["said during the outage"]  # delivered from the outbox
+    stop.set()
+    await ticker
+
+    assert (await api(b.url, f"/api/emit/users/{carol}", {"event": "dm", "data": "hi carol"}))[0] == 202
+    assert (await api(b.url, f"/api/emit/users/{alice}", {"event": "dm", "data": "hi alice"}))[0] == 202
+    assert await carol_a.wait_for("dm") == ["hi carol"]
+    everyone = [alice_a, alice_b, anon_b, carol_a]
+    await fence(a.url, everyone)
+    for probe in (alice_a, alice_b, anon_b):
+        assert probe.client.connected, f"{probe.name} was disconnected by a Redis restart"
+        ticks = probe.of("tick")
+        assert len(ticks) == len(set(ticks)), f"{probe.name} got duplicates: {ticks}; acked {acknowledged}; refused {refused}"
+        assert set(acknowledged) <= set(ticks), f"{probe.name} lost {sorted(set(acknowledged) - set(ticks))}"
+        assert not set(ticks) & set(refused), "a refused (503) event was delivered"
+    assert alice_a.of("dm") == alice_b.of("dm") == ["hi alice"]
+    status, body = a.readyz()
+    assert status == 200 and body["bus"]["reconnects"] >= 1 and body["outbox"]["delivered_late"] == 1
+
+
+async def test_redis_missing_at_start_then_appearing(instances: list[Instance], probes: list[Probe]) -> None:
+    later = RedisServer()  # its port is closed for now
+    instance = launch(instances, "early", unique("early"), later.url)
+    try:
+        instance.wait_serving(ready=False)
+        page = http_get(instance.url + "/healthz")
+        assert page[0] == 200
+        assert instance.readyz()[0] == 503
+        later.start()
+        await ready(instance)
+        user = unique("erin")
+        probe = Probe("erin")
+        probes.append(probe)
+        await probe.connect(instance.url, await token_for(instance.url, user))
+        assert (await api(instance.url, f"/api/emit/users/{user}", {"event": "dm", "data": 1}))[0] == 202
+        assert await probe.wait_for("dm") == [1]
+    finally:
+        later.stop(signal.SIGKILL)
+
+
+async def test_outbox_is_bounded_and_counts_what_it_drops(
+    own_redis: RedisServer, instances: list[Instance], probes: list[Probe]
+) -> None:
+    prefix = unique("outbox")
+    a = launch(instances, "A", prefix, own_redis.url, OUTBOX_MAX_MESSAGES="3")
+    b = launch(instances, "B", prefix, own_redis.url)
+    a.wait_serving()
+    b.wait_serving()
+    user = unique("frank")
+    token = await token_for(a.url, user)
+    on_a, on_b = Probe("frank@A"), Probe("frank@B")
+    probes.extend([on_a, on_b])
+    await on_a.connect(a.url, token)
+    await on_b.connect(b.url, token)
+    own_redis.stop()
+    await ready(a, False)
+    for n in range(5):
+        await on_a.client.call("events", n, timeout=10)
+    assert await on_a.wait_for("events", 5) == [0, 1, 2, 3, 4]  # the asker always gets its answers
+    own_redis.start()
+    await ready(a)
+    await ready(b)
+    await on_b.wait_for("events", 3)
+    await fence(a.url, [on_a, on_b])
+    assert on_b.of("events") == [0, 1, 2]  # what fitted, in order; the rest is counted, not silent
+    body = a.readyz()[1]
+    assert body["outbox"] == {"waiting": 0, "delivered_late": 3, "dropped": 2}
+
+
+async def test_sigkill_leaves_the_other_instance_serving(
+    instances: list[Instance], probes: list[Probe], redis_client: redis.Redis
+) -> None:
+    prefix = unique("kill")
+    a = launch(instances, "A", prefix, "redis://127.0.0.1:6379/0")
+    b = launch(instances, "B", prefix, "redis://127.0.0.1:6379/0")
+    a.wait_serving()
+    b.wait_serving()
+    alice = unique("alice")
+    token = await token_for(a.url, alice)
+    alice_a, alice_b = Probe("alice@A"), Probe("alice@B")
+    probes.extend([alice_a, alice_b])
+    await alice_a.connect(a.url, token)
+    await alice_b.connect(b.url, token)
+    lost = asyncio.Event()
+    alice_a.client.on("disconnect", lambda *_: lost.set())
+
+    a.stop(signal.SIGKILL)
+    await asyncio.wait_for(lost.wait(), 10)
+    assert b.readyz()[0] == 200
+    channel = f"{prefix}:user:{alice}"
+    await wait_until(
+        lambda: dict(redis_client.pubsub_numsub(channel))[channel.encode()] == 1, "Redis to drop A's subscriptions"
+    )
+    # the client of the dead instance comes back through a live one (as a load balancer would send it)
+    back = Probe("alice@A->B")
+    probes.append(back)
+    await back.connect(b.url, token)
+    assert (await api(b.url, f"/api/emit/users/{alice}", {"event": "dm", "data": "after the crash"}))[0] == 202
+    assert await back.wait_for("dm") == ["after the crash"]
+    assert await alice_b.wait_for("dm") == ["after the crash"]
+
+
+async def test_sigterm_drains_tells_clients_and_exits_zero(
+    instances: list[Instance], probes: list[Probe], redis_client: redis.Redis
+) -> None:
+    prefix = unique("drain")
+    a = launch(instances, "A", prefix, "redis://127.0.0.1:6379/0", SHUTDOWN_TIMEOUT="5")
+    b = launch(instances, "B", prefix, "redis://127.0.0.1:6379/0")
+    a.wait_serving()
+    b.wait_serving()
+    gina = unique("gina")
+    token = await token_for(a.url, gina)
+    on_a, on_b = Probe("gina@A"), Probe("gina@B")
+    probes.extend([on_a, on_b])
+    await on_a.connect(a.url, token)
+    await on_b.connect(b.url, token)
+    reasons: list[str] = []
+    on_a.client.on("disconnect", lambda reason=None: reasons.append(str(reason)))
+
+    assert a.stop(signal.SIGTERM, timeout=10) == 0
+    notice = await on_a.wait_for("server_shutdown")
+    assert notice == [{"reason": "instance shutting down", "instance": "A", "reconnect": True}]
+    await wait_until(lambda: reasons, "the client to see the disconnect")
+    channel = f"{prefix}:user:{gina}"
+    assert dict(redis_client.pubsub_numsub(channel))[channel.encode()] == 1  # only B's remains
+    assert dict(redis_client.pubsub_numsub(f"{prefix}:all"))[f"{prefix}:all".encode()] == 1
+    assert "drained; 0 sockets left" in a.output()
+    assert (await api(b.url, f"/api/emit/users/{gina}", {"event": "dm", "data": "still here"}))[0] == 202
+    assert await on_b.wait_for("dm") == ["still here"]
+
+
+async def test_slow_consumer_delays_nobody_and_is_bounded(instances: list[Instance], probes: list[Probe]) -> None:
+    instance = launch(instances, "S", unique("slow"), "redis://127.0.0.1:6379/0", SOCKET_MAX_QUEUE="50")
+    instance.wait_serving()
+    reader = Probe("reader")
+    probes.append(reader)
+    await reader.connect(instance.url)
+    stalled = await RawSocket.open(instance.url)  # connects, then never reads again
+    try:
+        assert "sid" in await stalled.connected()
+        blob = "x" * 30_000
+        total = 300
+        for n in range(total):
+            assert (await api(instance.url, "/api/emit/all", {"event": "bulk", "data": [n, blob]}))[0] == 202
+        got = await reader.wait_for("bulk", total, timeout=30)
+        assert [item[0] for item in got] == list(range(total))
+        body = instance.readyz()[1]
+        assert body["slow_consumers_evicted"] == 1
+        assert body["sockets"] == 1  # the stalled socket is gone from the state
+    finally:
+        await stalled.close()
