@@ -317,3 +317,38 @@ class RawSocket:
     async def close(self) -> None:
         await self.ws.close()
         await self.session.close()
+
+
+class LoopThread:
+    """An event loop on a thread of its own, for synchronous tests (hypothesis) driving async clients."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Any, timeout: float = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def raw_event(raw: RawSocket, timeout: float = WAIT) -> tuple[str, Any]:
+    """The next Socket.IO event a RawSocket receives, answering pings on the way."""
+    while True:
+        text = await raw.ws.receive_str(timeout=timeout)
+        if text == "2":
+            await raw.ws.send_str("3")
+        elif text.startswith("42"):
+            name, *args = json.loads(text[2:])
+            return name, args[0] if args else None

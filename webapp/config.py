@@ -45,6 +45,8 @@ class Settings:
     socket_burst: int = 40
     socket_max_queue: int = 1000
     replay_max_len: int = 10_000
+    ping_interval: float = 25.0
+    ping_timeout: float = 20.0
     # Off for apps run inside a test process, where SIGTERM belongs to the test runner.
     drain_on_sigterm: bool = True
 
@@ -100,6 +102,8 @@ class Settings:
             "shutdown_timeout": _float(get("SHUTDOWN_TIMEOUT"), "SHUTDOWN_TIMEOUT", 10.0, 0.0, 600),
             "socket_rate": _float(get("SOCKET_RATE"), "SOCKET_RATE", 20.0, 0.1, 100_000),
             "socket_burst": _int(get("SOCKET_BURST"), "SOCKET_BURST", 40, 1, 1_000_000),
+            "ping_interval": _float(get("PING_INTERVAL"), "PING_INTERVAL", 25.0, 1.0, 3600),
+            "ping_timeout": _float(get("PING_TIMEOUT"), "PING_TIMEOUT", 20.0, 1.0, 3600),
             "replay_max_len": _int(get("REPLAY_MAX_LEN"), "REPLAY_MAX_LEN", 10_000, 0, 10_000_000),
             "socket_max_queue": _int(get("SOCKET_MAX_QUEUE"), "SOCKET_MAX_QUEUE", 1000, 10, 10_000_000),
         }

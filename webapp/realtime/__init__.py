@@ -21,6 +21,7 @@ from .bus import Bus, MemoryBus, RedisBus
 from .limits import RateLimiter
 from .outbox import Outbox
 from .propagator import NAMESPACE, Propagator
+from .server import GuardedServer, engineio_logger
 from .state import SocketState
 
 EXTENSION = "realtime"
@@ -39,13 +40,15 @@ class Realtime:
     def init_app(self, app: Quart) -> None:
         settings: Settings = app.config["SETTINGS"]
         self.settings = settings
-        self.sio = socketio.AsyncServer(
+        self.sio = GuardedServer(
             async_mode="asgi",
             cors_allowed_origins=list(settings.cors_origins) or None,
             # The hard cap per frame; gateways refuse smaller oversized payloads politely.
             max_http_buffer_size=settings.max_payload_bytes * 2,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
             logger=False,
-            engineio_logger=False,
+            engineio_logger=engineio_logger(),
         )
         self.bus: Bus = MemoryBus()
         if settings.redis_url:
@@ -142,6 +145,7 @@ class Realtime:
             **self.propagator.status(),
             "draining": self.draining,
             "rate_limited": self.limiter.refused,
+            "malformed_packets": self.sio.malformed_packets,
         }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -44,7 +44,10 @@ class Propagator:
         self.outbox = outbox
         self.max_queue = max_queue
         self.slow_evicted = 0
+        self.swept = 0
         self._evictions: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Future[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self.channel_all = f"{prefix}:all"
         self.channel_authenticated = f"{prefix}:authenticated"
         self._user_prefix = f"{prefix}:user:"
@@ -59,13 +62,16 @@ class Propagator:
     async def start(self) -> None:
         await self.bus.start(self.on_message)
         self.outbox.start()
+        self._sweeper = asyncio.create_task(self._sweep_forever(10.0), name="state-sweeper")
         await self.bus.subscribe(self.channel_all)
         await self.bus.subscribe(self.channel_authenticated)
 
     async def close(self) -> None:
-        await self.outbox.close()
-        for task in list(self._evictions):
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in [*self._evictions, *self._pending]:
             task.cancel()
+        await self.outbox.close()
         await self.bus.close()
 
     # --- sockets coming and going -------------------------------------------------------
@@ -74,21 +80,44 @@ class Propagator:
         """Register a socket; for a user's first socket here, hold its channel first."""
         if user_id is None:
             self.state.add(sid, None)
-            return
+        else:
+            await self._to_the_end(self._attach(sid, user_id))
+
+    async def detach(self, sid: str) -> None:
+        """Forget a socket; release its user's channel when it was the last one here."""
+        user_id, last = self.state.remove(sid)
+        if user_id is not None and last:
+            await self._to_the_end(self._release(user_id))
+
+    async def _attach(self, sid: str, user_id: str) -> None:
         async with self._user_locks.hold(user_id):
             if not self.state.holds_user(user_id):
                 await self.bus.subscribe(self.user_channel(user_id))
             self.state.add(sid, user_id)
 
-    async def detach(self, sid: str) -> None:
-        """Forget a socket; release its user's channel when it was the last one here."""
-        user_id, last = self.state.remove(sid)
-        if user_id is None or not last:
-            return
+    async def _release(self, user_id: str) -> None:
         async with self._user_locks.hold(user_id):
             # A new socket of the same user may have arrived while we waited.
             if not self.state.holds_user(user_id):
                 await self.bus.unsubscribe(self.user_channel(user_id))
+
+    async def _to_the_end(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run subscription bookkeeping to completion even if the handler awaiting it is
+        cancelled (a client that vanishes mid-handshake): half of it would leak a channel."""
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        await asyncio.shield(task)
+
+    async def _sweep_forever(self, every: float) -> None:
+        """Safety net: forget sockets the Socket.IO server no longer knows (a connection that
+        died inside its connect handler never gets a disconnect call)."""
+        while True:
+            await asyncio.sleep(every)
+            for sid in list(self.state.all_sids()):
+                if self.sio.manager.eio_sid_from_sid(sid, NAMESPACE) is None:
+                    self.swept += 1
+                    await self.detach(sid)
 
     # --- publishing -------------------------------------------------------------------------
 
@@ -193,6 +222,7 @@ class Propagator:
             "delivered": self.delivered,
             "dropped_invalid": self.dropped,
             "slow_consumers_evicted": self.slow_evicted,
+            "swept": self.swept,
             "outbox": self.outbox.status(),
         }
 
