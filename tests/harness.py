@@ -197,7 +197,7 @@ class Probe:
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def wait_for(self, event: str, count: int = 1, timeout: float = WAIT) -> list[Any]:

@@ -21,7 +21,6 @@ from .harness import (
     token_for,
     unique,
     wait_until,
-    without_fences,
 )
 
 pytestmark = pytest.mark.cluster

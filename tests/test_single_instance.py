@@ -7,7 +7,19 @@ import sys
 
 import pytest
 
-from .harness import ROOT, Instance, Probe, api, fence, free_port, http_get, instance_env, token_for, unique, without_fences
+from .harness import (
+    ROOT,
+    Instance,
+    Probe,
+    api,
+    fence,
+    free_port,
+    http_get,
+    instance_env,
+    token_for,
+    unique,
+    without_fences,
+)
 
 pytestmark = pytest.mark.cluster
 

@@ -11,7 +11,10 @@ from webapp.auth.tokens import InvalidToken, TokenSigner
 from webapp.config import ConfigError, Settings
 from webapp.realtime import envelope
 from webapp.realtime.bus import BusUnavailable, MemoryBus
+from webapp.realtime.limits import RateLimiter
+from webapp.realtime.outbox import Outbox
 from webapp.realtime.propagator import _KeyedLocks
+from webapp.realtime.replay import RecentMessages
 from webapp.realtime.state import SocketState
 
 
@@ -189,3 +192,66 @@ async def test_keyed_locks_are_released() -> None:
     await asyncio.gather(hold("one"), hold("two"))
     assert order == ["one+", "one-", "two+", "two-"]
     assert len(locks) == 0
+
+
+class TestOutbox:
+    async def test_keeps_order_and_flushes_when_the_bus_returns(self) -> None:
+        bus = MemoryBus()  # not started yet: every publish is refused, as with Redis down
+        outbox = Outbox(bus, max_messages=10, max_age=30, retry_every=0.01)
+        outbox.start()
+        got: list[bytes] = []
+        all_in = asyncio.Event()
+
+        async def handler(channel: str, message: bytes) -> None:
+            got.append(message)
+            if len(got) == 3:
+                all_in.set()
+
+        try:
+            for n in range(3):
+                assert await outbox.publish("a", str(n).encode())
+            assert len(outbox) == 3
+            await bus.subscribe("a")
+            await bus.start(handler)
+            await asyncio.wait_for(all_in.wait(), 5)
+            assert got == [b"0", b"1", b"2"]
+            assert outbox.status() == {"waiting": 0, "delivered_late": 3, "dropped": 0}
+        finally:
+            await outbox.close()
+            await bus.close()
+
+    async def test_drops_what_is_too_many_or_too_old(self) -> None:
+        bus = MemoryBus()
+        outbox = Outbox(bus, max_messages=2, max_age=0.05, retry_every=0.01)
+        outbox.start()
+        try:
+            assert await outbox.publish("a", b"1")
+            assert await outbox.publish("a", b"2")
+            assert not await outbox.publish("a", b"3")  # full
+            deadline = asyncio.get_running_loop().time() + 5
+            while len(outbox) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)  # polling a counter; the flusher expires them by age
+            assert outbox.status() == {"waiting": 0, "delivered_late": 0, "dropped": 3}
+        finally:
+            await outbox.close()
+
+
+class TestRateLimiter:
+    def test_burst_then_rate(self) -> None:
+        limiter = RateLimiter(rate=2, burst=3)
+        assert [limiter.allow("s", now=0) for _ in range(4)] == [True, True, True, False]
+        assert limiter.allow("s", now=0.5) is True  # one token back after 0.5 s at 2/s
+        assert limiter.allow("s", now=0.5) is False
+        assert limiter.allow("other", now=0.5) is True  # per socket
+        limiter.forget("s")
+        assert len(limiter) == 1
+
+
+class TestRecentMessages:
+    def test_forgets_by_age_of_traffic_not_by_clock(self) -> None:
+        recent = RecentMessages(keep=1.0)
+        recent.add(b"a", now=0.0)
+        recent.add(b"b", now=0.5)
+        assert b"a" in recent and b"b" in recent and b"c" not in recent
+        recent.add(b"c", now=1.2)  # a is now older than 1 s of traffic, b is not
+        assert b"a" not in recent and b"b" in recent and b"c" in recent

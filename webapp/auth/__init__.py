@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from quart import Blueprint, Quart, Response, current_app, jsonify, redirect, request, url_for
+from quart.typing import ResponseReturnValue
 from quart_auth import AuthUser, QuartAuth, current_user, login_user, logout_user
 
 from ..config import Settings
@@ -42,7 +43,7 @@ def _same_origin() -> bool:
 
 
 @bp.post("/login")
-async def login() -> Response:
+async def login() -> ResponseReturnValue:
     """Log in to the demo with just a name."""
     if not _settings().demo_login:
         raise ApiError(404, "not_found", "demo login is disabled")
@@ -57,7 +58,7 @@ async def login() -> Response:
 
 
 @bp.post("/logout")
-async def logout() -> Response:
+async def logout() -> ResponseReturnValue:
     """End the demo session."""
     if not _same_origin():
         raise ApiError(403, "forbidden", "cross-origin logout refused")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
@@ -25,7 +25,7 @@ class Token:
 
     @property
     def expires_at_iso(self) -> str:
-        return datetime.fromtimestamp(self.expires_at, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+        return datetime.fromtimestamp(self.expires_at, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 class TokenSigner:

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -75,7 +75,7 @@ class Realtime:
         app.extensions[EXTENSION] = self
         app.while_serving(self._serve)
 
-    async def _serve(self) -> AsyncIterator[None]:
+    async def _serve(self) -> AsyncGenerator[None, None]:
         await self.propagator.start()
         if self.settings.drain_on_sigterm:
             self._install_sigterm_drain()
@@ -135,7 +135,7 @@ class Realtime:
                 closing.append(sock.close(wait=True, reason="server shutting down"))
         try:
             await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), self.settings.shutdown_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("drain deadline passed with %d sockets still open", len(self.state))
         log.info("drained; %d sockets left", len(self.state))
 

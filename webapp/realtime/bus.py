@@ -183,7 +183,7 @@ class RedisBus:
                     pipe.xadd(self._replay_key, {"c": channel, "m": message}, maxlen=self._replay_max)
                     pipe.publish(channel, message)
                     await pipe.execute()
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             raise BusUnavailable(f"Redis publish failed: {exc}") from exc
 
     async def subscribe(self, channel: str) -> bool:
@@ -220,7 +220,7 @@ class RedisBus:
         try:
             await self._send(conn, kind.upper(), channel)
             return await asyncio.wait_for(asyncio.shield(waiter), self._timeout)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             log.warning("Redis %s %s not confirmed: %s", kind, channel, exc)
             return False
         finally:
@@ -243,7 +243,7 @@ class RedisBus:
                 await self._read_forever()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, RedisError, OSError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("Redis subscriber lost (%s); retrying in %.1fs", self.last_error, delay)
             except Exception:  # keep the consumer alive whatever a bug throws
@@ -256,8 +256,8 @@ class RedisBus:
 
     async def _connect(self) -> None:
         assert self._sub_pool is not None
-        conn = self._sub_pool.make_connection()
-        await conn.connect()
+        conn: AbstractConnection = self._sub_pool.make_connection()  # type: ignore[no-untyped-call]
+        await conn.connect()  # type: ignore[no-untyped-call]
         self._conn = conn
         self._initial = set(self._wanted)
         # Only a reconnect owes a replay; the first connection of the process owes nothing.
@@ -279,7 +279,7 @@ class RedisBus:
             if reply is None:
                 # Silence can hide a dead peer: ping, and give up if the pong never comes.
                 if pinged:
-                    raise asyncio.TimeoutError("Redis did not answer PING")
+                    raise TimeoutError("Redis did not answer PING")
                 await self._send(conn, "PING")
                 pinged = True
                 continue
@@ -314,8 +314,8 @@ class RedisBus:
         assert self._client is not None and self._replay_key is not None and self._alive_at is not None
         since = stream_id_at(self._alive_at - self._replay_margin)
         entries = await self._client.xrange(self._replay_key, min=since, max="+", count=self._replay_max)
-        for _, fields in entries:
-            channel, message = fields[b"c"].decode(), fields[b"m"]
+        for _, fields in entries or ():
+            channel, message = _as_bytes((fields or {}).get(b"c")).decode(), _as_bytes((fields or {}).get(b"m"))
             if channel in self._confirmed and message not in self._recent:
                 self.replayed += 1
                 await self._deliver(channel, message)
@@ -350,6 +350,10 @@ class RedisBus:
                     waiter.set_result(False)
         if conn is not None:
             await conn.disconnect(nowait=True)
+
+
+def _as_bytes(value: object) -> bytes:
+    return value if isinstance(value, bytes) else str(value or "").encode()
 
 
 async def _dispatch(handler: MessageHandler, channel: str, message: bytes) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-import types
 import logging
+import types
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -28,10 +28,10 @@ def token_from(environ: dict[str, Any], auth: Any) -> str | None:
     """The handshake token: `auth.token`, else query `token`, else a Bearer header."""
     if isinstance(auth, dict) and auth.get("token"):
         return str(auth["token"])
-    query = parse_qs(environ.get("QUERY_STRING", ""))
+    query = parse_qs(str(environ.get("QUERY_STRING", "")))
     if query.get("token"):
         return query["token"][0]
-    header = environ.get("HTTP_AUTHORIZATION", "")
+    header = str(environ.get("HTTP_AUTHORIZATION", ""))
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
