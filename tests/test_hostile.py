@@ -7,6 +7,7 @@ import signal
 from collections.abc import Iterator
 
 import pytest
+import socketio
 
 from .harness import (
     Instance,
@@ -138,3 +139,20 @@ async def test_reserved_event_names_cannot_detach_a_socket(strict: Instance) -> 
     finally:
         await raw.close()
     assert strict.readyz()[1]["malformed_packets"] >= 1
+
+
+async def test_sockets_from_other_origins_are_refused(strict: Instance) -> None:
+    stranger = Probe("stranger")
+    try:
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await stranger.client.connect(
+                strict.url, headers={"Origin": "https://evil.test"}, transports=["websocket"], wait_timeout=5
+            )
+    finally:
+        await stranger.close()
+    neighbour = Probe("same-origin")
+    try:
+        await neighbour.client.connect(strict.url, headers={"Origin": strict.url}, transports=["websocket"])
+        assert neighbour.client.connected
+    finally:
+        await neighbour.close()

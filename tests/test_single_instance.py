@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import socketio
 
 from .harness import (
     ROOT,
@@ -85,3 +86,20 @@ def test_bad_configuration_is_a_clear_error(env: dict[str, str], message: str) -
     assert result.returncode == 2
     assert f"webapp: configuration error: {message}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_cors_origins_are_explicit() -> None:
+    instance = Instance("cors", instance_env(unique("cors"), CORS_ORIGINS="https://app.test")).start()
+    allowed, refused = Probe("allowed"), Probe("refused")
+    try:
+        instance.wait_serving()
+        await allowed.client.connect(instance.url, headers={"Origin": "https://app.test"}, transports=["websocket"])
+        assert allowed.client.connected
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await refused.client.connect(
+                instance.url, headers={"Origin": "https://other.test"}, transports=["websocket"], wait_timeout=5
+            )
+    finally:
+        await allowed.close()
+        await refused.close()
+        instance.stop()
