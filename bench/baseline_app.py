@@ -50,7 +50,7 @@ def create_baseline(settings: Settings) -> socketio.ASGIApp:
     signer = TokenSigner(settings.secret_key)
     users: dict[str, str] = {}  # sid -> user id, for the gateway's propagation
 
-    @sio.event
+    @sio.event  # type: ignore[untyped-decorator]
     async def connect(sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         token = token_from(environ, auth)
         if token is None:
@@ -65,11 +65,11 @@ def create_baseline(settings: Settings) -> socketio.ASGIApp:
         await sio.enter_room(sid, "authenticated")
         await sio.enter_room(sid, f"user:{user_id}")
 
-    @sio.event
+    @sio.event  # type: ignore[untyped-decorator]
     async def disconnect(sid: str, reason: Any = None) -> None:
         users.pop(sid, None)
 
-    @sio.on("events")
+    @sio.on("events")  # type: ignore[untyped-decorator]
     async def events(sid: str, data: Any = None) -> dict[str, Any]:
         # The asker is local by definition: no need to go through Redis for it.
         await sio.emit("events", data, to=sid, ignore_queue=True)

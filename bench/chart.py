@@ -9,9 +9,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # no display: files only
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
-from .params import Workload  # noqa: E402
+from .params import Workload
 
 COLOURS = {"ours": "#2b6cb0", "baseline": "#c05621"}
 Summary = dict[str, dict[str, dict[str, float]]]
@@ -35,12 +36,24 @@ def draw(summary: Summary, suite: list[Workload], path: Path, caption: str) -> N
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     ax = axes[0][0]
     width = 0.2
-    for i, (app, pct) in enumerate((("ours", "p50"), ("ours", "p99"), ("baseline", "p50"), ("baseline", "p99"))):
+    for i, (app, pct) in enumerate(
+        (("ours", "p50"), ("ours", "p99"), ("baseline", "p50"), ("baseline", "p99"))
+    ):
         xs = [x + (i - 1.5) * width for x in range(len(latency))]
-        ax.bar(xs, _clean(_values(summary, latency, f"{pct}_ms", app)), width, color=COLOURS[app],
-               alpha=1.0 if pct == "p50" else 0.55, hatch="" if pct == "p50" else "//", label=f"{app} {pct}")
+        ax.bar(
+            xs,
+            _clean(_values(summary, latency, f"{pct}_ms", app)),
+            width,
+            color=COLOURS[app],
+            alpha=1.0 if pct == "p50" else 0.55,
+            hatch="" if pct == "p50" else "//",
+            label=f"{app} {pct}",
+        )
     ax.set_xticks(range(len(latency)), [_short(label) for label in latency], rotation=20)
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(FixedLocator([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel("latency, ms (log)")
     ax.set_title("Delivery latency, p50 and p99")
     ax.legend(fontsize=8)
@@ -48,7 +61,13 @@ def draw(summary: Summary, suite: list[Workload], path: Path, caption: str) -> N
     ax = axes[0][1]
     for i, app in enumerate(("ours", "baseline")):
         xs = [x + (i - 0.5) * 0.35 for x in range(len(throughput))]
-        ax.bar(xs, _clean(_values(summary, throughput, "deliveries_per_s", app)), 0.35, color=COLOURS[app], label=app)
+        ax.bar(
+            xs,
+            _clean(_values(summary, throughput, "deliveries_per_s", app)),
+            0.35,
+            color=COLOURS[app],
+            label=app,
+        )
     ax.set_xticks(range(len(throughput)), [_short(label) for label in throughput])
     ax.set_ylabel("deliveries/s")
     ax.set_title("Throughput (W1 closed loop, W2 fixed rate, W3 gateway)")
@@ -57,26 +76,45 @@ def draw(summary: Summary, suite: list[Workload], path: Path, caption: str) -> N
     ax = axes[1][0]
     sizes = [w.instances for w in scaling]
     for app in ("ours", "baseline"):
-        ax.plot(sizes, _clean(_values(summary, [w.label for w in scaling], "other_cpu_ms_per_1k_emits", app)),
-                marker="o", color=COLOURS[app], label=f"{app}: each other instance")
-        ax.plot(sizes, _clean(_values(summary, [w.label for w in scaling], "holder_cpu_pct", app)),
-                marker="s", linestyle="--", color=COLOURS[app], alpha=0.6, label=f"{app}: holder CPU %")
+        ax.plot(
+            sizes,
+            _clean(_values(summary, [w.label for w in scaling], "others_cpu_ms_per_1k_emits_sum", app)),
+            marker="o",
+            color=COLOURS[app],
+            label=f"{app}: all other instances together",
+        )
+        ax.plot(
+            sizes,
+            _clean(_values(summary, [w.label for w in scaling], "holder_cpu_ms_per_1k_emits", app)),
+            marker="s",
+            linestyle="--",
+            color=COLOURS[app],
+            alpha=0.6,
+            label=f"{app}: the holder",
+        )
     ax.set_xticks(sizes)
     ax.set_xlabel("instances")
-    ax.set_ylabel("CPU ms per 1000 emits  /  holder CPU %")
+    ax.set_ylabel("CPU ms per 1000 emits")
     ax.set_title("W5: emits to users held by one instance")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left")
 
     ax = axes[1][1]
     if connect is not None:
         keys = [("connects_per_s", "connects/s"), ("kib_per_socket", "RSS KiB/socket")]
         for i, app in enumerate(("ours", "baseline")):
             values = [summary[connect][key][app] for key, _ in keys]
-            bars = ax.bar([x + (i - 0.5) * 0.35 for x in range(len(keys))], _clean(values), 0.35,
-                          color=COLOURS[app], label=app)
+            bars = ax.bar(
+                [x + (i - 0.5) * 0.35 for x in range(len(keys))],
+                _clean(values),
+                0.35,
+                color=COLOURS[app],
+                label=app,
+            )
             ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_xticks(range(len(keys)), [name for _, name in keys])
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title("W4: opening sockets on one instance")
         ax.legend(fontsize=8)
 
@@ -93,5 +131,7 @@ def _short(label: str) -> str:
 
 
 def caption_for(meta: dict[str, Any]) -> str:
-    return (f"medians of {meta['runs']} run(s) · {meta['machine']['cpu']} × {meta['machine']['cores']} cores · "
-            f"{meta['started']}")
+    return (
+        f"medians of {meta['runs']} run(s) · {meta['machine']['cpu']} × {meta['machine']['cores']} cores · "
+        f"{meta['started']}"
+    )

@@ -8,6 +8,7 @@ The load generator and Redis are not pinned: they take whatever is free.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -53,6 +54,28 @@ BASELINE = AppSpec("baseline", "bench.baseline_app:app", channel=lambda prefix: 
 APPS = (OURS, BASELINE)
 
 
+def procfile_flags(procfile: Path = ROOT / "Procfile") -> list[str]:
+    """hypercorn's flags on the Procfile's web line, minus the bind: the bench serves as deployed."""
+    try:
+        lines = procfile.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        if line.startswith("web:"):
+            words = shlex.split(line[len("web:") :])[2:]  # drop `hypercorn` and the app
+            flags: list[str] = []
+            skip = False
+            for word in words:
+                if skip:
+                    skip = False
+                elif word in ("--bind", "-b"):
+                    skip = True
+                elif not word.startswith("--bind="):
+                    flags.append(word)
+            return flags
+    return []
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -67,7 +90,7 @@ def core_for(index: int, cores: int) -> int | None:
 
 
 class Server:
-    """One `hypercorn <app>` process (a master and its worker child) on its own port."""
+    """One `hypercorn <app>` process on its own port, with the Procfile's flags."""
 
     def __init__(self, app: AppSpec, name: str, env: Mapping[str, str], log: Path, core: int | None):
         self.app = app
@@ -84,7 +107,15 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "hypercorn", self.app.target, "--bind", f"127.0.0.1:{self.port}"]
+        command = [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            self.app.target,
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            *procfile_flags(),
+        ]
         if self.core is not None and shutil.which("taskset"):
             command = ["taskset", "-c", str(self.core), *command]  # taskset execs: same pid
         with self._log_path.open("ab") as log:
@@ -97,7 +128,9 @@ class Server:
         """True once /readyz answers 200 and the worker process is known."""
         assert self._proc is not None
         if self._proc.poll() is not None:
-            raise RuntimeError(f"{self.app.name} {self.name} exited with {self._proc.returncode}:\n{self.log_tail()}")
+            raise RuntimeError(
+                f"{self.app.name} {self.name} exited with {self._proc.returncode}:\n{self.log_tail()}"
+            )
         try:
             with urllib.request.urlopen(self.url + "/readyz", timeout=1.0) as response:
                 if response.status != 200:
@@ -108,7 +141,8 @@ class Server:
         return self.worker_pid != 0
 
     def _find_worker(self) -> int:
-        # hypercorn's master spawns one worker (and multiprocessing's resource tracker).
+        # With --workers 0 hypercorn serves in its own process; otherwise its master spawns one
+        # worker (beside multiprocessing's resource tracker), and that worker does the work.
         assert self._proc is not None
         for pid in procfs.children(self._proc.pid):
             try:
@@ -116,7 +150,7 @@ class Server:
                     return pid
             except OSError:
                 continue
-        return 0
+        return self._proc.pid
 
     @property
     def alive(self) -> bool:
@@ -179,7 +213,9 @@ class Cluster:
         while pending:
             pending = [s for s in pending if not s.poll_ready()]
             if pending and time.monotonic() > deadline:
-                raise TimeoutError(f"{pending[0].name} not ready after {START_TIMEOUT:.0f}s:\n{pending[0].log_tail()}")
+                raise TimeoutError(
+                    f"{pending[0].name} not ready after {START_TIMEOUT:.0f}s:\n{pending[0].log_tail()}"
+                )
             time.sleep(0.1)
         self._wait_subscribers(deadline)
 
@@ -189,7 +225,7 @@ class Cluster:
         client = redis.Redis.from_url(self.redis_url)
         try:
             while True:
-                (_, subscribers), = client.pubsub_numsub(channel)
+                ((_, subscribers),) = client.pubsub_numsub(channel)
                 if subscribers >= len(self.servers):
                     return
                 if time.monotonic() > deadline:
@@ -205,7 +241,7 @@ class Cluster:
         return [s.name for s in self.servers if not s.alive]
 
     def stop(self) -> None:
-        """SIGTERM every instance, then SIGKILL whatever is still there after STOP_TIMEOUT."""
+        """SIGTERM every instance, SIGKILL whatever is left after STOP_TIMEOUT, delete our Redis keys."""
         for server in self.servers:
             server.signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
@@ -214,3 +250,16 @@ class Cluster:
                 server.signal(signal.SIGKILL)
                 server.wait(time.monotonic() + STOP_TIMEOUT)
         self.servers = []
+        self._forget_keys()
+
+    def _forget_keys(self) -> None:
+        # Our app keeps a replay stream under the prefix; leave Redis as the run found it.
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            keys = list(client.scan_iter(match=f"{self.prefix}:*", count=1000))
+            if keys:
+                client.delete(*keys)
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()

@@ -86,7 +86,7 @@ class Deliveries:
         try:
             await asyncio.wait_for(emit.done.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def drain(self, timeout: float) -> bool:
@@ -96,7 +96,7 @@ class Deliveries:
         try:
             await asyncio.wait_for(self._all_done.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     @property

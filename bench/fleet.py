@@ -6,9 +6,9 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import orjson
@@ -48,7 +48,7 @@ class Fleet:
         self._session: aiohttp.ClientSession | None = None
         self.tag = uuid.uuid4().hex[:6]  # user ids never collide with a previous run's leftovers
 
-    async def __aenter__(self) -> Fleet:
+    async def __aenter__(self) -> Self:
         # limit=0: every WebSocket holds a connector slot for its whole life.
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self
@@ -69,7 +69,9 @@ class Fleet:
     async def token_via_rest(self, target: int, user_id: str) -> str:
         """A token from POST /api/tokens: proves the REST hook and that tokens are interchangeable."""
         url = self.targets[target].url + "/api/tokens"
-        async with self.session.post(url, data=orjson.dumps({"user_id": user_id}), headers=self._headers) as resp:
+        async with self.session.post(
+            url, data=orjson.dumps({"user_id": user_id}), headers=self._headers
+        ) as resp:
             body = await resp.read()
             if resp.status != 201:
                 raise RuntimeError(f"POST /api/tokens answered {resp.status}: {body[:200]!r}")
@@ -82,15 +84,15 @@ class Fleet:
     def _dispatch(self, index: int, event: str, data: Any, received_at: float) -> None:
         self.sink(index, event, data, received_at)
 
-    async def open(
-        self, placements: Sequence[tuple[int, str | None]], concurrency: int = 50
-    ) -> list[float]:
+    async def open(self, placements: Sequence[tuple[int, str | None]], concurrency: int = 50) -> list[float]:
         """Open one socket per (target index, user id); return each connect's duration in seconds."""
         first = len(self.sockets)
         slots: list[SioSocket | None] = [None] * len(placements)
         durations: list[float] = [0.0] * len(placements)
         gate = asyncio.Semaphore(concurrency)
-        rest_token = await self.token_via_rest(placements[0][0], placements[0][1]) if placements[0][1] else None
+        rest_token = (
+            await self.token_via_rest(placements[0][0], placements[0][1]) if placements[0][1] else None
+        )
 
         async def one(i: int, target: int, user_id: str | None) -> None:
             token = rest_token if i == 0 else (self.token(user_id) if user_id else None)
@@ -107,7 +109,9 @@ class Fleet:
         self.sockets.extend(sock for sock in slots if sock is not None)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            raise RuntimeError(f"{len(failures)} of {len(placements)} sockets failed to connect: {failures[0]!r}")
+            raise RuntimeError(
+                f"{len(failures)} of {len(placements)} sockets failed to connect: {failures[0]!r}"
+            )
         return durations
 
     async def close_sockets(self) -> None:
@@ -123,15 +127,15 @@ class Fleet:
                 await resp.read()
                 if resp.status != 202:
                     self.rest_failures += 1
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             self.rest_failures += 1
 
     def cpu(self) -> list[float]:
         return [procfs.cpu_seconds(t.pid) for t in self.targets]
 
 
-Send = Callable[[int], Awaitable[None]]
-Wait = Callable[[int], Awaitable[bool]]
+Send = Callable[[int], Coroutine[Any, Any, None]]
+Wait = Callable[[int], Coroutine[Any, Any, bool]]
 
 
 async def closed_loop(window: int, seconds: float, send: Send, wait: Wait) -> None:

@@ -23,8 +23,14 @@ class Workload:
         return float(self.params.get("seconds", 0) + self.params.get("warmup", 0) + 60)
 
 
-def _suite(w1: dict[str, Any], w2: dict[str, Any], w3: dict[str, Any], w4: dict[str, Any],
-           w5: dict[str, Any], sizes: tuple[int, ...]) -> list[Workload]:
+def _suite(
+    w1: dict[str, Any],
+    w2: dict[str, Any],
+    w3: dict[str, Any],
+    w4: dict[str, Any],
+    w5: dict[str, Any],
+    sizes: tuple[int, ...],
+) -> list[Workload]:
     # W4 first: it reads memory of a fresh instance, before other loads grew its heap.
     return [
         Workload("w4", "W4 connections", w4),
@@ -50,5 +56,5 @@ QUICK = _suite(
     w3={"users": 4, "seconds": 1, "warmup": 0.2},
     w4={"sockets": 30, "concurrency": 10},
     w5={"users": 5, "rate": 20, "seconds": 1, "warmup": 0.2},
-    sizes=(2, 4),
+    sizes=(2, 4, 8),
 )

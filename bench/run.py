@@ -1,16 +1,18 @@
 """The suite: both apps, every workload, interleaved per repetition; a table, JSON and a chart.
 
-    .venv/bin/python -m bench              # full suite, medians of 3 runs
-    .venv/bin/python -m bench --quick      # CI smoke: tiny loads, exits 1 on any loss or crash
+.venv/bin/python -m bench              # full suite, medians of 3 runs
+.venv/bin/python -m bench --quick      # CI smoke: tiny loads, exits 1 on any loss or crash
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 import uuid
@@ -21,7 +23,7 @@ from typing import Any
 import redis
 
 from . import chart, report
-from .cluster import API_KEY, APPS, SECRET_KEY, AppSpec, Cluster
+from .cluster import API_KEY, BASELINE, OURS, SECRET_KEY, AppSpec, Cluster
 from .loadgen import run_job
 from .params import FULL, QUICK, Workload
 
@@ -31,16 +33,48 @@ DOCS_CHART = ROOT / "docs" / "bench.png"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny loads, one run: does the suite still work?")
-    parser.add_argument("--runs", type=int, default=None, help="repetitions; the table shows medians (default 3, quick 1)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny loads, one run: does the suite still work?"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=None, help="repetitions; the table shows medians (default 3, quick 1)"
+    )
     parser.add_argument("--only", default="", help="comma-separated workloads to run, e.g. w1,w5")
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin servers to cores")
-    parser.add_argument("--docs", action="store_true", help=f"also save the chart as {DOCS_CHART.relative_to(ROOT)}")
+    parser.add_argument(
+        "--docs", action="store_true", help=f"also save the chart as {DOCS_CHART.relative_to(ROOT)}"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go (default bench/results)")
+    parser.add_argument(
+        "--ours-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for our instances, e.g. REPLAY_MAX_LEN=0 (repeatable)",
+    )
     return parser.parse_args(argv)
+
+
+def apps_under_test(ours_env: list[str]) -> tuple[AppSpec, ...]:
+    """Ours (with any --ours-env overrides) and the baseline."""
+    extra = dict(item.split("=", 1) for item in ours_env if "=" in item)
+    ours = OURS if not extra else dataclasses.replace(OURS, env={**OURS.env, **extra})
+    return (ours, BASELINE)
+
+
+def redis_problem(url: str) -> str | None:
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+        return None
+    except redis.RedisError as exc:
+        return f"no Redis answers at {url}: {exc}"
+    finally:
+        client.close()
 
 
 class Progress:
@@ -75,15 +109,30 @@ def machine(redis_url: str) -> dict[str, Any]:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    mem_kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                       if line.startswith("MemTotal")))
+    mem_kib = int(
+        next(
+            line.split()[1]
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        )
+    )
     client = redis.Redis.from_url(redis_url)
     try:
         redis_version = str(client.info("server").get("redis_version"))
     finally:
         client.close()
-    packages = {name: metadata.version(name) for name in
-                ("python-socketio", "python-engineio", "hypercorn", "quart", "redis", "aiohttp", "wsproto")}
+    packages = {
+        name: metadata.version(name)
+        for name in (
+            "python-socketio",
+            "python-engineio",
+            "hypercorn",
+            "quart",
+            "redis",
+            "aiohttp",
+            "wsproto",
+        )
+    }
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -100,6 +149,7 @@ class Suite:
 
     def __init__(self, args: argparse.Namespace, suite: list[Workload], runs: int, stamp: str) -> None:
         self.args = args
+        self.apps = apps_under_test(args.ours_env)
         self.suite = suite
         self.runs = runs
         self.stamp = stamp
@@ -107,13 +157,13 @@ class Suite:
         self.log_dir = args.out / "logs" / stamp
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.clusters: dict[str, Cluster] = {}
-        self.progress = Progress(runs * len(suite) * len(APPS))
+        self.progress = Progress(runs * len(suite) * len(self.apps))
 
     def run(self) -> None:
         try:
             for rep in range(self.runs):
                 # Alternate who goes first, so drift and warm caches favour neither app.
-                order = APPS if rep % 2 == 0 else tuple(reversed(APPS))
+                order = self.apps if rep % 2 == 0 else tuple(reversed(self.apps))
                 try:
                     for workload in self.suite:
                         for app in order:
@@ -152,9 +202,11 @@ class Suite:
             dead = cluster.dead()
             if dead and result.get("ok"):
                 result = {"ok": False, "error": f"instances died during the run: {', '.join(dead)}"}
-        except Exception as exc:  # a broken step is recorded; the suite goes on and fails at the end
+        except Exception as exc:  # noqa: BLE001 - a broken step is recorded; the suite fails at the end
             result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        record.update(ok=bool(result.get("ok")), metrics=result.get("metrics") or {}, error=result.get("error"))
+        record.update(
+            ok=bool(result.get("ok")), metrics=result.get("metrics") or {}, error=result.get("error")
+        )
         self.records.append(record)
         if not record["ok"]:
             sys.stderr.write(f"\n{record['workload']} {app.name} failed: {record['error']}\n")
@@ -178,11 +230,17 @@ def _json_safe(value: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (a CI timeout) must unwind through the finally blocks that stop the servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    problem = redis_problem(args.redis_url)
+    if problem:
+        print(f"bench: {problem}", file=sys.stderr)
+        return 2
     suite = QUICK if args.quick else FULL
     if args.only:
         wanted = {name.strip().lower() for name in args.only.split(",")}
         suite = [w for w in suite if w.key in wanted]
-    runs = args.runs or (1 if args.quick else 3)
+    runs = max(1, args.runs or (1 if args.quick else 3))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -190,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "mode": "quick" if args.quick else "full",
         "pinned": args.pin,
+        "ours_env": dict(apps_under_test(args.ours_env)[0].env),
         "machine": machine(args.redis_url),
         "workloads": {w.label: {"instances": w.instances, **w.params} for w in suite},
     }
@@ -201,12 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.summarise(runner.records, suite)
     text = report.table(summary, suite)
     problems = report.failures(runner.records)
-    print(f"\nmedians of {runs} run(s), {meta['seconds']:.0f} s; ratio = ours / baseline "
-          "(↑ higher is better, ↓ lower is better)\n")
+    print(
+        f"\nmedians of {runs} run(s), {meta['seconds']:.0f} s; ratio = ours / baseline "
+        "(↑ higher is better, ↓ lower is better)\n"
+    )
     print(text)
 
     out = args.out / f"bench-{stamp}.json"
-    out.write_text(json.dumps(_json_safe({"meta": meta, "summary": summary, "records": runner.records}), indent=2))
+    out.write_text(
+        json.dumps(_json_safe({"meta": meta, "summary": summary, "records": runner.records}), indent=2)
+    )
     (args.out / f"bench-{stamp}.md").write_text(report.table(summary, suite, markdown=True) + "\n")
     png = args.out / f"bench-{stamp}.png"
     chart.draw(summary, suite, png, chart.caption_for(meta))

@@ -22,32 +22,33 @@ Params = dict[str, Any]
 DRAIN = 10.0  # longest wait for the last deliveries after the load stops, in seconds
 
 
+Load = Callable[[Deliveries, float], Awaitable[None]]  # drives emits into a tracker for some seconds
+
+
 async def _measure(
-    fleet: Fleet,
-    run: Callable[[Deliveries], Awaitable[None]],
-    measured: Collection[int] | None = None,
-    warmup: float = 0.0,
-    warmup_run: Callable[[Deliveries, float], Awaitable[None]] | None = None,
+    fleet: Fleet, load: Load, p: Params, measured: Collection[int] | None = None
 ) -> tuple[Metrics, Deliveries, list[float], float]:
     """Warm up, then run the load; return metrics, the tracker, CPU seconds per instance, wall time.
 
     The warm-up's timings are dropped but its losses and duplicates are not: they count.
     """
-    warm_faults = {"lost": 0, "duplicated": 0, "misdelivered": 0}
-    if warmup > 0 and warmup_run is not None:
+    faults = {"lost": 0, "duplicated": 0, "misdelivered": 0}
+    if p.get("warmup"):
         warm = Deliveries()
         fleet.sink = warm.on_event
-        await warmup_run(warm, warmup)
+        await load(warm, p["warmup"])
         await warm.drain(DRAIN)
-        warm_faults = {key: warm.summary()[key] for key in warm_faults}
+        faults = {key: warm.summary()[key] for key in faults}
     deliveries = Deliveries(measured)
     fleet.sink = deliveries.on_event
-    before, started = fleet.cpu(), time.monotonic()
-    await run(deliveries)
+    before, started, client_before = fleet.cpu(), time.monotonic(), time.process_time()
+    await load(deliveries, p["seconds"])
     await deliveries.drain(DRAIN)
     after, elapsed = fleet.cpu(), time.monotonic() - started
     metrics = deliveries.summary()
-    for key, count in warm_faults.items():
+    # Were the clients keeping up? Near 100 % would mean the load generator, not the server, limits.
+    metrics["loadgen_cpu_pct"] = (time.process_time() - client_before) / elapsed * 100
+    for key, count in faults.items():
         metrics[key] += count
     metrics["rest_failures"] = fleet.rest_failures
     return metrics, deliveries, [b - a for a, b in zip(before, after)], elapsed
@@ -63,21 +64,16 @@ async def user_fanout(fleet: Fleet, p: Params) -> Metrics:
     users = [fleet.user("w1", i) for i in range(p["users"])]
     await fleet.open([(t, u) for u in users for t in (0, 1)])
 
-    def load(window: int) -> Callable[[Deliveries, float], Awaitable[None]]:
-        async def go(deliveries: Deliveries, seconds: float) -> None:
-            async def send(seq: int) -> None:
-                u = seq % len(users)
-                sent_at = time.monotonic()
-                deliveries.expect(seq, (2 * u, 2 * u + 1), sent_at)
-                await fleet.rest_emit(seq % 2, f"/api/emit/users/{users[u]}", "dm", {"s": seq, "t": sent_at})
+    async def load(deliveries: Deliveries, seconds: float) -> None:
+        async def send(seq: int) -> None:
+            u = seq % len(users)
+            sent_at = time.monotonic()
+            deliveries.expect(seq, (2 * u, 2 * u + 1), sent_at)
+            await fleet.rest_emit(seq % 2, f"/api/emit/users/{users[u]}", "dm", {"s": seq, "t": sent_at})
 
-            await closed_loop(window, seconds, send, lambda seq: deliveries.wait(seq, WAIT))
+        await closed_loop(p["window"], seconds, send, lambda seq: deliveries.wait(seq, WAIT))
 
-        return go
-
-    metrics, _, cpu, _ = await _measure(
-        fleet, lambda d: load(p["window"])(d, p["seconds"]), warmup=p["warmup"], warmup_run=load(p["window"])
-    )
+    metrics, _, cpu, _ = await _measure(fleet, load, p)
     _server_cost(metrics, cpu)
     return metrics
 
@@ -88,20 +84,15 @@ async def broadcast(fleet: Fleet, p: Params) -> Metrics:
     await fleet.open([(i % 2, fleet.user("w2", i)) for i in range(count)])
     everyone = range(count)
 
-    def load(rate: float) -> Callable[[Deliveries, float], Awaitable[None]]:
-        async def go(deliveries: Deliveries, seconds: float) -> None:
-            async def send(seq: int) -> None:
-                sent_at = time.monotonic()
-                deliveries.expect(seq, everyone, sent_at)
-                await fleet.rest_emit(seq % 2, "/api/emit/all", "news", {"s": seq, "t": sent_at})
+    async def load(deliveries: Deliveries, seconds: float) -> None:
+        async def send(seq: int) -> None:
+            sent_at = time.monotonic()
+            deliveries.expect(seq, everyone, sent_at)
+            await fleet.rest_emit(seq % 2, "/api/emit/all", "news", {"s": seq, "t": sent_at})
 
-            await fixed_rate(rate, seconds, send)
+        await fixed_rate(p["rate"], seconds, send)
 
-        return go
-
-    metrics, _, cpu, _ = await _measure(
-        fleet, lambda d: load(p["rate"])(d, p["seconds"]), warmup=p["warmup"], warmup_run=load(p["rate"])
-    )
+    metrics, _, cpu, _ = await _measure(fleet, load, p)
     _server_cost(metrics, cpu)
     return metrics
 
@@ -116,7 +107,7 @@ async def gateway(fleet: Fleet, p: Params) -> Metrics:
     await fleet.open([(t, u) for u in users for t in (0, 1)])
     far = set(range(1, 2 * len(users), 2))
 
-    async def go(deliveries: Deliveries, seconds: float) -> None:
+    async def load(deliveries: Deliveries, seconds: float) -> None:
         deadline = time.monotonic() + seconds
 
         async def user_loop(u: int) -> None:
@@ -130,13 +121,9 @@ async def gateway(fleet: Fleet, p: Params) -> Metrics:
 
         await asyncio.gather(*(user_loop(u) for u in range(len(users))))
 
-    metrics, deliveries, cpu, _ = await _measure(
-        fleet, lambda d: go(d, p["seconds"]), measured=far, warmup=p["warmup"], warmup_run=go
-    )
+    metrics, deliveries, cpu, _ = await _measure(fleet, load, p, measured=far)
     # Throughput of the propagated copies only, the ones that crossed instances.
-    metrics["deliveries_per_s"] = metrics["deliveries_per_s"] * len(deliveries.latencies) / max(
-        1, metrics["deliveries"]
-    )
+    metrics["deliveries_per_s"] *= len(deliveries.latencies) / max(1, metrics["deliveries"])
     _server_cost(metrics, cpu)
     return metrics
 
@@ -180,7 +167,7 @@ async def instances(fleet: Fleet, p: Params) -> Metrics:
     users = [fleet.user("w5", i) for i in range(p["users"])]
     await fleet.open([(0, u) for u in users])
 
-    async def go(deliveries: Deliveries, seconds: float) -> None:
+    async def load(deliveries: Deliveries, seconds: float) -> None:
         async def send(seq: int) -> None:
             u = seq % len(users)
             sent_at = time.monotonic()
@@ -189,18 +176,19 @@ async def instances(fleet: Fleet, p: Params) -> Metrics:
 
         await fixed_rate(p["rate"], seconds, send)
 
-    metrics, deliveries, cpu, elapsed = await _measure(
-        fleet, lambda d: go(d, p["seconds"]), warmup=p["warmup"], warmup_run=go
-    )
+    metrics, deliveries, cpu, elapsed = await _measure(fleet, load, p)
     others = cpu[1:]
     metrics.update(
         {
             "instances": len(fleet.targets),
             "holder_cpu_pct": cpu[0] / elapsed * 100,
+            "holder_cpu_ms_per_1k_emits": cpu[0] * 1000 / deliveries.emits * 1000,
             "other_cpu_pct": statistics.fmean(others) / elapsed * 100 if others else math.nan,
             "other_cpu_ms_per_1k_emits": (
                 statistics.fmean(others) * 1000 / deliveries.emits * 1000 if others else math.nan
             ),
+            # What the whole fleet pays, beyond the holder, for users it does not hold.
+            "others_cpu_ms_per_1k_emits_sum": sum(others) * 1000 / deliveries.emits * 1000,
         }
     )
     return metrics
