@@ -21,6 +21,8 @@ from typing import Any
 import aiohttp
 import socketio
 
+from bench.cluster import procfile_flags  # tests serve the app exactly as the Procfile deploys it
+
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-api-key"
 SECRET_KEY = "test-secret-key-0123456789"
@@ -67,7 +69,7 @@ class Instance:
 
     def start(self) -> Instance:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hypercorn", "webapp.asgi:app", "--bind", f"127.0.0.1:{self.port}", "--workers", "0", "--graceful-timeout", "2"],
+            [sys.executable, "-m", "hypercorn", "webapp.asgi:app", "--bind", f"127.0.0.1:{self.port}", *procfile_flags()],
             cwd=ROOT,
             env=self.env,
             stdout=self.log,
@@ -208,6 +210,10 @@ class Probe:
         if self.client.connected:
             await self.client.disconnect()
         await self.client.shutdown()
+        # a refused handshake leaves Engine.IO's HTTP session open; close it too
+        http = getattr(self.client.eio, "http", None)
+        if http is not None and not http.closed:
+            await http.close()
 
 
 async def fence(base: str, probes: Iterable[Probe]) -> None:

@@ -221,7 +221,11 @@ async def test_sigterm_drains_tells_clients_and_exits_zero(
     reasons: list[str] = []
     on_a.client.on("disconnect", lambda reason=None: reasons.append(str(reason)))
 
-    assert a.stop(signal.SIGTERM, timeout=10) == 0
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGTERM)
+    # wait without blocking this loop: the clients here must see the close to finish the drain
+    await wait_until(lambda: a.proc.poll() is not None, "A to exit", timeout=10)  # type: ignore[union-attr]
+    assert a.proc.returncode == 0
     notice = await on_a.wait_for("server_shutdown")
     assert notice == [{"reason": "instance shutting down", "instance": "A", "reconnect": True}]
     await wait_until(lambda: reasons, "the client to see the disconnect")
