@@ -137,6 +137,9 @@ class RedisBus:
         self._task: asyncio.Task[None] | None = None
         self._client: Redis | None = None
         self._publish_script: AsyncScript | None = None
+        self._outgoing: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        self._outgoing_ready = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
         self._sub_pool: ConnectionPool | None = None
         self._replay_key = replay_key
         self._replay_max = replay_max
@@ -169,10 +172,16 @@ class RedisBus:
             self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout, protocol=2
         )
         self._task = asyncio.create_task(self._run(), name="redis-bus-consumer")
+        self._sender = asyncio.create_task(self._send_forever(), name="redis-bus-publisher")
 
     async def close(self) -> None:
         await _cancel(self._task)
-        self._task = None
+        await _cancel(self._sender)
+        self._task = self._sender = None
+        for _, _, done in self._outgoing:
+            if not done.done():
+                done.set_exception(BusUnavailable("the Redis bus closed"))
+        self._outgoing = []
         await self._drop_connection()
         if self._client is not None:
             await self._client.aclose()
@@ -182,16 +191,53 @@ class RedisBus:
             self._sub_pool = None
 
     async def publish(self, channel: str, message: bytes) -> None:
-        if self._client is None:
+        """Hand a message to Redis; raises BusUnavailable when Redis did not take it.
+
+        Concurrent publishes are sent together: one pipeline, one round trip, one pooled
+        connection per batch instead of per message. Order is kept (one queue, one sender).
+        """
+        if self._client is None or self._sender is None:
             raise BusUnavailable("the Redis bus is not running")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outgoing.append((channel, message, done))
+        self._outgoing_ready.set()
+        await done
+
+    async def _send_forever(self) -> None:
+        while True:
+            await self._outgoing_ready.wait()
+            self._outgoing_ready.clear()
+            while self._outgoing:
+                batch, self._outgoing = self._outgoing, []
+                error = await self._send_batch(batch)
+                for _, _, done in batch:
+                    if done.done():
+                        continue
+                    if error is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(BusUnavailable(f"Redis publish failed: {error}"))
+
+    async def _send_batch(self, batch: list[tuple[str, bytes, asyncio.Future[None]]]) -> Exception | None:
+        assert self._client is not None and self._publish_script is not None
         try:
-            if self._replay_key is None:
-                await self._client.publish(channel, message)
-            else:
-                assert self._publish_script is not None
-                await self._publish_script(keys=[self._replay_key], args=[channel, message, self._replay_max])
+            if len(batch) == 1:
+                channel, message, _ = batch[0]
+                if self._replay_key is None:
+                    await self._client.publish(channel, message)
+                else:
+                    await self._publish_script(keys=[self._replay_key], args=[channel, message, self._replay_max])
+                return None
+            # MULTI/EXEC: a failed batch was applied whole or not at all, never in part.
+            async with self._client.pipeline(transaction=True) as pipe:
+                for channel, message, _ in batch:
+                    if self._replay_key is not None:
+                        pipe.xadd(self._replay_key, {"c": channel, "m": message}, maxlen=self._replay_max)
+                    pipe.publish(channel, message)
+                await pipe.execute()
+            return None
         except (TimeoutError, RedisError, OSError) as exc:
-            raise BusUnavailable(f"Redis publish failed: {exc}") from exc
+            return exc
 
     async def subscribe(self, channel: str) -> bool:
         """Hold `channel`; True once Redis confirmed it, False if it will be made on recovery."""
