@@ -38,13 +38,18 @@ def token_from(environ: dict[str, Any], auth: Any) -> str | None:
     return None
 
 
+class GatewayError(ValueError):
+    """A gateway refuses a payload; the asking socket gets an `error` event."""
+
+
 def propagate(realtime: Realtime, event: str) -> Callable[[Handler], Gateway]:
     """Send each answer of a handler to the asking socket and to its user's other sockets.
 
-    A handler returns None (no answer), a list or a generator or an async generator (one
-    answer per item) or any other value (one answer); it raises GatewayError to refuse. Answers go out in order; the
-    asking socket gets each directly and never again through the bus. Before the handler
-    runs, the socket's rate and the payload's size and JSON-ness are checked.
+    A handler returns None (no answer), a list, a generator or an async generator (one answer
+    per item), or any other value (one answer); it raises GatewayError to refuse a payload.
+    Answers go out in order; the asking socket gets each directly and never again through the
+    bus. Before the handler runs, the socket's rate and the payload's size and JSON-ness are
+    checked.
     """
 
     def decorate(handler: Handler) -> Gateway:
@@ -97,10 +102,6 @@ async def _answer(realtime: Realtime, sid: str, event: str, data: Any) -> int:
 
 async def _error(realtime: Realtime, sid: str, event: str, code: str, message: str) -> None:
     await realtime.propagator.send([sid], "error", {"code": code, "message": message, "event": event})
-
-
-class GatewayError(ValueError):
-    """A gateway refuses a payload; the asking socket gets an `error` event."""
 
 
 def register(realtime: Realtime, signer: TokenSigner) -> None:
