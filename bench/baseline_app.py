@@ -19,11 +19,11 @@ from quart import Quart, Response, jsonify, request
 from webapp import errors
 from webapp.api import body_as, require_api_key
 from webapp.api.schemas import EmitIn, TokenIn
-from webapp.auth.tokens import InvalidToken, TokenSigner
+from webapp.auth.tokens import TokenSigner
 from webapp.config import Settings
 from webapp.errors import ApiError
 from webapp.names import is_user_id
-from webapp.realtime.gateway import token_from
+from webapp.realtime.gateway import authenticate
 
 # The harness waits for this channel's subscribers (bench/cluster.py builds the same name).
 CHANNEL_SUFFIX = ":socketio"
@@ -52,15 +52,9 @@ def create_baseline(settings: Settings) -> socketio.ASGIApp:
 
     @sio.event  # type: ignore[untyped-decorator]
     async def connect(sid: str, environ: dict[str, Any], auth: Any = None) -> None:
-        token = token_from(environ, auth)
-        if token is None:
+        user_id = authenticate(signer, environ, auth)
+        if user_id is None:
             return
-        try:
-            user_id = signer.verify(token)
-        except InvalidToken as exc:
-            raise socketio.exceptions.ConnectionRefusedError(
-                "invalid token", {"code": "invalid_token", "message": str(exc)}
-            ) from None
         users[sid] = user_id
         await sio.enter_room(sid, "authenticated")
         await sio.enter_room(sid, f"user:{user_id}")

@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from .harness import (
+    REDIS_URL,
     Instance,
     Probe,
     RawSocket,
@@ -49,6 +50,24 @@ def launch(instances: list[Instance], name: str, prefix: str, redis_url: str | N
     return instance
 
 
+async def pair(
+    instances: list[Instance], probes: list[Probe], name: str, redis_url: str, **a_env: str
+) -> tuple[Instance, Instance, str, str, str, Probe, Probe]:
+    """Instances A and B under a fresh prefix, and one user with a socket on each."""
+    prefix = unique(name)
+    a = launch(instances, "A", prefix, redis_url, **a_env)
+    b = launch(instances, "B", prefix, redis_url)
+    a.wait_serving()
+    b.wait_serving()
+    user = unique(f"{name}-user")
+    token = await token_for(a.url, user)
+    on_a, on_b = Probe(f"{user}@A"), Probe(f"{user}@B")
+    probes.extend([on_a, on_b])
+    await on_a.connect(a.url, token)
+    await on_b.connect(b.url, token)
+    return a, b, prefix, user, token, on_a, on_b
+
+
 async def ready(instance: Instance, want: bool = True) -> None:
     await wait_until(lambda: (instance.readyz()[0] == 200) is want, f"{instance.name} ready={want}", timeout=15)
 
@@ -56,17 +75,9 @@ async def ready(instance: Instance, want: bool = True) -> None:
 async def test_redis_restart_under_traffic(
     own_redis: RedisServer, instances: list[Instance], probes: list[Probe]
 ) -> None:
-    prefix = unique("restart")
-    a = launch(instances, "A", prefix, own_redis.url)
-    b = launch(instances, "B", prefix, own_redis.url)
-    a.wait_serving()
-    b.wait_serving()
-    alice = unique("alice")
-    token = await token_for(a.url, alice)
-    alice_a, alice_b, anon_b = Probe("alice@A"), Probe("alice@B"), Probe("anon@B")
-    probes.extend([alice_a, alice_b, anon_b])
-    await alice_a.connect(a.url, token)
-    await alice_b.connect(b.url, token)
+    a, b, _, alice, _, alice_a, alice_b = await pair(instances, probes, "restart", own_redis.url)
+    anon_b = Probe("anon@B")
+    probes.append(anon_b)
     await anon_b.connect(b.url)
 
     # steady traffic through the whole outage: every acknowledged tick must arrive everywhere
@@ -145,17 +156,7 @@ async def test_redis_missing_at_start_then_appearing(instances: list[Instance], 
 async def test_outbox_is_bounded_and_counts_what_it_drops(
     own_redis: RedisServer, instances: list[Instance], probes: list[Probe]
 ) -> None:
-    prefix = unique("outbox")
-    a = launch(instances, "A", prefix, own_redis.url, OUTBOX_MAX_MESSAGES="3")
-    b = launch(instances, "B", prefix, own_redis.url)
-    a.wait_serving()
-    b.wait_serving()
-    user = unique("frank")
-    token = await token_for(a.url, user)
-    on_a, on_b = Probe("frank@A"), Probe("frank@B")
-    probes.extend([on_a, on_b])
-    await on_a.connect(a.url, token)
-    await on_b.connect(b.url, token)
+    a, b, _, _, _, on_a, on_b = await pair(instances, probes, "outbox", own_redis.url, OUTBOX_MAX_MESSAGES="3")
     own_redis.stop()
     await ready(a, False)
     for n in range(5):
@@ -174,17 +175,7 @@ async def test_outbox_is_bounded_and_counts_what_it_drops(
 async def test_sigkill_leaves_the_other_instance_serving(
     instances: list[Instance], probes: list[Probe], redis_client: redis.Redis
 ) -> None:
-    prefix = unique("kill")
-    a = launch(instances, "A", prefix, "redis://127.0.0.1:6379/0")
-    b = launch(instances, "B", prefix, "redis://127.0.0.1:6379/0")
-    a.wait_serving()
-    b.wait_serving()
-    alice = unique("alice")
-    token = await token_for(a.url, alice)
-    alice_a, alice_b = Probe("alice@A"), Probe("alice@B")
-    probes.extend([alice_a, alice_b])
-    await alice_a.connect(a.url, token)
-    await alice_b.connect(b.url, token)
+    a, b, prefix, alice, token, alice_a, alice_b = await pair(instances, probes, "kill", REDIS_URL)
     lost = asyncio.Event()
     alice_a.client.on("disconnect", lambda *_: lost.set())
 
@@ -207,17 +198,7 @@ async def test_sigkill_leaves_the_other_instance_serving(
 async def test_sigterm_drains_tells_clients_and_exits_zero(
     instances: list[Instance], probes: list[Probe], redis_client: redis.Redis
 ) -> None:
-    prefix = unique("drain")
-    a = launch(instances, "A", prefix, "redis://127.0.0.1:6379/0", SHUTDOWN_TIMEOUT="5")
-    b = launch(instances, "B", prefix, "redis://127.0.0.1:6379/0")
-    a.wait_serving()
-    b.wait_serving()
-    gina = unique("gina")
-    token = await token_for(a.url, gina)
-    on_a, on_b = Probe("gina@A"), Probe("gina@B")
-    probes.extend([on_a, on_b])
-    await on_a.connect(a.url, token)
-    await on_b.connect(b.url, token)
+    a, b, prefix, gina, _, on_a, on_b = await pair(instances, probes, "drain", REDIS_URL, SHUTDOWN_TIMEOUT="5")
     reasons: list[str] = []
     on_a.client.on("disconnect", lambda reason=None: reasons.append(str(reason)))
 
@@ -238,7 +219,7 @@ async def test_sigterm_drains_tells_clients_and_exits_zero(
 
 
 async def test_slow_consumer_delays_nobody_and_is_bounded(instances: list[Instance], probes: list[Probe]) -> None:
-    instance = launch(instances, "S", unique("slow"), "redis://127.0.0.1:6379/0", SOCKET_MAX_QUEUE="50")
+    instance = launch(instances, "S", unique("slow"), REDIS_URL, SOCKET_MAX_QUEUE="50")
     instance.wait_serving()
     reader = Probe("reader")
     probes.append(reader)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 USER_ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
 _USER_ID_RE = re.compile(USER_ID_PATTERN)
@@ -26,3 +29,14 @@ def event_name_problem(value: object) -> str | None:
     if value in RESERVED_EVENTS:
         return f"event {value!r} is reserved by Socket.IO"
     return None
+
+
+def _usable_event_name(value: str) -> str:
+    problem = event_name_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+EventName = Annotated[str, AfterValidator(_usable_event_name)]
+"""An event name field for pydantic models: validated by the contract's rule."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..names import USER_ID_PATTERN, event_name_problem
+from ..names import USER_ID_PATTERN, EventName
 
 
 class EmitIn(BaseModel):
@@ -14,16 +14,8 @@ class EmitIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    event: str
+    event: EventName
     data: Any = None
-
-    @field_validator("event")
-    @classmethod
-    def _usable(cls, value: str) -> str:
-        problem = event_name_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
 
 
 class TokenIn(BaseModel):

@@ -7,9 +7,9 @@ import uuid
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from ..names import event_name_problem, is_user_id
+from ..names import EventName, is_user_id
 
 Scope = Literal["all", "authenticated", "user"]
 
@@ -29,19 +29,11 @@ class Envelope(BaseModel):
     v: Literal[1]
     id: str
     scope: Scope
-    event: str
+    event: EventName
     data: Any = None
     user_id: str | None = None
     origin: Origin = Origin()
     ts: float
-
-    @field_validator("event")
-    @classmethod
-    def _event_is_usable(cls, value: str) -> str:
-        problem = event_name_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
 
     @model_validator(mode="after")
     def _user_matches_scope(self) -> Envelope:

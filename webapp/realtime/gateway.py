@@ -38,6 +38,19 @@ def token_from(environ: dict[str, Any], auth: Any) -> str | None:
     return None
 
 
+def authenticate(signer: TokenSigner, environ: dict[str, Any], auth: Any) -> str | None:
+    """The user a handshake proves, None for an anonymous one; a bad token refuses the connection."""
+    token = token_from(environ, auth)
+    if token is None:
+        return None
+    try:
+        return signer.verify(token)
+    except InvalidToken as exc:
+        raise socketio.exceptions.ConnectionRefusedError(
+            "invalid token", {"code": "invalid_token", "message": str(exc)}
+        ) from None
+
+
 class GatewayError(ValueError):
     """A gateway refuses a payload; the asking socket gets an `error` event."""
 
@@ -114,16 +127,7 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
             raise socketio.exceptions.ConnectionRefusedError(
                 "shutting down", {"code": "shutting_down", "message": "this instance is shutting down"}
             )
-        token = token_from(environ, auth)
-        user_id = None
-        if token is not None:
-            try:
-                user_id = signer.verify(token)
-            except InvalidToken as exc:
-                raise socketio.exceptions.ConnectionRefusedError(
-                    "invalid token", {"code": "invalid_token", "message": str(exc)}
-                ) from None
-        await realtime.propagator.attach(sid, user_id)
+        await realtime.propagator.attach(sid, authenticate(signer, environ, auth))
 
     @sio.event
     async def disconnect(sid: str, reason: Any = None) -> None:
