@@ -108,7 +108,7 @@ async def _answer(realtime: Realtime, sid: str, event: str, data: Any) -> int:
             await _error(realtime, sid, event, "bad_answer", "the gateway's answer could not be encoded")
             return 0
     await propagator.send([sid], event, data)
-    if raw is not None and not await propagator.propagate_answer(user_id or "", event, raw):
+    if raw is not None and not await propagator.propagate_answer(user_id or "", raw):
         log.warning("answer to %s not propagated to %s's other sockets: outbox full", sid, user_id)
     return 1
 

@@ -67,10 +67,11 @@ class Propagator:
         await self.bus.subscribe(self.channel_authenticated)
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for task in [*self._evictions, *self._pending]:
+        tasks = [*self._evictions, *self._pending, *([self._sweeper] if self._sweeper else [])]
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._sweeper = None
         await self.outbox.close()
         await self.bus.close()
 
@@ -131,7 +132,7 @@ class Propagator:
         await self.bus.publish(self.user_channel(user_id), raw)
         return envelope_id
 
-    async def propagate_answer(self, user_id: str, event: str, raw: bytes) -> bool:
+    async def propagate_answer(self, user_id: str, raw: bytes) -> bool:
         """Publish a gateway answer already encoded as an envelope; held in the outbox while
         the bus is down. False when the outbox had to drop it."""
         return await self.outbox.publish(self.user_channel(user_id), raw)
