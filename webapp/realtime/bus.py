@@ -19,7 +19,6 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .replay import RecentMessages, stream_id_at
@@ -155,14 +154,15 @@ class RedisBus:
     async def start(self, handler: MessageHandler) -> None:
         self._handler = handler
         # Publishing borrows from a blocking pool so a burst waits for a connection instead of
-        # failing; one quick retry covers a pooled connection that died with a Redis restart.
+        # failing. No retries: a batch whose reply was lost may have been applied, and sending
+        # it again would duplicate it; the pool already replaces connections that died.
         pool = BlockingConnectionPool.from_url(
             self._url,
             max_connections=self._max_connections,
             timeout=self._timeout,
             socket_timeout=self._timeout,
             socket_connect_timeout=self._timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            retry=Retry(NoBackoff(), 0),
         )
         self._client = Redis(connection_pool=pool)
         self._publish_script = self._client.register_script(_PUBLISH_AND_RECORD)
