@@ -366,7 +366,8 @@ class RedisBus:
         """Replay what was published while this subscriber was away, then what waited."""
         assert self._client is not None and self._replay_key is not None and self._alive_at is not None
         since = stream_id_at(self._alive_at - self._replay_margin)
-        entries = await self._client.xrange(self._replay_key, min=since, max="+", count=self._replay_max)
+        # The stream is capped (about REPLAY_MAX_LEN entries), so reading the whole window is bounded.
+        entries = await self._client.xrange(self._replay_key, min=since, max="+")
         for _, fields in entries or ():
             channel, message = _as_bytes((fields or {}).get(b"c")).decode(), _as_bytes((fields or {}).get(b"m"))
             if channel in self._confirmed and message not in self._recent:
