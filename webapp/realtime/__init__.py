@@ -58,6 +58,7 @@ class Realtime:
                 backoff_max=settings.redis_backoff_max,
                 replay_key=f"{settings.channel_prefix}:replay" if settings.replay_max_len else None,
                 replay_max=settings.replay_max_len,
+                name=f"{settings.channel_prefix}:{settings.instance_id}",
             )
         self.state = SocketState()
         self.limiter = RateLimiter(settings.socket_rate, settings.socket_burst)

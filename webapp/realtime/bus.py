@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -119,8 +120,11 @@ class RedisBus:
         replay_key: str | None = None,
         replay_max: int = 10_000,
         replay_margin: float = 2.0,
+        name: str = "webapp",
     ) -> None:
         self._url = url
+        # Named connections: `CLIENT LIST` shows which instance each belongs to.
+        self._name = re.sub(r"[^A-Za-z0-9_.:-]", "_", name)[:100]
         self._timeout = timeout
         self._backoff_min = backoff_min
         self._backoff_max = backoff_max
@@ -163,13 +167,18 @@ class RedisBus:
             socket_timeout=self._timeout,
             socket_connect_timeout=self._timeout,
             retry=Retry(NoBackoff(), 0),
+            client_name=f"{self._name}:pub",
         )
         self._client = Redis(connection_pool=pool)
         self._publish_script = self._client.register_script(_PUBLISH_AND_RECORD)
         # RESP2 on the subscriber: its replies are plain arrays this loop reads itself (RESP3
         # would route them to push handlers instead).
         self._sub_pool = ConnectionPool.from_url(
-            self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout, protocol=2
+            self._url,
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+            protocol=2,
+            client_name=f"{self._name}:sub",
         )
         self._task = asyncio.create_task(self._run(), name="redis-bus-consumer")
         self._sender = asyncio.create_task(self._send_forever(), name="redis-bus-publisher")
