@@ -6,13 +6,15 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
 DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"
+N = TypeVar("N", int, float)
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
@@ -149,24 +151,20 @@ def _split(value: str | None) -> tuple[str, ...]:
 
 
 def _int(value: str | None, name: str, default: int, low: int, high: int) -> int:
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-    if not low <= number <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
-    return number
+    return _number(value, name, default, low, high, int, "an integer")
 
 
 def _float(value: str | None, name: str, default: float, low: float, high: float) -> float:
+    return _number(value, name, default, low, high, float, "a number")
+
+
+def _number(value: str | None, name: str, default: N, low: N, high: N, cast: Callable[[str], N], kind: str) -> N:
     if value is None:
         return default
     try:
-        number = float(value)
+        number = cast(value)
     except ValueError:
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        raise ConfigError(f"{name} must be {kind}, got {value!r}") from None
     if not low <= number <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
     return number
