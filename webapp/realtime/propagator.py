@@ -10,13 +10,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import socketio
-from engineio import packet as eio_packet
 from socketio import packet as sio_packet
 
 from . import envelope
 from .bus import Bus
 from .outbox import Outbox
 from .state import SocketState
+from .transport import message_packets
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class Propagator:
         pkt = self.sio.packet_class(sio_packet.EVENT, namespace=NAMESPACE, data=[event, data])
         encoded = pkt.encode()
         parts = encoded if isinstance(encoded, list) else [encoded]
-        eio_pkts = [eio_packet.Packet(eio_packet.MESSAGE, part) for part in parts]
+        eio_pkts = message_packets(parts)
         manager, sockets = self.sio.manager, self.sio.eio.sockets
         for sid in sids:
             sock = sockets.get(manager.eio_sid_from_sid(sid, NAMESPACE))
@@ -197,8 +197,10 @@ class Propagator:
             if sock.queue.qsize() >= self.max_queue:
                 self._evict(sock, sid)
                 continue
+            # Straight onto the socket's queue: never blocks on a slow reader, and skips the
+            # library's per-packet ping check (its service task checks pings anyway).
             for eio_pkt in eio_pkts:
-                await sock.send(eio_pkt)  # only queues: a slow reader never blocks this loop
+                sock.queue.put_nowait(eio_pkt)
             self.delivered += 1
 
     def _evict(self, sock: Any, sid: str) -> None:

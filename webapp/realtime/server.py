@@ -9,6 +9,7 @@ from typing import Any
 import socketio
 
 from ..names import RESERVED_EVENTS
+from .transport import LeanSocket
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,17 @@ class GuardedServer(socketio.AsyncServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Engine.IO would run each incoming message in a task of its own, and Socket.IO then
+        # starts another one for the event handler; one task per event is enough.
+        self.eio.async_handlers = False
         self.malformed_packets = 0
         self._last_warning = 0.0
+
+    async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> None:
+        sock = self.eio.sockets.get(eio_sid)
+        if sock is not None:
+            LeanSocket.adopt(sock)  # before the library schedules its pings and WebSocket loops
+        await super()._handle_eio_connect(eio_sid, environ)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         try:
