@@ -9,7 +9,9 @@ and state, and replaces only those loops:
 - the writer awaits the queue directly; a `None` in the queue (put by `close()` and by the
   reader when the peer leaves) ends it, so it never needs a timeout to notice a dead socket;
 - the reader bounds each wait with a timer instead of wrapping it in two tasks;
-- pings are timer callbacks, not sleeping tasks.
+- pings are timer callbacks, not sleeping tasks;
+- each socket's packet queue is a `LeanQueue`: an idle `asyncio.Queue` holds three deques and
+  an Event (about 3 KB with their blocks); an idle `LeanQueue` holds two short lists.
 
 Upgrades from long-polling keep the library's handler: that path is rare and its handshake is
 the library's business.
@@ -21,8 +23,90 @@ import asyncio
 import time
 from typing import Any
 
+import engineio
 from engineio import packet as eio_packet
 from engineio.async_socket import AsyncSocket
+
+
+class LeanQueue:
+    """The part of `asyncio.Queue` that Engine.IO uses (unbounded, FIFO), in a few hundred bytes.
+
+    Queues rarely hold more than a handful of packets (a slow reader is evicted at
+    SOCKET_MAX_QUEUE), so a list is as fast as a deque here and far smaller when empty.
+    """
+
+    __slots__ = ("_getters", "_items", "_joiners", "_unfinished")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._getters: list[asyncio.Future[None]] = []
+        self._unfinished = 0
+        self._joiners: list[asyncio.Future[None]] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        self._unfinished += 1
+        self._wake_next()
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> Any:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.pop(0)
+
+    async def get(self) -> Any:
+        while not self._items:
+            getter = asyncio.get_running_loop().create_future()
+            self._getters.append(getter)
+            try:
+                await getter
+            except BaseException:
+                if getter in self._getters:
+                    self._getters.remove(getter)
+                elif self._items and not getter.cancelled():
+                    self._wake_next()  # this getter was woken but leaves: pass the turn on
+                raise
+        return self._items.pop(0)
+
+    def _wake_next(self) -> None:
+        while self._getters:
+            getter = self._getters.pop(0)
+            if not getter.done():
+                getter.set_result(None)
+                return
+
+    def task_done(self) -> None:
+        if self._unfinished <= 0:
+            raise ValueError("task_done() called too many times")
+        self._unfinished -= 1
+        if self._unfinished == 0 and self._joiners:
+            for joiner in self._joiners:
+                if not joiner.done():
+                    joiner.set_result(None)
+            self._joiners = None
+
+    async def join(self) -> None:
+        if self._unfinished:
+            joiner = asyncio.get_running_loop().create_future()
+            if self._joiners is None:
+                self._joiners = []
+            self._joiners.append(joiner)
+            await joiner
+
+
+class LeanEngine(engineio.AsyncServer):
+    """Engine.IO server whose sockets queue their packets in a `LeanQueue`."""
+
+    def create_queue(self, *args: Any, **kwargs: Any) -> LeanQueue:
+        return LeanQueue()
 
 
 class EncodedMessage(eio_packet.Packet):

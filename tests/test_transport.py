@@ -1,0 +1,69 @@
+"""LeanQueue: the subset of asyncio.Queue that Engine.IO relies on, including cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from webapp.realtime.transport import EncodedMessage, LeanQueue, message_packets
+
+
+async def test_items_come_out_in_order_and_getters_wait() -> None:
+    queue = LeanQueue()
+    getter = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    assert not getter.done()
+    for item in ("a", "b", "c"):
+        queue.put_nowait(item)
+    assert await asyncio.wait_for(getter, 1) == "a"
+    assert queue.get_nowait() == "b"
+    assert await queue.get() == "c"
+    with pytest.raises(asyncio.QueueEmpty):
+        queue.get_nowait()
+
+
+async def test_a_timed_out_getter_loses_nothing() -> None:
+    """Engine.IO's long-polling path wraps get() in wait_for; a timeout must not eat an item."""
+    queue = LeanQueue()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(queue.get(), 0.01)
+    queue.put_nowait("kept")
+    assert queue.qsize() == 1
+    assert await asyncio.wait_for(queue.get(), 1) == "kept"
+
+
+async def test_a_woken_getter_that_is_cancelled_passes_the_item_on() -> None:
+    queue = LeanQueue()
+    first = asyncio.create_task(queue.get())
+    second = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    queue.put_nowait("only")  # wakes `first`...
+    first.cancel()  # ...which leaves before it runs
+    assert await asyncio.wait_for(second, 1) == "only"
+
+
+async def test_join_waits_for_every_task_done() -> None:
+    queue = LeanQueue()
+    await asyncio.wait_for(queue.join(), 1)  # nothing unfinished: returns at once
+    queue.put_nowait(1)
+    queue.put_nowait(2)
+    joined = asyncio.create_task(queue.join())
+    queue.get_nowait()
+    queue.task_done()
+    await asyncio.sleep(0)
+    assert not joined.done()
+    queue.get_nowait()
+    queue.task_done()
+    await asyncio.wait_for(joined, 1)
+    with pytest.raises(ValueError, match="too many"):
+        queue.task_done()
+
+
+def test_a_text_frame_is_encoded_once_and_binary_parts_stay_packets() -> None:
+    text, blob = message_packets(['451-["e",{"_placeholder":true,"num":0}]', b"\x00\x01"])
+    assert isinstance(text, EncodedMessage)
+    assert text.encode() == '4451-["e",{"_placeholder":true,"num":0}]'
+    assert text.encode() is text.encode()
+    assert not isinstance(blob, EncodedMessage)
+    assert blob.encode() == b"\x00\x01"
