@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,8 @@ class Deliveries:
 
     Latency is measured from the send timestamp the payload carries; only sockets in
     `measured` (all when None) contribute latencies, e.g. the far socket of a gateway test.
+    An event sent before this tracker existed belongs to an earlier phase whose drain gave up on
+    it (it was counted lost there): it is counted as `late`, not mistaken for one of ours.
     """
 
     def __init__(self, measured: Collection[int] | None = None) -> None:
@@ -40,6 +43,8 @@ class Deliveries:
         self.delivered = 0
         self.duplicated = 0
         self.misdelivered = 0
+        self.late = 0
+        self._since = time.monotonic()
         self.first_sent: float | None = None
         self.last_received: float | None = None
         self._all_done = asyncio.Event()
@@ -56,6 +61,9 @@ class Deliveries:
         """The wire client's event handler: payloads are {"s": seq, "t": send time}."""
         if not isinstance(data, dict) or "s" not in data:
             return  # not ours (e.g. a server notice)
+        if data.get("t", self._since) < self._since:
+            self.late += 1
+            return
         seq = data["s"]
         emit = self._emits.get(seq)
         if emit is None or index not in emit.recipients:
@@ -120,10 +128,12 @@ class Deliveries:
             "emits": self.emits,
             "deliveries": delivered,
             "deliveries_per_s": delivered / elapsed if elapsed and elapsed > 0 else math.nan,
+            "emits_per_s": self.emits / elapsed if elapsed and elapsed > 0 else math.nan,
             "p50_ms": percentile(ordered, 50) * 1000,
             "p99_ms": percentile(ordered, 99) * 1000,
             "max_ms": (ordered[-1] * 1000) if ordered else math.nan,
             "lost": self.expected - delivered,
             "duplicated": self.duplicated,
             "misdelivered": self.misdelivered,
+            "late": self.late,
         }

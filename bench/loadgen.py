@@ -59,6 +59,8 @@ def main() -> int:
 def _no_nan(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):  # W2's steps
+        return [_no_nan(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

@@ -23,7 +23,8 @@ from .params import FULL
 
 _FRAME = re.compile(r"^(.*) \((.*?)(?::\d+)?\)$")
 RESULTS = Path(__file__).resolve().parent / "results"
-SET_UP = 3.0  # seconds for the load generator to connect its sockets before sampling starts
+SET_UP = 4.0  # seconds for the load generator to connect (and settle) its sockets before sampling starts
+W2_RATE = 8  # emits/s: W2's sweep becomes one step, 8,000 deliveries/s on 1,000 sockets
 
 
 def top(collapsed: Path, limit: int) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
@@ -76,8 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     load = None
     try:
         cluster.grow(2)
-        # Long enough for two sampling windows (collapsed stacks, then the flame graph).
-        params = {**workload.params, "warmup": 0, "seconds": SET_UP + 2 * args.seconds + 2}
+        # Long enough for two sampling windows (collapsed stacks, then the flame graph); one
+        # rate for W2's sweep and no half-load phase for W1 and W3: a steady load throughout.
+        params = {
+            **workload.params,
+            "warmup": 0,
+            "seconds": SET_UP + 2 * args.seconds + 2,
+            "half_seconds": 0,
+            **({"rates": [W2_RATE], "min_emits": 0} if "rates" in workload.params else {}),
+        }
         load = start_job(
             {
                 "workload": workload.key,

@@ -7,10 +7,12 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from .params import Workload
+from .params import P99_LIMIT_MS, Workload
+from .workloads import FAULTS
 
 Record = dict[str, Any]  # {"rep", "app", "workload", "key", "ok", "metrics", "error"}
-FAULTS = ("lost", "duplicated", "misdelivered", "rest_failures")
+Summary = dict[str, dict[str, dict[str, float]]]
+APPS = ("ours", "baseline")
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,8 @@ class Metric:
     label: str
     better: str  # "higher", "lower" or "" (informative)
     digits: int = 1
+    # A sweep's result: 0 means "below the lowest step", whose value this metric key holds.
+    floor: str = ""
 
 
 _DELIVERY = [
@@ -28,10 +32,28 @@ _DELIVERY = [
     Metric("max_ms", "max latency ms", "lower", 1),
     Metric("server_cpu_us_per_delivery", "server CPU µs/delivery", "lower", 0),
 ]
+# Each app at half of its own saturation: the emits/s differ between the apps.
+_HALF_LOAD = [
+    Metric("half_load_rate", "half-load emits/s", "", 0),
+    Metric("half_load_p99_ms", "p99 ms at half load", "lower", 2),
+]
 SHOWN: dict[str, list[Metric]] = {
-    "w1": _DELIVERY,
-    "w2": _DELIVERY,
-    "w3": _DELIVERY,
+    "w1": _DELIVERY + _HALF_LOAD,
+    "w2": [
+        Metric(
+            "sustained_deliveries_per_s",
+            f"sustained deliveries/s, p99 ≤ {P99_LIMIT_MS:.0f} ms",
+            "higher",
+            0,
+            floor="lowest_offered_deliveries_per_s",
+        ),
+        # From the highest passing rate, else the lowest rate: not the same rate for both apps.
+        Metric("p50_ms", "p50 ms at that rate", "lower", 2),
+        Metric("p99_ms", "p99 ms at that rate", "lower", 2),
+        Metric("max_ms", "max ms at that rate", "lower", 1),
+        Metric("server_cpu_us_per_delivery", "server CPU µs/delivery", "lower", 0),
+    ],
+    "w3": _DELIVERY + _HALF_LOAD,
     "w4": [
         Metric("connects_per_s", "connects/s", "higher", 0),
         Metric("connect_p50_ms", "connect p50 ms", "lower", 1),
@@ -66,17 +88,26 @@ def fault_total(records: list[Record], app: str, label: str, key: str) -> int:
     )
 
 
-def summarise(records: list[Record], suite: list[Workload]) -> dict[str, dict[str, dict[str, float]]]:
-    """{workload label: {metric: {"ours", "baseline", "ratio"}}}, medians; fault counts are totals."""
-    summary: dict[str, dict[str, dict[str, float]]] = {}
+def summarise(records: list[Record], suite: list[Workload]) -> Summary:
+    """{workload label: {metric: {"ours", "baseline", "ratio"}}}, medians; fault counts are totals.
+
+    A sweep's row may also hold "ratio_low" and/or "ratio_high": the ratio is only known to lie
+    above or below them, when an app passed none of the sweep's steps.
+    """
+    summary: Summary = {}
     for workload in suite:
         rows: dict[str, dict[str, float]] = {}
         for metric in SHOWN[workload.key]:
             ours = median_of(records, "ours", workload.label, metric.key)
             base = median_of(records, "baseline", workload.label, metric.key)
             rows[metric.key] = {"ours": ours, "baseline": base, "ratio": _ratio(ours, base)}
+            if metric.floor:
+                floor = median_of(records, "ours", workload.label, metric.floor)
+                if math.isnan(floor):
+                    floor = median_of(records, "baseline", workload.label, metric.floor)
+                rows[metric.key].update(_bounds(ours, base, floor), floor=floor)
         for key in FAULTS:
-            rows[key] = {app: fault_total(records, app, workload.label, key) for app in ("ours", "baseline")}
+            rows[key] = {app: fault_total(records, app, workload.label, key) for app in APPS}
         summary[workload.label] = rows
     return summary
 
@@ -87,15 +118,43 @@ def _ratio(ours: float, base: float) -> float:
     return ours / base
 
 
+def _bounds(ours: float, base: float, floor: float) -> dict[str, float]:
+    """An app that passed no step is somewhere below `floor`: the ratio is then a bound, not a value."""
+    if not floor > 0 or math.isnan(ours) or math.isnan(base):
+        return {}
+    if ours == 0 and base == 0:
+        return {"ratio_low": 0.0, "ratio_high": math.inf}
+    if base == 0:
+        return {"ratio_low": ours / floor}
+    if ours == 0:
+        return {"ratio_high": floor / base}
+    return {}
+
+
 def _fmt(value: float, digits: int) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return f"{value:,.{digits}f}"
 
 
-def table(
-    summary: dict[str, dict[str, dict[str, float]]], suite: list[Workload], markdown: bool = False
-) -> str:
+def _cell(row: dict[str, float], app: str, digits: int) -> str:
+    # A sweep's 0 means "not even the lowest step": say below what.
+    if row.get("floor", 0) > 0 and row[app] == 0:
+        return f"< {row['floor']:,.{digits}f}"
+    return _fmt(row[app], digits)
+
+
+def _ratio_text(row: dict[str, float]) -> str:
+    if "ratio_low" in row and "ratio_high" in row:
+        return "none passes"
+    if "ratio_low" in row:
+        return f"> {row['ratio_low']:.2f}"
+    if "ratio_high" in row:
+        return f"< {row['ratio_high']:.2f}"
+    return _fmt(row["ratio"], 2)
+
+
+def table(summary: Summary, suite: list[Workload], markdown: bool = False) -> str:
     """The results as text (or a Markdown table): medians, ratio ours/baseline, fault totals."""
     header = ["workload", "metric", "ours", "baseline", "ours/baseline"]
     lines: list[list[str]] = []
@@ -108,12 +167,12 @@ def table(
                 [
                     workload.label,
                     metric.label + arrow,
-                    _fmt(row["ours"], metric.digits),
-                    _fmt(row["baseline"], metric.digits),
-                    _fmt(row["ratio"], 2),
+                    _cell(row, "ours", metric.digits),
+                    _cell(row, "baseline", metric.digits),
+                    _ratio_text(row),
                 ]
             )
-        faults = [f"{rows['lost'][app]:.0f} / {rows['duplicated'][app]:.0f}" for app in ("ours", "baseline")]
+        faults = [f"{rows['lost'][app]:.0f} / {rows['duplicated'][app]:.0f}" for app in APPS]
         lines.append([workload.label, "lost / duplicated (total)", *faults, ""])
     if markdown:
         md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -124,20 +183,164 @@ def table(
             for i, cells in enumerate(lines)
         ]
         return "\n".join(md)
-    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
-
-    def render(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    out: list[str] = [render(header), render(["-" * w for w in widths])]
+    widths = _widths(header, lines)
+    out: list[str] = [_align(header, widths, 2), _align(["-" * w for w in widths], widths, 2)]
     previous: str | None = None
     for cells in lines:
         label = cells[0]
         if previous is not None and label != previous:
             out.append("")
-        out.append(render(["" if label == previous else label, *cells[1:]]))
+        out.append(_align(["" if label == previous else label, *cells[1:]], widths, 2))
         previous = label
     return "\n".join(out)
+
+
+def _widths(header: list[str], lines: list[list[str]]) -> list[int]:
+    return [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+
+
+def _align(cells: list[str], widths: list[int], left: int) -> str:
+    """One plain-text row: the first `left` columns flush left, the rest flush right."""
+    cells = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+    return "  ".join(cells).rstrip()
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One target of the issue, judged on the medians of this run."""
+
+    text: str
+    key: str  # the workload
+    metric: str
+    limit: float
+    higher: bool  # the figure must be at least (True) or at most (False) `limit`
+    absolute: bool = False  # ours alone (in ms), not the ratio ours/baseline
+
+
+GOALS = [
+    Goal("W1 deliveries/s at saturation ≥ 1.5×", "w1", "deliveries_per_s", 1.5, True),
+    Goal(
+        f"W2 sustained deliveries/s (p99 ≤ {P99_LIMIT_MS:.0f} ms) ≥ 3×",
+        "w2",
+        "sustained_deliveries_per_s",
+        3.0,
+        True,
+    ),
+    # W3's deliveries/s counts the far copies only, one per emit: it is emits/s.
+    Goal("W3 emits/s at saturation ≥ 2×", "w3", "deliveries_per_s", 2.0, True),
+    Goal("W1 p99 at half of our saturation ≤ 10 ms", "w1", "half_load_p99_ms", 10.0, False, absolute=True),
+    Goal("W3 p99 at half of our saturation ≤ 10 ms", "w3", "half_load_p99_ms", 10.0, False, absolute=True),
+    Goal("W4 memory per idle connection ≤ 0.75×", "w4", "kib_per_socket", 0.75, False),
+    Goal("W4 connects/s ≥ 1.5×", "w4", "connects_per_s", 1.5, True),
+]
+OTHER_SHARE_LIMIT = 5.0  # W5: % of the holder's CPU per emit that any other instance may spend
+
+
+def targets(summary: Summary, records: list[Record], suite: list[Workload]) -> list[list[str]]:
+    """[target, what this run measured, "met" / "not met" / "unknown" / "no data"] per target."""
+    labels = {w.key: w.label for w in suite if w.key != "w5"}
+    rows = [
+        [goal.text, *_judge(goal, summary[labels[goal.key]][goal.metric])]
+        for goal in GOALS
+        if goal.key in labels
+    ]
+    sizes = [w for w in suite if w.key == "w5"]
+    if sizes:
+        rows.append(_w5_target(records, sizes))
+    rows.append(_correctness_target(records))
+    return rows
+
+
+def _ratio_range(row: dict[str, float]) -> tuple[float, float]:
+    if "ratio_low" in row or "ratio_high" in row:
+        return row.get("ratio_low", 0.0), row.get("ratio_high", math.inf)
+    return row["ratio"], row["ratio"]
+
+
+def _judge(goal: Goal, row: dict[str, float]) -> tuple[str, str]:
+    if goal.absolute:
+        return f"{_fmt(row['ours'], 2)} ms", _verdict(goal, row["ours"], row["ours"])
+    text = _ratio_text(row)
+    return (text + "×" if text[-1].isdigit() else text), _verdict(goal, *_ratio_range(row))
+
+
+def _verdict(goal: Goal, low: float, high: float) -> str:
+    """Met when the whole range the figure may lie in meets the goal; not met when none of it does."""
+    if math.isnan(low) or math.isnan(high):
+        return "no data"
+
+    def meets(value: float) -> bool:
+        return value >= goal.limit if goal.higher else value <= goal.limit
+
+    worst, best = (low, high) if goal.higher else (high, low)
+    if meets(worst):
+        return "met"
+    return "unknown" if meets(best) else "not met"
+
+
+def _w5_target(records: list[Record], sizes: list[Workload]) -> list[str]:
+    """Ours: the busiest non-holder instance's CPU per emit as a share of the holder's, at every size."""
+    shares = [_median_other_share(records, w.label) for w in sizes]
+    measured = ", ".join(f"{_fmt(share, 1)} %" for share in shares)
+    measured += " at n=" + ", ".join(str(w.instances) for w in sizes)
+    if any(math.isnan(share) for share in shares):
+        verdict = "no data"
+    else:
+        verdict = "met" if max(shares) <= OTHER_SHARE_LIMIT else "not met"
+    sizes_text = f"n={sizes[0].instances}…{sizes[-1].instances}"
+    return [
+        f"W5 non-holder CPU per emit ≤ {OTHER_SHARE_LIMIT:.0f} % of the holder's, {sizes_text}",
+        measured,
+        verdict,
+    ]
+
+
+def _median_other_share(records: list[Record], label: str) -> float:
+    shares = [
+        m["max_other_cpu_ms_per_1k_emits"] / m["holder_cpu_ms_per_1k_emits"] * 100
+        for m in (r["metrics"] for r in records if r["app"] == "ours" and r["workload"] == label and r["ok"])
+        if m.get("max_other_cpu_ms_per_1k_emits") is not None and m.get("holder_cpu_ms_per_1k_emits")
+    ]
+    return statistics.median(shares) if shares else math.nan
+
+
+def _correctness_target(records: list[Record]) -> list[str]:
+    """Every run (both apps) 0 lost, 0 duplicated; a crashed run proves nothing either way."""
+    done = [r for r in records if r["ok"]]
+    lost = sum(int(r["metrics"].get("lost") or 0) for r in done)
+    duplicated = sum(int(r["metrics"].get("duplicated") or 0) for r in done)
+    crashed = len(records) - len(done)
+    measured = f"{lost} lost, {duplicated} duplicated in {len(records)} runs"
+    if lost or duplicated:
+        verdict = "not met"
+    elif crashed:
+        verdict, measured = "unknown", measured + f" ({crashed} crashed)"
+    else:
+        verdict = "met"
+    return ["every run 0 lost, 0 duplicated", measured, verdict]
+
+
+def targets_table(rows: list[list[str]], markdown: bool = False) -> str:
+    header = ["target (ratios ours/baseline)", "this run", "verdict"]
+    if markdown:
+        return "\n".join(["| " + " | ".join(cells) + " |" for cells in [header, ["---"] * 3, *rows]])
+    widths = _widths(header, rows)
+    return "\n".join(_align(cells, widths, 3) for cells in [header, ["-" * w for w in widths], *rows])
+
+
+def sweep(records: list[Record], label: str) -> dict[str, list[tuple[float, float]]]:
+    """Per app: (offered deliveries/s, median p99 ms of the runs that reached that step), ascending."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for app in APPS:
+        by_offered: dict[float, list[float]] = {}
+        for r in records:
+            if r["app"] != app or r["workload"] != label or not r["ok"]:
+                continue
+            for step in r["metrics"].get("steps", []):
+                if step.get("p99_ms") is not None:
+                    by_offered.setdefault(step["offered_deliveries_per_s"], []).append(step["p99_ms"])
+        points[app] = sorted((x, statistics.median(ys)) for x, ys in by_offered.items())
+    return points
 
 
 def failures(records: list[Record]) -> list[str]:

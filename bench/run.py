@@ -258,23 +258,31 @@ def main(argv: list[str] | None = None) -> int:
     meta["seconds"] = round(time.monotonic() - started, 1)
 
     summary = report.summarise(runner.records, suite)
-    text = report.table(summary, suite)
+    targets = report.targets(summary, runner.records, suite)
     problems = report.failures(runner.records)
     print(
         f"\nmedians of {runs} run(s), {meta['seconds']:.0f} s; ratio = ours / baseline "
         "(↑ higher is better, ↓ lower is better)\n"
     )
-    print(text)
+    print(report.table(summary, suite))
+    print(f"\ntargets, judged on these medians ({meta['mode']} mode):\n")
+    print(report.targets_table(targets))
 
     out = args.out / f"bench-{stamp}.json"
-    out.write_text(
-        json.dumps(_json_safe({"meta": meta, "summary": summary, "records": runner.records}), indent=2)
+    document = {"meta": meta, "summary": summary, "targets": targets, "records": runner.records}
+    out.write_text(json.dumps(_json_safe(document), indent=2))
+    (args.out / f"bench-{stamp}.md").write_text(
+        report.table(summary, suite, markdown=True)
+        + "\n\n"
+        + report.targets_table(targets, markdown=True)
+        + "\n"
     )
-    (args.out / f"bench-{stamp}.md").write_text(report.table(summary, suite, markdown=True) + "\n")
     png = args.out / f"bench-{stamp}.png"
-    chart.draw(summary, suite, png, chart.caption_for(meta))
+    w2 = next((w.label for w in suite if w.key == "w2"), None)
+    sweep = report.sweep(runner.records, w2) if w2 else None
+    chart.draw(summary, suite, png, chart.caption_for(meta), sweep)
     if args.docs:
-        chart.draw(summary, suite, DOCS_CHART, chart.caption_for(meta))
+        chart.draw(summary, suite, DOCS_CHART, chart.caption_for(meta), sweep)
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} and {png.name}")
 
     if problems:

@@ -10,19 +10,23 @@ import asyncio
 import math
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any
 
 from . import procfs
 from .deliveries import Deliveries, percentile
 from .fleet import WAIT, Fleet, closed_loop, fixed_rate
+from .params import DRAIN, KEEP_UP, P99_LIMIT_MS, step_seconds
 
 Metrics = dict[str, Any]
 Params = dict[str, Any]
-DRAIN = 10.0  # longest wait for the last deliveries after the load stops, in seconds
+SETTLE = 1.0  # pause after opening many sockets at once, in seconds
+FAULTS = ("lost", "duplicated", "misdelivered", "rest_failures")  # any of these fails the suite
 
 
 Load = Callable[[Deliveries, float], Awaitable[None]]  # drives emits into a tracker for some seconds
+# Sends emit `seq` and tells the tracker who must receive it: one shape for closed and open loops.
+Emit = Callable[[Deliveries, int], Coroutine[Any, Any, None]]
 
 
 async def _measure(
@@ -33,6 +37,7 @@ async def _measure(
     The warm-up's timings are dropped but its losses and duplicates are not: they count.
     """
     faults = {"lost": 0, "duplicated": 0, "misdelivered": 0}
+    refused_before = fleet.rest_failures
     if p.get("warmup"):
         warm = Deliveries()
         fleet.sink = warm.on_event
@@ -50,8 +55,38 @@ async def _measure(
     metrics["loadgen_cpu_pct"] = (time.process_time() - client_before) / elapsed * 100
     for key, count in faults.items():
         metrics[key] += count
-    metrics["rest_failures"] = fleet.rest_failures
+    metrics["rest_failures"] = fleet.rest_failures - refused_before
     return metrics, deliveries, [b - a for a, b in zip(before, after)], elapsed
+
+
+def _faulty(metrics: Metrics) -> bool:
+    return any(metrics[key] for key in FAULTS)
+
+
+async def _half_load(
+    fleet: Fleet, emit: Emit, metrics: Metrics, p: Params, measured: Collection[int] | None = None
+) -> None:
+    """Open loop at half the emits/s the closed loop just reached: latency when not saturated.
+
+    Adds `half_load_*` to `metrics` and its faults to theirs. Its seconds run without a warm-up:
+    the closed loop has just warmed the same sockets.
+    """
+    rate = metrics["emits_per_s"] / 2
+    if not (p.get("half_seconds") and rate > 0):  # off, or no saturation (NaN) to take half of
+        return
+
+    async def load(deliveries: Deliveries, seconds: float) -> None:
+        await fixed_rate(rate, seconds, lambda seq: emit(deliveries, seq))
+
+    half, _, _, _ = await _measure(fleet, load, {"seconds": p["half_seconds"]}, measured)
+    metrics.update(
+        half_load_rate=rate,
+        half_load_p50_ms=half["p50_ms"],
+        half_load_p99_ms=half["p99_ms"],
+        half_load_max_ms=half["max_ms"],
+    )
+    for key in (*FAULTS, "late"):
+        metrics[key] += half[key]
 
 
 def _server_cost(metrics: Metrics, cpu: list[float]) -> None:
@@ -64,36 +99,97 @@ async def user_fanout(fleet: Fleet, p: Params) -> Metrics:
     users = [fleet.user("w1", i) for i in range(p["users"])]
     await fleet.open([(t, u) for u in users for t in (0, 1)])
 
-    async def load(deliveries: Deliveries, seconds: float) -> None:
-        async def send(seq: int) -> None:
-            u = seq % len(users)
-            sent_at = time.monotonic()
-            deliveries.expect(seq, (2 * u, 2 * u + 1), sent_at)
-            await fleet.rest_emit(seq % 2, f"/api/emit/users/{users[u]}", "dm", {"s": seq, "t": sent_at})
+    async def emit(deliveries: Deliveries, seq: int) -> None:
+        u = seq % len(users)
+        sent_at = time.monotonic()
+        deliveries.expect(seq, (2 * u, 2 * u + 1), sent_at)
+        await fleet.rest_emit(seq % 2, f"/api/emit/users/{users[u]}", "dm", {"s": seq, "t": sent_at})
 
-        await closed_loop(p["window"], seconds, send, lambda seq: deliveries.wait(seq, WAIT))
+    async def load(deliveries: Deliveries, seconds: float) -> None:
+        await closed_loop(
+            p["window"], seconds, lambda seq: emit(deliveries, seq), lambda seq: deliveries.wait(seq, WAIT)
+        )
 
     metrics, _, cpu, _ = await _measure(fleet, load, p)
     _server_cost(metrics, cpu)
+    await _half_load(fleet, emit, metrics, p)
     return metrics
 
 
 async def broadcast(fleet: Fleet, p: Params) -> Metrics:
-    """W2: sockets split across A and B; REST emits to all at a fixed rate, alternating A and B."""
+    """W2: sockets split across A and B; REST emits to all, alternating A and B, at rising rates.
+
+    Each rate is a step: warm-up, measurement, full drain. The sweep stops at the first step
+    that fails (see `_step`): higher rates would only be further over the limit.
+    """
     count = p["sockets"]
     await fleet.open([(i % 2, fleet.user("w2", i)) for i in range(count)])
+    await asyncio.sleep(SETTLE)  # the servers finish the handshakes' follow-up work before rate 1
     everyone = range(count)
 
-    async def load(deliveries: Deliveries, seconds: float) -> None:
-        async def send(seq: int) -> None:
-            sent_at = time.monotonic()
-            deliveries.expect(seq, everyone, sent_at)
-            await fleet.rest_emit(seq % 2, "/api/emit/all", "news", {"s": seq, "t": sent_at})
+    def at(rate: float) -> Load:
+        async def load(deliveries: Deliveries, seconds: float) -> None:
+            async def send(seq: int) -> None:
+                sent_at = time.monotonic()
+                deliveries.expect(seq, everyone, sent_at)
+                await fleet.rest_emit(seq % 2, "/api/emit/all", "news", {"s": seq, "t": sent_at})
 
-        await fixed_rate(p["rate"], seconds, send)
+            await fixed_rate(rate, seconds, send)
 
-    metrics, _, cpu, _ = await _measure(fleet, load, p)
+        return load
+
+    steps: list[Metrics] = []
+    for rate in p["rates"]:
+        steps.append(await _step(fleet, at(rate), rate, count, p))
+        if not steps[-1]["pass"]:
+            break
+    return _sweep(steps, count, p["rates"])
+
+
+async def _step(fleet: Fleet, load: Load, rate: float, sockets: int, p: Params) -> Metrics:
+    """One fixed rate: passes when p99 is in bounds, the servers kept up, and nothing went wrong."""
+    metrics, deliveries, cpu, _ = await _measure(fleet, load, {**p, "seconds": step_seconds(p, rate)})
     _server_cost(metrics, cpu)
+    offered = rate * sockets
+    # Deliveries over the schedule's own length (emits / rate), or longer if the servers fell
+    # behind it: a fencepost-free "did they keep up" even for a handful of emits.
+    span = (
+        deliveries.last_received - deliveries.first_sent
+        if deliveries.first_sent is not None and deliveries.last_received is not None
+        else math.inf
+    )
+    achieved = metrics["deliveries"] / max(deliveries.emits / rate, span)
+    passed = metrics["p99_ms"] <= P99_LIMIT_MS and achieved >= KEEP_UP * offered and not _faulty(metrics)
+    return {
+        "rate": rate,
+        "offered_deliveries_per_s": offered,
+        "achieved_deliveries_per_s": achieved,
+        "pass": passed,
+        **metrics,
+    }
+
+
+def _sweep(steps: list[Metrics], sockets: int, rates: list[float]) -> Metrics:
+    """W2's metrics: the highest passing rate; the other figures from that step (else the first)."""
+    passing = [step for step in steps if step["pass"]]
+    shown = passing[-1] if passing else steps[0]
+    metrics: Metrics = {
+        key: shown[key] for key in ("p50_ms", "p99_ms", "max_ms", "server_cpu_us_per_delivery")
+    }
+    metrics.update(
+        deliveries_per_s=shown["achieved_deliveries_per_s"],
+        sockets=sockets,
+        sustained_rate=shown["rate"] if passing else 0,
+        sustained_deliveries_per_s=shown["offered_deliveries_per_s"] if passing else 0,
+        # What 0 means: below the lowest step (the report turns it into a bound on the ratio).
+        lowest_offered_deliveries_per_s=rates[0] * sockets,
+        # Every step passed: the sustained rate is only a lower bound.
+        sweep_capped=len(passing) == len(rates),
+        loadgen_cpu_pct=max(step["loadgen_cpu_pct"] for step in steps),
+        steps=steps,
+    )
+    for key in (*FAULTS, "late"):
+        metrics[key] = sum(step[key] for step in steps)
     return metrics
 
 
@@ -107,15 +203,19 @@ async def gateway(fleet: Fleet, p: Params) -> Metrics:
     await fleet.open([(t, u) for u in users for t in (0, 1)])
     far = set(range(1, 2 * len(users), 2))
 
+    async def emit(deliveries: Deliveries, seq: int) -> None:
+        u = seq % len(users)  # user u's socket on A asks; its socket on B must hear it
+        sent_at = time.monotonic()
+        deliveries.expect(seq, (2 * u, 2 * u + 1), sent_at)
+        await fleet.sockets[2 * u].emit("events", {"s": seq, "t": sent_at})
+
     async def load(deliveries: Deliveries, seconds: float) -> None:
         deadline = time.monotonic() + seconds
 
         async def user_loop(u: int) -> None:
             seq = u
             while time.monotonic() < deadline:
-                sent_at = time.monotonic()
-                deliveries.expect(seq, (2 * u, 2 * u + 1), sent_at)
-                await fleet.sockets[2 * u].emit("events", {"s": seq, "t": sent_at})
+                await emit(deliveries, seq)
                 await deliveries.wait(seq, WAIT)
                 seq += len(users)
 
@@ -125,6 +225,7 @@ async def gateway(fleet: Fleet, p: Params) -> Metrics:
     # Throughput of the propagated copies only, the ones that crossed instances.
     metrics["deliveries_per_s"] *= len(deliveries.latencies) / max(1, metrics["deliveries"])
     _server_cost(metrics, cpu)
+    await _half_load(fleet, emit, metrics, p, measured=far)
     return metrics
 
 
@@ -186,6 +287,9 @@ async def instances(fleet: Fleet, p: Params) -> Metrics:
             "other_cpu_pct": statistics.fmean(others) / elapsed * 100 if others else math.nan,
             "other_cpu_ms_per_1k_emits": (
                 statistics.fmean(others) * 1000 / deliveries.emits * 1000 if others else math.nan
+            ),
+            "max_other_cpu_ms_per_1k_emits": (
+                max(others) * 1000 / deliveries.emits * 1000 if others else math.nan
             ),
             # What the whole fleet pays, beyond the holder, for users it does not hold.
             "others_cpu_ms_per_1k_emits_sum": sum(others) * 1000 / deliveries.emits * 1000,
