@@ -67,3 +67,16 @@ def test_a_text_frame_is_encoded_once_and_binary_parts_stay_packets() -> None:
     assert text.encode() is text.encode()
     assert not isinstance(blob, EncodedMessage)
     assert blob.encode() == b"\x00\x01"
+
+
+def test_packets_use_orjson_but_accept_what_the_library_accepted() -> None:
+    from webapp.realtime import jsoncodec
+
+    assert jsoncodec.dumps({"a": [1, "é"], 2: None}, separators=(",", ":")) == '{"a":[1,"é"],"2":null}'
+    assert jsoncodec.dumps(2**70) == str(2**70)  # beyond orjson: the library's codec
+    assert jsoncodec.dumps(float("nan")) == "null"  # never a bare NaN that JSON.parse rejects
+    assert jsoncodec.loads('{"n": 123456789012345678901234567890}') == {"n": 123456789012345678901234567890}
+    with pytest.raises(ValueError, match="too large"):
+        jsoncodec.loads("9" * 200)  # the library's guard against huge integers still holds
+    with pytest.raises(TypeError):
+        jsoncodec.dumps({"x": object()})

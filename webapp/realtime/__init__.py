@@ -16,7 +16,7 @@ from quart import Quart, current_app
 
 from ..auth.tokens import TokenSigner
 from ..config import Settings
-from . import gateway
+from . import gateway, jsoncodec
 from .bus import Bus, MemoryBus, RedisBus
 from .limits import RateLimiter
 from .outbox import Outbox
@@ -49,6 +49,7 @@ class Realtime:
             ping_timeout=settings.ping_timeout,
             logger=False,
             engineio_logger=engineio_logger(),
+            json=jsoncodec,
         )
         self.bus: Bus = MemoryBus()
         if settings.redis_url:
