@@ -169,7 +169,13 @@ class Probe:
         self._changed.set()
 
     async def connect(
-        self, base: str, token: str | None = None, *, how: str = "auth", wait: float = WAIT
+        self,
+        base: str,
+        token: str | None = None,
+        *,
+        how: str = "auth",
+        wait: float = WAIT,
+        transports: tuple[str, ...] = ("websocket",),
     ) -> Probe:
         url, auth, headers = base, None, {}
         if token is not None and how == "auth":
@@ -179,7 +185,7 @@ class Probe:
         elif token is not None and how == "header":
             headers = {"Authorization": f"Bearer {token}"}
         await self.client.connect(
-            url, auth=auth, headers=headers, transports=["websocket"], wait_timeout=wait
+            url, auth=auth, headers=headers, transports=list(transports), wait_timeout=wait
         )
         return self
 

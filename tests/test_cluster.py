@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import orjson
 import pytest
 import redis
@@ -69,6 +70,34 @@ async def test_authenticated_scope_skips_anonymous(cluster: Cluster, probes: lis
     for key in ("alice_a", "alice_b", "bob_b"):
         assert without_fences(c[key]) == [("members", "hi")], key
     assert without_fences(c["anon_a"]) == []
+
+
+async def test_long_polling_and_upgraded_clients_get_every_scope(cluster: Cluster, probes: list[Probe]) -> None:
+    """Clients that start on long-polling (the socket.io default) take the library's paths."""
+    alice = unique("alice")
+    token = await token_for(cluster.a.url, alice)
+    polling = Probe("alice@A polling")
+    upgraded = Probe("alice@B polling then websocket")
+    probes += [polling, upgraded]
+    await polling.connect(cluster.a.url, token, transports=("polling",))
+    await upgraded.connect(cluster.b.url, token, transports=("polling", "websocket"))
+    await upgraded.wait_until(lambda: upgraded.client.transport() == "websocket", "the upgrade")
+    assert polling.client.transport() == "polling"
+    assert (await api(cluster.a.url, f"/api/emit/users/{alice}", {"event": "dm", "data": 1}))[0] == 202
+    assert (await api(cluster.b.url, "/api/emit/all", {"event": "news", "data": 2}))[0] == 202
+    await polling.client.emit("events", {"text": "from polling"})
+    await upgraded.client.emit("events", {"text": "from websocket"})
+    await polling.wait_for("events", 2)
+    await upgraded.wait_for("events", 2)
+    await fence(cluster.a.url, [polling, upgraded])
+    for probe in (polling, upgraded):
+        got = without_fences(probe)
+        assert got[:2] == [("dm", 1), ("news", 2)], probe.name
+        assert sorted(str(data) for _, data in got[2:]) == sorted(
+            str({"text": text}) for text in ("from polling", "from websocket")
+        ), probe.name
+    # Leaving ends the pending long-poll GET at once (python-engineio alone holds it for 45 s).
+    await asyncio.wait_for(polling.close(), 5)
 
 
 async def test_gateway_answer_reaches_asker_once_and_users_other_sockets_in_order(

@@ -149,15 +149,14 @@ class LeanSocket(AsyncSocket):
             self.queue.put_nowait(pkt)
 
     async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
-        writer = self._writer
-        if writer is None:
-            await super().close(wait=wait, abort=abort, reason=reason)
-            return
         closing = not (self.closed or self.closing)
+        writer = self._writer
         # Waiting for the queue to drain only makes sense while a writer still drains it.
-        await super().close(wait=wait and not writer.done(), abort=abort, reason=reason)
+        await super().close(wait=wait and (writer is None or not writer.done()), abort=abort, reason=reason)
         if closing:
-            self.queue.put_nowait(None)  # ends the writer, which closes the WebSocket now
+            # Wakes whoever waits for packets: our writer, which then closes the WebSocket, or a
+            # pending long-poll GET, which the library would otherwise hold for up to 45 s.
+            self.queue.put_nowait(None)
 
     def schedule_ping(self) -> None:
         if self.last_ping:  # the previous ping was answered (or this is the first)
