@@ -255,3 +255,20 @@ class TestRecentMessages:
         assert b"a" in recent and b"b" in recent and b"c" not in recent
         recent.add(b"c", now=1.2)  # a is now older than 1 s of traffic, b is not
         assert b"a" not in recent and b"b" in recent and b"c" in recent
+
+
+def test_the_server_entry_point_settles_the_garbage_collector() -> None:
+    """Importing webapp.asgi (what hypercorn does) freezes the start-up heap and raises the
+    young threshold, so broadcasts stop triggering collections (see webapp/gcpolicy.py)."""
+    import subprocess
+    import sys
+
+    from .harness import ROOT, instance_env, unique
+
+    probe = "import gc, webapp.asgi; print(gc.get_threshold()[0], gc.get_freeze_count() > 10_000)"
+    env = {**instance_env(unique("gc"), redis_url=None), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["20000", "True"]
