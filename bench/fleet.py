@@ -49,7 +49,8 @@ class Fleet:
         self.tag = uuid.uuid4().hex[:6]  # user ids never collide with a previous run's leftovers
 
     async def __aenter__(self) -> Self:
-        # limit=0: every WebSocket holds a connector slot for its whole life.
+        # REST only (sockets are bench/wire.py's own). limit=0: an open-loop emit never queues for
+        # a connection behind earlier ones, which would count as server latency.
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self
 
