@@ -62,7 +62,7 @@ def _suite(
 # KEEP_UP, or any fault); a step lasts `seconds`, longer if needed for `min_emits` broadcasts.
 # W1 and W3 add `half_seconds` of open loop at half their closed-loop emits/s.
 FULL = _suite(
-    w1={"users": 100, "window": 32, "seconds": 6, "warmup": 1, "half_seconds": 3},
+    w1={"users": 100, "window": 64, "seconds": 6, "warmup": 1, "half_seconds": 3},
     w2={
         "sockets": 1000,
         "rates": [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48],
@@ -70,7 +70,7 @@ FULL = _suite(
         "min_emits": 8,
         "warmup": 0.5,
     },
-    w3={"users": 16, "seconds": 6, "warmup": 1, "half_seconds": 3},
+    w3={"users": 160, "seconds": 6, "warmup": 1, "half_seconds": 3},
     w4={"sockets": 1000, "concurrency": 50},
     w5={"users": 50, "rate": 200, "seconds": 5, "warmup": 1},
     sizes=(2, 4, 8),
