@@ -13,6 +13,10 @@ for 140-310 ms, stalling every delivery behind it. Two changes removed those sta
   (sockets connecting), not on every broadcast. None ran during that 20 s of broadcasts; one
   young collection takes ~12 ms at this size. Cyclic garbage waits a little longer; reference
   counting still frees everything else at once.
+
+REST emits leave cyclic garbage (Quart's request objects), so under 15 s of back-to-back emits on
+200 sockets the defaults ran a full collection every ~2.5 s (17-30 ms each) plus 70 middle ones
+(up to 6 ms); with these settings, five young collections of ~13 ms and no full one.
 """
 
 from __future__ import annotations
