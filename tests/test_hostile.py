@@ -120,6 +120,20 @@ async def test_garbage_frames_never_hurt_the_instance(strict: Instance, probes: 
     assert strict.readyz()[0] == 200
 
 
+async def test_engineio_packet_types_the_server_does_not_take_are_ignored(strict: Instance) -> None:
+    """NOOP and PING from a client are not garbage to python-engineio; they are ignored, and so here."""
+    user = unique("nina")
+    raw = await RawSocket.open(strict.url, token=await token_for(strict.url, user))
+    try:
+        assert "sid" in await raw.connected()
+        await raw.ws.send_str("6")
+        await raw.ws.send_str("2")
+        assert (await api(strict.url, f"/api/emit/users/{user}", {"event": "dm", "data": "still here"}))[0] == 202
+        assert await raw_event(raw) == ("dm", "still here")
+    finally:
+        await raw.close()
+
+
 async def test_reserved_event_names_cannot_detach_a_socket(strict: Instance) -> None:
     user = unique("oscar")
     raw = await RawSocket.open(strict.url, token=await token_for(strict.url, user))

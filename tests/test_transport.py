@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from webapp.realtime.transport import EncodedMessage, LeanQueue, message_packets
+from webapp.realtime.transport import LeanQueue
 
 
 async def test_items_come_out_in_order_and_getters_wait() -> None:
@@ -60,13 +60,18 @@ async def test_join_waits_for_every_task_done() -> None:
         queue.task_done()
 
 
-def test_a_text_frame_is_encoded_once_and_binary_parts_stay_packets() -> None:
-    text, blob = message_packets(['451-["e",{"_placeholder":true,"num":0}]', b"\x00\x01"])
-    assert isinstance(text, EncodedMessage)
-    assert text.encode() == '4451-["e",{"_placeholder":true,"num":0}]'
-    assert text.encode() is text.encode()
-    assert not isinstance(blob, EncodedMessage)
-    assert blob.encode() == b"\x00\x01"
+async def test_a_discarded_queue_releases_joiners_and_drops_later_items() -> None:
+    """When the writer is gone, close(wait=True) must not wait for packets nobody will write."""
+    queue = LeanQueue()
+    queue.put_nowait("close")
+    joined = asyncio.create_task(queue.join())
+    await asyncio.sleep(0)
+    assert not joined.done()
+    queue.discard()
+    await asyncio.wait_for(joined, 1)
+    queue.put_nowait("late")
+    assert queue.qsize() == 0
+    await asyncio.wait_for(queue.join(), 1)
 
 
 def test_packets_use_orjson_but_accept_what_the_library_accepted() -> None:

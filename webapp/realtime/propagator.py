@@ -10,13 +10,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import socketio
+from engineio import packet as eio_packet
 from socketio import packet as sio_packet
 
 from . import envelope
 from .bus import Bus
 from .outbox import Outbox
 from .state import SocketState
-from .transport import message_packets
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,9 @@ class Propagator:
         pkt = self.sio.packet_class(sio_packet.EVENT, namespace=NAMESPACE, data=[event, data])
         encoded = pkt.encode()
         parts = encoded if isinstance(encoded, list) else [encoded]
-        eio_pkts = message_packets(parts)
+        # Shared by every recipient: an Engine.IO packet caches its encoding, so each frame is
+        # built once per broadcast, not once per socket.
+        eio_pkts = [eio_packet.Packet(eio_packet.MESSAGE, part) for part in parts]
         manager, sockets = self.sio.manager, self.sio.eio.sockets
         for sid in sids:
             sock = sockets.get(manager.eio_sid_from_sid(sid, NAMESPACE))

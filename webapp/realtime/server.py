@@ -35,9 +35,6 @@ class GuardedServer(socketio.AsyncServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Engine.IO would run each incoming message in a task of its own, and Socket.IO then
-        # starts another one for the event handler; one task per event is enough.
-        self.eio.async_handlers = False
         self.malformed_packets = 0
         self._last_warning = 0.0
 

@@ -1,4 +1,4 @@
-"""An Engine.IO socket whose WebSocket path costs less per packet, and pre-encoded packets.
+"""An Engine.IO socket whose WebSocket path costs less per packet.
 
 python-engineio's socket pays, for every packet it writes, a new task and a timer
 (`asyncio.wait_for` around `queue.get()`); for every frame it reads, two tasks; and for every
@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import engineio
+from engineio import exceptions
 from engineio import packet as eio_packet
 from engineio.async_socket import AsyncSocket
 
@@ -35,13 +36,14 @@ class LeanQueue:
     SOCKET_MAX_QUEUE), so a list is as fast as a deque here and far smaller when empty.
     """
 
-    __slots__ = ("_getters", "_items", "_joiners", "_unfinished")
+    __slots__ = ("_discarding", "_getters", "_items", "_joiners", "_unfinished")
 
     def __init__(self) -> None:
         self._items: list[Any] = []
         self._getters: list[asyncio.Future[None]] = []
         self._unfinished = 0
         self._joiners: list[asyncio.Future[None]] | None = None
+        self._discarding = False
 
     def qsize(self) -> int:
         return len(self._items)
@@ -50,6 +52,8 @@ class LeanQueue:
         return not self._items
 
     def put_nowait(self, item: Any) -> None:
+        if self._discarding:
+            return
         self._items.append(item)
         self._unfinished += 1
         self._wake_next()
@@ -87,11 +91,21 @@ class LeanQueue:
         if self._unfinished <= 0:
             raise ValueError("task_done() called too many times")
         self._unfinished -= 1
-        if self._unfinished == 0 and self._joiners:
-            for joiner in self._joiners:
-                if not joiner.done():
-                    joiner.set_result(None)
-            self._joiners = None
+        if self._unfinished == 0:
+            self._release_joiners()
+
+    def discard(self) -> None:
+        """The consumer is gone: drop what is queued and whatever comes later, all counted done."""
+        self._discarding = True
+        self._items.clear()
+        self._unfinished = 0
+        self._release_joiners()
+
+    def _release_joiners(self) -> None:
+        for joiner in self._joiners or ():
+            if not joiner.done():
+                joiner.set_result(None)
+        self._joiners = None
 
     async def join(self) -> None:
         if self._unfinished:
@@ -107,25 +121,6 @@ class LeanEngine(engineio.AsyncServer):
 
     def create_queue(self, *args: Any, **kwargs: Any) -> LeanQueue:
         return LeanQueue()
-
-
-class EncodedMessage(eio_packet.Packet):
-    """An Engine.IO MESSAGE whose text frame is built once and shared by every recipient."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(eio_packet.MESSAGE, text)
-        self._frame = f"{eio_packet.MESSAGE}{text}"
-
-    def encode(self, b64: bool = False) -> str:  # text frames have no base64 form
-        return self._frame
-
-
-def message_packets(parts: list[str | bytes]) -> list[eio_packet.Packet]:
-    """Engine.IO packets for the parts of one encoded Socket.IO packet (text, then attachments)."""
-    return [
-        EncodedMessage(part) if isinstance(part, str) else eio_packet.Packet(eio_packet.MESSAGE, part)
-        for part in parts
-    ]
 
 
 class LeanSocket(AsyncSocket):
@@ -154,8 +149,9 @@ class LeanSocket(AsyncSocket):
         # Waiting for the queue to drain only makes sense while a writer still drains it.
         await super().close(wait=wait and (writer is None or not writer.done()), abort=abort, reason=reason)
         if closing:
-            # Wakes whoever waits for packets: our writer, which then closes the WebSocket, or a
-            # pending long-poll GET, which the library would otherwise hold for up to 45 s.
+            # Wakes whoever waits for packets: our writer, which ends and closes the WebSocket
+            # once it has written what was queued before, or a pending long-poll GET, which the
+            # library would otherwise hold for up to 45 s.
             self.queue.put_nowait(None)
 
     def schedule_ping(self) -> None:
@@ -194,7 +190,9 @@ class LeanSocket(AsyncSocket):
                 return  # the library's rule: an oversized frame ends the connection
             try:
                 await self.receive(eio_packet.Packet(encoded_packet=data))
-            except Exception:  # noqa: BLE001 - garbage, or a closed socket: either way, hang up
+            except exceptions.UnknownPacketError:
+                continue  # as the library: a packet type the server does not take is ignored
+            except Exception:  # noqa: BLE001 - an undecodable frame, or a closed socket: hang up
                 return
 
     async def _write_until_closed(self, ws: Any) -> None:
@@ -209,4 +207,5 @@ class LeanSocket(AsyncSocket):
         except Exception:  # noqa: BLE001 - the peer is gone; the reader sees it too and ends the socket
             return
         finally:
+            queue.discard()  # nobody writes from now on: a close(wait=True) must not wait for it
             await ws.close()
