@@ -85,3 +85,19 @@ def test_packets_use_orjson_but_accept_what_the_library_accepted() -> None:
         jsoncodec.loads("9" * 200)  # the library's guard against huge integers still holds
     with pytest.raises(TypeError):
         jsoncodec.dumps({"x": object()})
+
+
+async def test_sockets_of_our_engine_are_adopted_and_others_are_left_alone() -> None:
+    import engineio
+    from engineio.async_socket import AsyncSocket
+
+    from webapp.realtime.server import GuardedServer
+    from webapp.realtime.transport import LeanEngine, LeanSocket
+
+    assert isinstance(GuardedServer(async_mode="asgi").eio, LeanEngine)  # what the app serves with
+    ours = AsyncSocket(LeanEngine(async_mode="asgi"), "a")
+    LeanSocket.adopt(ours)
+    assert type(ours) is LeanSocket and isinstance(ours.queue, LeanQueue)
+    stock = AsyncSocket(engineio.AsyncServer(async_mode="asgi"), "b")
+    LeanSocket.adopt(stock)  # its asyncio.Queue lacks discard(): the lean loops must not run on it
+    assert type(stock) is AsyncSocket

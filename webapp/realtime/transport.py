@@ -135,8 +135,8 @@ class LeanSocket(AsyncSocket):
 
     @classmethod
     def adopt(cls, sock: AsyncSocket) -> None:
-        """Turn a socket the library just created into a lean one (same state, new loops)."""
-        if type(sock) is AsyncSocket:
+        """Turn a socket a `LeanEngine` just created into a lean one (same state, new loops)."""
+        if type(sock) is AsyncSocket and isinstance(sock.queue, LeanQueue):
             sock.__class__ = cls
 
     async def send(self, pkt: eio_packet.Packet) -> None:
