@@ -89,23 +89,11 @@ class Deliveries:
     async def wait(self, seq: int, timeout: float) -> bool:
         """Wait until every recipient of `seq` has it; False on timeout."""
         emit = self._emits[seq]
-        if emit.missing <= 0:
-            return True
-        try:
-            await asyncio.wait_for(emit.done.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+        return emit.missing <= 0 or await _set_within(emit.done, timeout)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every expected delivery arrived; False on timeout."""
-        if self._open == 0:
-            return True
-        try:
-            await asyncio.wait_for(self._all_done.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+        return self._open == 0 or await _set_within(self._all_done, timeout)
 
     @property
     def emits(self) -> int:
@@ -137,3 +125,12 @@ class Deliveries:
             "misdelivered": self.misdelivered,
             "late": self.late,
         }
+
+
+async def _set_within(event: asyncio.Event, timeout: float) -> bool:
+    """Whether `event` gets set within `timeout` seconds."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+        return True
+    except TimeoutError:
+        return False

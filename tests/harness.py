@@ -60,7 +60,8 @@ class Instance:
         self.port = port or free_port()
         inherited = {k: v for k, v in os.environ.items() if k not in _OUR_VARIABLES}
         self.env = {**inherited, **env, "INSTANCE_ID": name, "PORT": str(self.port)}
-        self.log = tempfile.NamedTemporaryFile(prefix=f"webapp-{name}-", suffix=".log", delete=False)
+        handle, self.log_path = tempfile.mkstemp(prefix=f"webapp-{name}-", suffix=".log")
+        os.close(handle)  # each start() appends through a handle of its own, closed once the child has it
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -68,13 +69,14 @@ class Instance:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Instance:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hypercorn", "webapp.asgi:app", "--bind", f"127.0.0.1:{self.port}", *procfile_flags()],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hypercorn", "webapp.asgi:app", "--bind", f"127.0.0.1:{self.port}", *procfile_flags()],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         return self
 
     def wait_serving(self, timeout: float = 20.0, ready: bool = True) -> None:
@@ -108,7 +110,7 @@ class Instance:
             return self.proc.wait(5)
 
     def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-6000:]
+        return Path(self.log_path).read_text(errors="replace")[-6000:]
 
 
 def instance_env(prefix: str, redis_url: str | None = REDIS_URL, **extra: str) -> dict[str, str]:
@@ -321,7 +323,7 @@ class RawSocket:
         """The namespace answer: {"sid": ...} when accepted, the error data when refused."""
         while True:
             text = await self.ws.receive_str(timeout=timeout)
-            if text.startswith("40") or text.startswith("44"):
+            if text.startswith(("40", "44")):
                 return dict(json.loads(text[2:]))
             if text == "2":
                 await self.ws.send_str("3")

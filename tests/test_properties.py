@@ -111,7 +111,7 @@ def socket_pair() -> Iterator[tuple[LoopThread, Instance, Probe, Probe]]:
 def test_socket_payloads_get_an_answer_or_a_clear_error(
     socket_pair: tuple[LoopThread, Instance, Probe, Probe], payload: Any, event: str
 ) -> None:
-    loop, instance, asker, other = socket_pair
+    loop, _, asker, other = socket_pair
     ack = loop.run(asker.client.call(event, payload, timeout=10))
     if ack["ok"]:
         assert event == "events" or ack["answers"] >= 1

@@ -13,6 +13,8 @@ from aiohttp import WSMessage, WSMsgType, web
 
 from bench.wire import CLOSE_WAIT, ConnectRefused, SioSocket, _WebSocket
 
+from .harness import wait_until
+
 Handler = Callable[[web.WebSocketResponse], Awaitable[object]]
 Serve = Callable[[Handler], Awaitable[str]]  # starts a server for a handler, returns its URL
 Events = list[tuple[int, str, Any]]
@@ -87,7 +89,7 @@ async def test_events_both_ways_at_every_frame_length(serve: Serve) -> None:
     assert sock.sid == "abc" and sock.index == 7
     for size in sizes:
         await sock.emit("echo", {"z": "w" * size})
-    await _until(lambda: len(events) == 2 * len(sizes))
+    await wait_until(lambda: len(events) == 2 * len(sizes), "every frame size echoed twice", timeout=5)
     assert [len(data["x"]) for _, _, data in events[:3]] == list(sizes)
     assert [(index, event, len(data["z"])) for index, event, data in events[3:]] == [
         (7, "echo", size) for size in sizes
@@ -142,7 +144,7 @@ async def test_the_server_leaving_is_noticed(serve: Serve, goodbye: str) -> None
             await ws.receive()
 
     sock = await _connect(await serve(handler), [])
-    await _until(lambda: sock.closed_by_server)
+    await wait_until(lambda: sock.closed_by_server, "the server-side close", timeout=5)
     await sock.close()  # does not raise once the server left
 
 
@@ -202,9 +204,3 @@ class _Transport:
             out.append((first & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(data[pos : pos + size]))))
             pos += size
         return out
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
