@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up everything the tests need (venv, Redis, Chromium) and runs the whole suite.
+# Sets up everything the tests need (venv, Redis, Chromium, node clients) and runs the whole suite.
 # Extra arguments go to pytest, e.g. `scripts/test.sh -m "not browser"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,18 @@ fi
 if [ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]; then
   echo "webapp: installing chromium for the browser tests"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
+# The recovery tests drive the official Socket.IO JavaScript client (tests/js, pinned by its lockfile).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "webapp: installing nodejs and npm for the JavaScript client tests"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+js_stamp=tests/js/node_modules/.installed-from-lock
+if [ ! -f "$js_stamp" ] || [ tests/js/package-lock.json -nt "$js_stamp" ]; then
+  echo "webapp: installing the JavaScript test clients (npm ci in tests/js)"
+  npm ci --prefix tests/js --no-audit --no-fund --silent
+  touch "$js_stamp"
 fi
 
 set +e

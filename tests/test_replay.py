@@ -1,13 +1,18 @@
-"""Replay after a reconnect, on the bus itself against a real Redis: what was published while the
-subscriber was away arrives once; what it had already delivered does not arrive again."""
+"""The bus resumes from offsets, against a real Redis: after any gap it delivers what it missed
+once and in order, drops the overlap at the seam, and reports what the history no longer holds."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
 import redis
 
-from webapp.realtime.bus import RedisBus
+from webapp.realtime.bus import BusUnavailable, Offset, RedisBus
 
-from .harness import REDIS_URL, unique, wait_until
+from .harness import REDIS_URL, RedisServer, unique, wait_until
 
 
 def kill_subscriber(redis_client: redis.Redis, name: str) -> None:
@@ -19,37 +24,128 @@ def kill_subscriber(redis_client: redis.Redis, name: str) -> None:
     raise AssertionError(f"no subscriber named {name}:sub")
 
 
-async def test_reconnecting_subscriber_replays_what_it_missed_once(redis_client: redis.Redis) -> None:
-    prefix = unique("replay")
-    channel = f"{prefix}:all"
-    got: list[bytes] = []
+class Collected:
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.offsets: list[Offset | None] = []
+        self.gaps: list[str] = []
 
-    async def collect(_: str, message: bytes) -> None:
-        got.append(message)
+    async def on_message(self, _: str, message: bytes, offset: Offset | None) -> None:
+        # The live copy carries its offset spliced in; the replayed copy is the stored envelope.
+        self.messages.append(message.split(b'"m":', 1)[-1].rstrip(b"}"))
+        self.offsets.append(offset)
 
-    async def noop(_: str, __: bytes) -> None:
-        return None
+    async def on_gap(self, reason: str) -> None:
+        self.gaps.append(reason)
 
-    subscriber = RedisBus(REDIS_URL, replay_key=f"{prefix}:replay", name=f"{prefix}:sub-side", backoff_min=0.2)
-    publisher = RedisBus(REDIS_URL, replay_key=f"{prefix}:replay", name=f"{prefix}:pub-side")
-    await subscriber.start(collect)
-    await publisher.start(noop)
+
+def envelope(text: str) -> bytes:
+    return b'{"v":1,"m":' + text.encode() + b"}"
+
+
+@asynccontextmanager
+async def pair(
+    prefix: str, url: str = REDIS_URL, **subscriber_options: object
+) -> AsyncIterator[tuple[RedisBus, RedisBus, Collected, Callable[[str], bytes]]]:
+    """A subscribing bus and a publishing bus on one history, both started and closed."""
+    options = {"history_key": f"{prefix}:replay", "epoch_key": f"{prefix}:epoch"}
+    subscriber_options = {"backoff_min": 0.2, **subscriber_options}
+    subscriber = RedisBus(url, name=f"{prefix}:sub-side", **options, **subscriber_options)  # type: ignore[arg-type]
+    publisher = RedisBus(url, name=f"{prefix}:pub-side", **options)  # type: ignore[arg-type]
+    got = Collected()
+    await subscriber.start(got.on_message, got.on_gap)
+    await publisher.start(Collected().on_message, Collected().on_gap)
     try:
         await wait_until(lambda: subscriber.ready, "the subscriber to connect")
-        assert await subscriber.subscribe(channel)
-        await publisher.publish(channel, b"before")
-        await wait_until(lambda: got == [b"before"], "the first message")
-
-        kill_subscriber(redis_client, f"{prefix}:sub-side")
-        await wait_until(lambda: not subscriber.ready, "the subscriber to notice")
-        # published while the subscriber is away (it waits at least 0.1 s before reconnecting)
-        await publisher.publish(channel, b"while away")
-        await wait_until(lambda: subscriber.ready, "the subscriber to come back")
-        await publisher.publish(channel, b"after")
-        await wait_until(lambda: b"after" in got, "the live message after recovery")
-        assert got == [b"before", b"while away", b"after"]
-        assert subscriber.replayed == 1
+        assert await subscriber.subscribe(f"{prefix}:all")
+        yield subscriber, publisher, got, lambda text: envelope(text)
     finally:
         await subscriber.close()
         await publisher.close()
-        redis_client.delete(f"{prefix}:replay")
+
+
+async def test_a_gap_of_seconds_is_replayed_once_and_in_order(redis_client: redis.Redis) -> None:
+    """The clock-based replay lost what was published more than ~2 s before the reconnect."""
+    prefix = unique("replay")
+    channel = f"{prefix}:all"
+    # backoff of 5 s: the subscriber stays away 2.5 to 5 s after the cut
+    async with pair(prefix, backoff_min=5.0) as (subscriber, publisher, got, env):
+        await publisher.publish(channel, env('"before"'))
+        await wait_until(lambda: got.messages == [b'"before"'], "the first message")
+        kill_subscriber(redis_client, f"{prefix}:sub-side")
+        await wait_until(lambda: not subscriber.ready, "the subscriber to notice")
+        sent = 0
+        while not subscriber.ready:  # publish for as long as it is away, at about 200/s
+            await publisher.publish(channel, env(str(sent)))
+            sent += 1
+            await asyncio.sleep(0.005)  # pacing, not waiting: the history keeps 10,000
+        await publisher.publish(channel, env('"after"'))
+        await wait_until(lambda: got.messages[-1:] == [b'"after"'], "the live message after recovery", timeout=15)
+        assert got.messages == [b'"before"', *(str(n).encode() for n in range(sent)), b'"after"']
+        assert sent > 20 and subscriber.replayed >= 1 and got.gaps == []
+        offsets = [o for o in got.offsets if o is not None]
+        assert len(offsets) == len(got.offsets) and offsets == sorted(set(offsets))
+    redis_client.delete(f"{prefix}:replay", f"{prefix}:epoch")
+
+
+async def test_a_gap_longer_than_the_history_is_reported(redis_client: redis.Redis) -> None:
+    prefix = unique("replay-gap")
+    channel = f"{prefix}:all"
+    # away 1.5 to 3 s after the cut: the 400 publishes below take a fraction of that
+    async with pair(prefix, backoff_min=3.0) as (subscriber, publisher, got, env):
+        short = RedisBus(REDIS_URL, history_key=f"{prefix}:replay", epoch_key=f"{prefix}:epoch", history_max=10)
+        await short.start(Collected().on_message, Collected().on_gap)
+        try:
+            kill_subscriber(redis_client, f"{prefix}:sub-side")
+            await wait_until(lambda: not subscriber.ready, "the subscriber to notice")
+            # "MAXLEN ~" trims whole stream nodes (100 entries): 400 entries trim some for sure
+            for n in range(400):
+                await short.publish(channel, env(str(n)))
+        finally:
+            await short.close()
+        await wait_until(lambda: subscriber.ready, "the subscriber to come back", timeout=15)
+        await wait_until(lambda: got.gaps == ["gap"], "the gap to be reported")
+        assert subscriber.gaps == 1
+        # what the history still held arrived, in order, and nothing twice
+        numbers = [int(m) for m in got.messages]
+        assert numbers == sorted(set(numbers)) and numbers[-1] == 399 and len(numbers) < 400
+    redis_client.delete(f"{prefix}:replay", f"{prefix}:epoch")
+
+
+async def test_a_redis_that_lost_its_data_is_noticed_and_its_new_history_replayed() -> None:
+    server = RedisServer().start()
+    prefix = unique("replay-epoch")
+    channel = f"{prefix}:all"
+    try:
+        async with pair(prefix, url=server.url) as (subscriber, publisher, got, env):
+            await publisher.publish(channel, env('"old"'))
+            await wait_until(lambda: got.messages == [b'"old"'], "the first message")
+            server.stop(signal.SIGKILL)
+            server.start()
+            await wait_until(lambda: subscriber.ready, "the subscriber to come back", timeout=15)
+
+            async def published() -> bool:
+                try:  # the publisher's pooled connection died with Redis: a 503, then retry
+                    await publisher.publish(channel, env('"new"'))
+                    return True
+                except BusUnavailable:
+                    return False
+
+            await wait_until(published, "a publish on the new Redis")
+            await wait_until(lambda: got.messages[-1:] == [b'"new"'], "the message on the new Redis")
+            assert got.messages == [b'"old"', b'"new"'] and subscriber.epoch_changes == 1
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+async def test_live_messages_carry_the_offset_the_history_holds(redis_client: redis.Redis) -> None:
+    prefix = unique("replay-offsets")
+    channel = f"{prefix}:all"
+    async with pair(prefix) as (subscriber, publisher, got, env):
+        for n in range(3):
+            await publisher.publish(channel, env(str(n)))
+        await wait_until(lambda: len(got.messages) == 3, "three messages")
+        history = await subscriber.history(Offset(0, 0), [channel])
+        assert [e.offset for e in history.entries] == got.offsets
+        assert subscriber.position == got.offsets[-1] == await subscriber.end()
+    redis_client.delete(f"{prefix}:replay", f"{prefix}:epoch")

@@ -10,11 +10,11 @@ import pytest
 from webapp.auth.tokens import InvalidToken, TokenSigner
 from webapp.config import ConfigError, Settings
 from webapp.realtime import envelope
-from webapp.realtime.bus import BusUnavailable, MemoryBus
+from webapp.realtime.bus import ZERO, BusUnavailable, MemoryBus, Offset
+from webapp.realtime.bus.redis_bus import offset_of
 from webapp.realtime.limits import RateLimiter
 from webapp.realtime.outbox import Outbox
-from webapp.realtime.propagator import _KeyedLocks
-from webapp.realtime.replay import RecentMessages
+from webapp.realtime.propagator import _KeyedLocks, _RecentIds
 from webapp.realtime.state import SocketState
 
 
@@ -130,18 +130,22 @@ class TestConfig:
             Settings.from_env(env)
 
 
+async def no_gap(reason: str) -> None:
+    raise AssertionError(f"unexpected gap: {reason}")
+
+
 class TestMemoryBus:
     async def test_delivers_only_subscribed_channels_in_order(self) -> None:
         bus = MemoryBus()
         got: list[tuple[str, bytes]] = []
         done = asyncio.Event()
 
-        async def handler(channel: str, message: bytes) -> None:
+        async def handler(channel: str, message: bytes, offset: Offset | None) -> None:
             got.append((channel, message))
             if message == b"last":
                 done.set()
 
-        await bus.start(handler)
+        await bus.start(handler, no_gap)
         try:
             assert await bus.subscribe("a")
             await bus.publish("b", b"not for us")
@@ -160,12 +164,12 @@ class TestMemoryBus:
         bus = MemoryBus()
         done = asyncio.Event()
 
-        async def handler(channel: str, message: bytes) -> None:
+        async def handler(channel: str, message: bytes, offset: Offset | None) -> None:
             if message == b"boom":
                 raise RuntimeError("boom")
             done.set()
 
-        await bus.start(handler)
+        await bus.start(handler, no_gap)
         try:
             await bus.subscribe("a")
             await bus.publish("a", b"boom")
@@ -202,7 +206,7 @@ class TestOutbox:
         got: list[bytes] = []
         all_in = asyncio.Event()
 
-        async def handler(channel: str, message: bytes) -> None:
+        async def handler(channel: str, message: bytes, offset: Offset | None) -> None:
             got.append(message)
             if len(got) == 3:
                 all_in.set()
@@ -212,7 +216,7 @@ class TestOutbox:
                 assert await outbox.publish("a", str(n).encode())
             assert len(outbox) == 3
             await bus.subscribe("a")
-            await bus.start(handler)
+            await bus.start(handler, no_gap)
             await asyncio.wait_for(all_in.wait(), 5)
             assert got == [b"0", b"1", b"2"]
             assert outbox.status() == {"waiting": 0, "delivered_late": 3, "dropped": 0}
@@ -247,14 +251,77 @@ class TestRateLimiter:
         assert len(limiter) == 1
 
 
-class TestRecentMessages:
-    def test_forgets_by_age_of_traffic_not_by_clock(self) -> None:
-        recent = RecentMessages(keep=1.0)
-        recent.add(b"a", now=0.0)
-        recent.add(b"b", now=0.5)
-        assert b"a" in recent and b"b" in recent and b"c" not in recent
-        recent.add(b"c", now=1.2)  # a is now older than 1 s of traffic, b is not
-        assert b"a" not in recent and b"b" in recent and b"c" in recent
+class TestOffsets:
+    def test_parse_and_order(self) -> None:
+        assert Offset.parse("1700000000000-3") == Offset(1700000000000, 3)
+        assert Offset.parse(b"5-0") == Offset(5, 0)
+        assert str(Offset(12, 7)) == "12-7"
+        for bad in ("", "5", "5-", "-1-0", "a-b", "1-2-3", None, 5, "9" * 20 + "-0"):
+            assert Offset.parse(bad) is None, bad
+        assert Offset(5, 9) < Offset(6, 0) and Offset(6, 0) < Offset(6, 1) and ZERO < Offset(0, 1)
+
+    def test_live_offsets_are_read_from_the_spliced_field_and_sanity_checked(self) -> None:
+        assert offset_of(b'{"offset":"1700000000000-2","v":1}') == Offset(1700000000000, 2)
+        assert offset_of(b'{"v":1,"offset":"1-0"}') is None  # only where the publish script puts it
+        assert offset_of(b'{"offset":"junk","v":1}') is None
+        assert offset_of(b"garbage") is None
+        # far ahead of the clock: forged by someone publishing on our channels
+        assert offset_of(b'{"offset":"99999999999999-0","v":1}') is None
+
+    def test_recent_ids_are_bounded(self) -> None:
+        recent = _RecentIds(2)
+        assert not recent.check_and_add("a")
+        assert recent.check_and_add("a")
+        assert not recent.check_and_add("b") and not recent.check_and_add("c")
+        assert not recent.check_and_add("a")  # forgotten: only the last two are kept
+
+
+class TestMemoryHistory:
+    async def test_offsets_increase_and_history_reads_after_one(self) -> None:
+        bus = MemoryBus(history_max=100)
+        got: list[Offset | None] = []
+
+        async def handler(channel: str, message: bytes, offset: Offset | None) -> None:
+            got.append(offset)
+
+        await bus.start(handler, no_gap)
+        try:
+            await bus.subscribe("a")
+            for n in range(5):
+                await bus.publish("a" if n % 2 == 0 else "b", str(n).encode())
+            end = await bus.end()
+            history = await bus.history(ZERO, ["a"])
+            assert [e.message for e in history.entries] == [b"0", b"2", b"4"]
+            assert history.complete and history.end == end
+            offsets = [e.offset for e in history.entries]
+            assert offsets == sorted(offsets) and len(set(offsets)) == 3
+            later = await bus.history(offsets[0], ["a", "b"])
+            assert [e.message for e in later.entries] == [b"1", b"2", b"3", b"4"]
+        finally:
+            await bus.close()
+
+    async def test_trimmed_history_is_reported_incomplete(self) -> None:
+        bus = MemoryBus(history_max=2)
+        await bus.start(lambda *_: asyncio.sleep(0), no_gap)
+        try:
+            await bus.publish("a", b"0")
+            first = await bus.end()
+            for n in range(1, 4):
+                await bus.publish("a", str(n).encode())
+            history = await bus.history(first, ["a"])
+            assert not history.complete  # "1" was trimmed
+            assert [e.message for e in history.entries] == [b"2", b"3"]
+            assert (await bus.history(history.entries[0].offset, ["a"])).complete
+        finally:
+            await bus.close()
+
+    async def test_remembered_values_expire(self) -> None:
+        bus = MemoryBus()
+        await bus.remember("k", b"v", ttl=60)
+        await bus.remember("gone", b"v", ttl=0.001)
+        assert await bus.recall("k") == b"v"
+        await asyncio.sleep(0.01)
+        assert await bus.recall("gone") is None
 
 
 def test_the_server_entry_point_settles_the_garbage_collector() -> None:

@@ -47,6 +47,8 @@ class Settings:
     socket_burst: int = 40
     socket_max_queue: int = 1000
     replay_max_len: int = 10_000
+    replay_max_age: float = 300.0
+    recovery_window: float = 120.0
     ping_interval: float = 25.0
     ping_timeout: float = 20.0
     # Off for apps run inside a test process, where SIGTERM belongs to the test runner.
@@ -107,8 +109,14 @@ class Settings:
             "ping_interval": _float(get("PING_INTERVAL"), "PING_INTERVAL", 25.0, 1.0, 3600),
             "ping_timeout": _float(get("PING_TIMEOUT"), "PING_TIMEOUT", 20.0, 1.0, 3600),
             "replay_max_len": _int(get("REPLAY_MAX_LEN"), "REPLAY_MAX_LEN", 10_000, 0, 10_000_000),
+            "replay_max_age": _float(get("REPLAY_MAX_AGE"), "REPLAY_MAX_AGE", 300.0, 1.0, 7 * 24 * 3600),
+            "recovery_window": _float(get("RECOVERY_WINDOW"), "RECOVERY_WINDOW", 120.0, 1.0, 7 * 24 * 3600),
             "socket_max_queue": _int(get("SOCKET_MAX_QUEUE"), "SOCKET_MAX_QUEUE", 1000, 10, 10_000_000),
         }
+        if values["recovery_window"] > values["replay_max_age"]:  # type: ignore[operator]
+            raise ConfigError(
+                "RECOVERY_WINDOW must not exceed REPLAY_MAX_AGE: a client can only recover what the history still holds"
+            )
         instance_id = get("INSTANCE_ID")
         if instance_id is not None:
             values["instance_id"] = instance_id[:64]

@@ -115,7 +115,7 @@ async def _emit(scope: str, publish: Callable[[str, Any], Awaitable[str]]) -> Re
     except BusUnavailable as exc:
         current_app.logger.warning("emit refused, bus unavailable: %s", exc)
         raise ApiError(
-            503, "bus_unavailable", "the event bus is unavailable; nothing was sent", {"Retry-After": "1"}
+            503, "bus_unavailable", "the event bus did not confirm the event: it was most likely not sent, but may have been (a lost reply)", {"Retry-After": "1"}
         ) from None
     response = jsonify({"accepted": True, "id": envelope_id, "scope": scope})
     response.status_code = 202

@@ -19,8 +19,10 @@ from ..config import Settings
 from . import gateway, jsoncodec
 from .bus import Bus, MemoryBus, RedisBus
 from .limits import RateLimiter
+from .manager import FleetManager
 from .outbox import Outbox
 from .propagator import NAMESPACE, Propagator
+from .recovery import Recovery
 from .server import GuardedServer, engineio_logger
 from .state import SocketState
 
@@ -40,8 +42,10 @@ class Realtime:
     def init_app(self, app: Quart) -> None:
         settings: Settings = app.config["SETTINGS"]
         self.settings = settings
+        manager = FleetManager()
         self.sio = GuardedServer(
             async_mode="asgi",
+            client_manager=manager,
             cors_allowed_origins=list(settings.cors_origins) or None,
             # The hard cap per frame; gateways refuse smaller oversized payloads politely.
             max_http_buffer_size=settings.max_payload_bytes * 2,
@@ -51,16 +55,24 @@ class Realtime:
             engineio_logger=engineio_logger(),
             json=jsoncodec,
         )
-        self.bus: Bus = MemoryBus()
+        self.bus: Bus = MemoryBus(settings.replay_max_len, settings.replay_max_age)
         if settings.redis_url:
             self.bus = RedisBus(
                 settings.redis_url,
                 timeout=settings.redis_timeout,
                 backoff_max=settings.redis_backoff_max,
-                replay_key=f"{settings.channel_prefix}:replay" if settings.replay_max_len else None,
-                replay_max=settings.replay_max_len,
+                history_key=f"{settings.channel_prefix}:replay" if settings.replay_max_len else None,
+                history_max=settings.replay_max_len,
+                history_age=settings.replay_max_age,
+                epoch_key=f"{settings.channel_prefix}:epoch",
                 name=f"{settings.channel_prefix}:{settings.instance_id}",
             )
+        # Recovery needs the history: with REPLAY_MAX_LEN=0 the opt-in is ignored.
+        self.recovery = (
+            Recovery(self.bus, settings.secret_key, settings.channel_prefix, settings.recovery_window)
+            if settings.replay_max_len
+            else None
+        )
         self.state = SocketState()
         self.limiter = RateLimiter(settings.socket_rate, settings.socket_burst)
         self.propagator = Propagator(
@@ -70,8 +82,11 @@ class Realtime:
             settings.channel_prefix,
             settings.instance_id,
             outbox=Outbox(self.bus, settings.outbox_max_messages, settings.outbox_max_age),
+            recovery=self.recovery,
             max_queue=settings.socket_max_queue,
         )
+        manager.on_connected = self.propagator.connected
+        self.sio.connect_reply = self._connect_reply
         signer: TokenSigner = app.extensions["tokens"]
         gateway.register(self, signer)
         app.extensions[EXTENSION] = self
@@ -87,6 +102,11 @@ class Realtime:
             if self._drain_task is not None:
                 await self._drain_task
             await self.propagator.close()
+
+    def _connect_reply(self, sid: str) -> dict[str, Any]:
+        """What a socket's CONNECT reply carries besides its sid: the pid of a recoverable one."""
+        session = self.propagator.sessions.get(sid)
+        return {} if session is None else {"pid": session.pid}
 
     @property
     def ready(self) -> bool:
@@ -126,15 +146,16 @@ class Realtime:
         self.draining = True
         sids = list(self.state.all_sids())
         notice = {"reason": "instance shutting down", "instance": self.settings.instance_id, "reconnect": True}
-        await self.propagator.send(sids, "server_shutdown", notice)
+        self.propagator.send(sids, "server_shutdown", notice)
         sockets = self.sio.eio.sockets
         closing = []
         for sid in sids:
             sock = sockets.get(self.sio.manager.eio_sid_from_sid(sid, NAMESPACE))
             if sock is not None:
-                # An Engine.IO close, not a Socket.IO disconnect: clients treat it as a transport
-                # loss and reconnect by themselves.
-                closing.append(sock.close(wait=True, reason="server shutting down"))
+                # The transport just ends, after what was queued: no Socket.IO disconnect and no
+                # Engine.IO close packet, which python-socketio's client takes as final. Every
+                # stock client sees a lost transport and reconnects by itself.
+                closing.append(sock.close(wait=True, abort=True, reason="server shutting down"))
         try:
             await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), self.settings.shutdown_timeout)
         except TimeoutError:

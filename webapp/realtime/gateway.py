@@ -14,6 +14,8 @@ import orjson
 import socketio
 
 from ..auth.tokens import InvalidToken, TokenSigner
+from . import recovery
+from .propagator import SubscriptionFailed
 
 if TYPE_CHECKING:
     from . import Realtime
@@ -102,19 +104,19 @@ async def _answer(realtime: Realtime, sid: str, event: str, data: Any) -> int:
     raw = None
     if user_id is not None:
         try:
-            raw = propagator.answer_envelope(user_id, event, data, sid)
+            raw = propagator.answer_envelope(user_id, event, data, propagator.origin_of(sid))
         except (TypeError, orjson.JSONEncodeError) as exc:
             log.error("gateway %s gave an answer that is not JSON: %s", event, exc)
             await _error(realtime, sid, event, "bad_answer", "the gateway's answer could not be encoded")
             return 0
-    await propagator.send([sid], event, data)
+    propagator.send([sid], event, data)
     if raw is not None and not await propagator.propagate_answer(user_id or "", raw):
         log.warning("answer to %s not propagated to %s's other sockets: outbox full", sid, user_id)
     return 1
 
 
 async def _error(realtime: Realtime, sid: str, event: str, code: str, message: str) -> None:
-    await realtime.propagator.send([sid], "error", {"code": code, "message": message, "event": event})
+    realtime.propagator.send([sid], "error", {"code": code, "message": message, "event": event})
 
 
 def register(realtime: Realtime, signer: TokenSigner) -> None:
@@ -127,7 +129,14 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
             raise socketio.exceptions.ConnectionRefusedError(
                 "shutting down", {"code": "shutting_down", "message": "this instance is shutting down"}
             )
-        await realtime.propagator.attach(sid, authenticate(signer, environ, auth))
+        user_id = authenticate(signer, environ, auth)
+        try:
+            await realtime.propagator.attach(sid, user_id, recovery.requested(auth))
+        except SubscriptionFailed as exc:
+            raise socketio.exceptions.ConnectionRefusedError(
+                "bus unavailable",
+                {"code": "bus_unavailable", "message": "the event bus did not confirm this socket's channel; retry"},
+            ) from exc
 
     @sio.event
     async def disconnect(sid: str, reason: Any = None) -> None:

@@ -1,10 +1,15 @@
-"""The three delivery scopes across instances, and delivery of consumed envelopes."""
+"""The three delivery scopes across instances, and delivery of consumed envelopes.
+
+Sockets that opted in to recovery get each event's offset as a last argument, their missed
+events right after their CONNECT reply, and nothing live before those.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,13 +19,21 @@ from engineio import packet as eio_packet
 from socketio import packet as sio_packet
 
 from . import envelope
-from .bus import Bus
+from .bus import Bus, BusUnavailable, Offset
 from .outbox import Outbox
+from .recovery import Recovery, Request, Session
 from .state import SocketState
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "/"
+RECENT_IDS = 10_000  # envelope ids remembered to drop a batch Redis applied twice
+
+
+class SubscriptionFailed(Exception):
+    """Redis is there but did not confirm a user's channel: the socket must not be accepted."""
+
+Delivery = tuple[str, Any, "Offset | None"]  # event, data, offset
 
 
 class Propagator:
@@ -35,6 +48,7 @@ class Propagator:
         instance_id: str,
         *,
         outbox: Outbox,
+        recovery: Recovery | None = None,
         max_queue: int = 1000,
     ) -> None:
         self.bus = bus
@@ -42,7 +56,15 @@ class Propagator:
         self.sio = sio
         self.instance_id = instance_id
         self.outbox = outbox
+        self.recovery = recovery
         self.max_queue = max_queue
+        # Opted-in sockets, and sockets whose CONNECT reply is not out yet (their deliveries wait).
+        self.sessions: dict[str, Session] = {}
+        self._connecting: dict[str, list[Delivery]] = {}
+        self._seen = _RecentIds(RECENT_IDS)
+        self._records: set[asyncio.Task[None]] = set()
+        self.deduplicated = 0
+        self.gap_notices = 0
         self.slow_evicted = 0
         self.swept = 0
         self._evictions: set[asyncio.Task[None]] = set()
@@ -60,14 +82,16 @@ class Propagator:
         return self._user_prefix + user_id
 
     async def start(self) -> None:
-        await self.bus.start(self.on_message)
+        await self.bus.start(self.on_message, self.on_gap)
         self.outbox.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(10.0), name="state-sweeper")
         await self.bus.subscribe(self.channel_all)
         await self.bus.subscribe(self.channel_authenticated)
 
     async def close(self) -> None:
-        tasks = [*self._evictions, *self._pending, *([self._sweeper] if self._sweeper else [])]
+        if self._records:  # how sessions ended: a drained client recovers with them
+            await asyncio.wait(self._records, timeout=5.0)
+        tasks = [*self._records, *self._evictions, *self._pending, *([self._sweeper] if self._sweeper else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -77,24 +101,90 @@ class Propagator:
 
     # --- sockets coming and going -------------------------------------------------------
 
-    async def attach(self, sid: str, user_id: str | None) -> None:
-        """Register a socket; for a user's first socket here, hold its channel first."""
+    async def attach(self, sid: str, user_id: str | None, recovery: Request | None = None) -> None:
+        """Register a socket during its handshake; for a user's first socket here, hold its
+        channel first (SubscriptionFailed when Redis does not confirm it). Its deliveries wait
+        until `connected` says its CONNECT reply is out."""
+        await self._to_the_end(self._attach(sid, user_id, recovery))
+
+    async def _attach(self, sid: str, user_id: str | None, request: Request | None) -> None:
+        self._connecting[sid] = []
+        try:
+            if user_id is None:
+                self.state.add(sid, None)
+            else:
+                async with self._user_locks.hold(user_id):
+                    if not self.state.holds_user(user_id):
+                        await self._hold(self.user_channel(user_id))
+                    self.state.add(sid, user_id)
+            if request is not None and self.recovery is not None:
+                self.sessions[sid] = await self.recovery.open(sid, user_id, self.channels_of(user_id), request)
+        except BaseException:
+            self._connecting.pop(sid, None)
+            if sid in self.state:
+                await self._forget(sid)
+            raise
+
+    async def _hold(self, channel: str) -> None:
+        try:
+            await self.bus.subscribe(channel)  # False (Redis unreachable): made on recovery
+        except BusUnavailable as exc:
+            await self.bus.unsubscribe(channel)
+            raise SubscriptionFailed(str(exc)) from None
+
+    def channels_of(self, user_id: str | None) -> list[str]:
+        """The channels whose events reach a socket of `user_id` (None: anonymous)."""
         if user_id is None:
-            self.state.add(sid, None)
-        else:
-            await self._to_the_end(self._attach(sid, user_id))
+            return [self.channel_all]
+        return [self.channel_all, self.channel_authenticated, self.user_channel(user_id)]
+
+    async def connected(self, sid: str) -> None:
+        """The socket's CONNECT reply is out: send what it missed, then what waited for it."""
+        waiting = self._connecting.pop(sid, None)
+        session = self.sessions.get(sid)
+        if session is not None:
+            missed = self._replay(sid, session)
+            if session.failure is not None:
+                self.send([sid], "recovery_failed", {"reason": session.failure})
+            elif session.replay or missed:
+                self.send([sid], "recovered", {"missed": missed})
+            session.replay = []
+        for event, data, offset in waiting or ():
+            self.deliver([sid], event, data, offset)
+
+    def _replay(self, sid: str, session: Session) -> int:
+        missed = 0
+        user_id = self.state.user_of(sid)
+        for entry in session.replay:
+            env = self._addressed(entry.channel, entry.message)
+            if env is None or (env.scope == "user" and env.user_id != user_id):
+                continue
+            if env.origin.sid == session.origin:
+                continue  # its own answer: the socket had it directly
+            missed += 1
+            self._frames_to(sid, self._encode(env.event, env.data, entry.offset))
+            session.offset = entry.offset
+        return missed
+
+    def origin_of(self, sid: str) -> str:
+        """The sid a socket's gateway answers carry: stable across a session's recoveries."""
+        session = self.sessions.get(sid)
+        return sid if session is None else session.origin
 
     async def detach(self, sid: str) -> None:
         """Forget a socket; release its user's channel when it was the last one here."""
+        self._connecting.pop(sid, None)
+        session = self.sessions.pop(sid, None)
+        if session is not None and self.recovery is not None:
+            record = asyncio.ensure_future(self.recovery.ended(session, self.bus.position))
+            self._records.add(record)
+            record.add_done_callback(self._records.discard)
+        await self._forget(sid)
+
+    async def _forget(self, sid: str) -> None:
         user_id, last = self.state.remove(sid)
         if user_id is not None and last:
             await self._to_the_end(self._release(user_id))
-
-    async def _attach(self, sid: str, user_id: str) -> None:
-        async with self._user_locks.hold(user_id):
-            if not self.state.holds_user(user_id):
-                await self.bus.subscribe(self.user_channel(user_id))
-            self.state.add(sid, user_id)
 
     async def _release(self, user_id: str) -> None:
         async with self._user_locks.hold(user_id):
@@ -111,12 +201,15 @@ class Propagator:
         await asyncio.shield(task)
 
     async def _sweep_forever(self, every: float) -> None:
-        """Safety net: forget sockets the Socket.IO server no longer knows (a connection that
-        died inside its connect handler never gets a disconnect call)."""
+        """Safety net: forget sockets whose connection is gone. One that died inside its connect
+        handler never gets a disconnect call, and the manager may still map its sid, so the
+        Engine.IO socket itself is checked."""
         while True:
             await asyncio.sleep(every)
             for sid in list(self.state.all_sids()):
-                if self.sio.manager.eio_sid_from_sid(sid, NAMESPACE) is None:
+                eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
+                sock = self.sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
+                if sock is None or sock.closed:
                     self.swept += 1
                     await self.detach(sid)
 
@@ -157,53 +250,104 @@ class Propagator:
 
     # --- consuming ----------------------------------------------------------------------
 
-    async def on_message(self, channel: str, raw: bytes) -> None:
+    async def on_message(self, channel: str, raw: bytes, offset: Offset | None) -> None:
         """Deliver one consumed message to the local sockets it addresses; drop garbage."""
+        env = self._addressed(channel, raw)
+        if env is None:
+            return
+        if self._seen.check_and_add(env.id):
+            self.deduplicated += 1  # a batch Redis applied although its reply was lost, then retried
+            return
+        if env.scope == "user":
+            sids: Iterable[str] = self.state.sids_of(env.user_id or "")
+            skip = env.origin.sid
+            if skip is not None:
+                sids = [sid for sid in sids if self.origin_of(sid) != skip]
+        elif env.scope == "all":
+            sids = self.state.all_sids()
+        else:
+            sids = self.state.authenticated_sids()
+        self.deliver(list(sids), env.event, env.data, offset)
+
+    def _addressed(self, channel: str, raw: bytes) -> envelope.Envelope | None:
+        """The envelope in a message, if it is valid and on its scope's channel; else dropped."""
         try:
             env = envelope.parse(raw)
         except envelope.BadEnvelope as exc:
             self._drop(channel, str(exc))
-            return
+            return None
         if env.scope == "user":
             if channel != self.user_channel(env.user_id or ""):
                 self._drop(channel, "user envelope on a channel that is not its user's")
-                return
-            sids: Iterable[str] = self.state.sids_of(env.user_id or "")
-            skip = env.origin.sid
-            if skip is not None:
-                sids = [sid for sid in sids if sid != skip]
-        elif env.scope == "all" and channel == self.channel_all:
-            sids = self.state.all_sids()
-        elif env.scope == "authenticated" and channel == self.channel_authenticated:
-            sids = self.state.authenticated_sids()
-        else:
+                return None
+        elif not (env.scope == "all" and channel == self.channel_all) and not (
+            env.scope == "authenticated" and channel == self.channel_authenticated
+        ):
             self._drop(channel, f"{env.scope} envelope on the wrong channel")
-            return
-        await self.send(list(sids), env.event, env.data)
+            return None
+        return env
 
-    async def send(self, sids: list[str], event: str, data: Any) -> None:
-        """Encode one Socket.IO packet and queue it for each socket (as rooms do)."""
+    async def on_gap(self, reason: str) -> None:
+        """The bus lost events it cannot replay: recoverable sockets must refetch their state."""
+        self.gap_notices += 1
+        self.send(list(self.sessions), "recovery_failed", {"reason": reason})
+
+    def send(self, sids: list[str], event: str, data: Any) -> None:
+        """Send an event straight to local sockets (no bus): answers, errors, notices."""
+        self.deliver(sids, event, data, None)
+
+    def deliver(self, sids: list[str], event: str, data: Any, offset: Offset | None) -> None:
+        """Encode one Socket.IO packet and queue it for each socket (as rooms do).
+
+        Recoverable sockets get the offset as a last argument (one more encoding, shared by
+        all of them); a message without one (sent directly, or published outside the history)
+        carries the offset each such socket already holds.
+        """
         if not sids:
             return
-        pkt = self.sio.packet_class(sio_packet.EVENT, namespace=NAMESPACE, data=[event, data])
-        encoded = pkt.encode()
+        if not self.sessions and not self._connecting:
+            frames = self._encode(event, data, None)
+            for sid in sids:
+                self._frames_to(sid, frames)
+            return
+        plain: list[eio_packet.Packet] | None = None
+        stamped: list[eio_packet.Packet] | None = None
+        for sid in sids:
+            waiting = self._connecting.get(sid)
+            if waiting is not None:
+                waiting.append((event, data, offset))
+                continue
+            session = self.sessions.get(sid)
+            if session is None:
+                plain = plain or self._encode(event, data, None)
+                self._frames_to(sid, plain)
+            elif offset is None:
+                self._frames_to(sid, self._encode(event, data, session.offset))
+            elif offset > session.floor:
+                stamped = stamped or self._encode(event, data, offset)
+                session.offset = offset
+                self._frames_to(sid, stamped)
+
+    def _encode(self, event: str, data: Any, offset: Offset | None) -> list[eio_packet.Packet]:
+        args = [event, data] if offset is None else [event, data, str(offset)]
+        encoded = self.sio.packet_class(sio_packet.EVENT, namespace=NAMESPACE, data=args).encode()
         parts = encoded if isinstance(encoded, list) else [encoded]
         # Shared by every recipient: an Engine.IO packet caches its encoding, so each frame is
         # built once per broadcast, not once per socket.
-        eio_pkts = [eio_packet.Packet(eio_packet.MESSAGE, part) for part in parts]
-        manager, sockets = self.sio.manager, self.sio.eio.sockets
-        for sid in sids:
-            sock = sockets.get(manager.eio_sid_from_sid(sid, NAMESPACE))
-            if sock is None or sock.closing or sock.closed:
-                continue
-            if sock.queue.qsize() >= self.max_queue:
-                self._evict(sock, sid)
-                continue
-            # Straight onto the socket's queue: never blocks on a slow reader, and skips the
-            # library's per-packet ping check (its service task checks pings anyway).
-            for eio_pkt in eio_pkts:
-                sock.queue.put_nowait(eio_pkt)
-            self.delivered += 1
+        return [eio_packet.Packet(eio_packet.MESSAGE, part) for part in parts]
+
+    def _frames_to(self, sid: str, frames: list[eio_packet.Packet]) -> None:
+        sock = self.sio.eio.sockets.get(self.sio.manager.eio_sid_from_sid(sid, NAMESPACE))
+        if sock is None or sock.closing or sock.closed:
+            return
+        if sock.queue.qsize() >= self.max_queue:
+            self._evict(sock, sid)
+            return
+        # Straight onto the socket's queue: never blocks on a slow reader, and skips the
+        # library's per-packet ping check (its service task checks pings anyway).
+        for frame in frames:
+            sock.queue.put_nowait(frame)
+        self.delivered += 1
 
     def _evict(self, sock: Any, sid: str) -> None:
         """Disconnect a socket that stopped reading; its queue stays at the bound it reached."""
@@ -228,8 +372,31 @@ class Propagator:
             "dropped_invalid": self.dropped,
             "slow_consumers_evicted": self.slow_evicted,
             "swept": self.swept,
+            "recoverable_sockets": len(self.sessions),
+            "deduplicated": self.deduplicated,
+            "gap_notices": self.gap_notices,
+            **({"recovery": self.recovery.status()} if self.recovery is not None else {}),
             "outbox": self.outbox.status(),
         }
+
+
+class _RecentIds:
+    """The last `size` envelope ids seen, for dropping a message delivered once already."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._ids: set[str] = set()
+        self._order: deque[str] = deque()
+
+    def check_and_add(self, envelope_id: str) -> bool:
+        """True if `envelope_id` was seen; else remember it (forgetting the oldest)."""
+        if envelope_id in self._ids:
+            return True
+        self._ids.add(envelope_id)
+        self._order.append(envelope_id)
+        if len(self._order) > self._size:
+            self._ids.discard(self._order.popleft())
+        return False
 
 
 class _KeyedLocks:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import socketio
+from socketio import packet as sio_packet
 
 from ..names import RESERVED_EVENTS
 from .transport import LeanEngine, LeanSocket
@@ -35,6 +37,8 @@ class GuardedServer(socketio.AsyncServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Extra fields of a socket's CONNECT reply (the recovery protocol's `pid`).
+        self.connect_reply: Callable[[str], dict[str, Any]] | None = None
         self.malformed_packets = 0
         self._last_warning = 0.0
 
@@ -50,6 +54,16 @@ class GuardedServer(socketio.AsyncServer):
         for key in _UNUSED_AFTER_HANDSHAKE:
             environ.pop(key, None)
         await super()._handle_eio_connect(eio_sid, environ)
+
+    async def _send_packet(self, eio_sid: str, pkt: Any) -> None:
+        if (
+            self.connect_reply is not None
+            and pkt.packet_type == sio_packet.CONNECT
+            and isinstance(pkt.data, dict)
+            and isinstance(pkt.data.get("sid"), str)
+        ):
+            pkt.data = {**pkt.data, **self.connect_reply(pkt.data["sid"])}
+        await super()._send_packet(eio_sid, pkt)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         try:

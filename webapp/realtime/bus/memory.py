@@ -1,0 +1,113 @@
+"""A single-instance bus: published messages reach only this process, with a bounded history."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import deque
+from collections.abc import Collection
+from typing import Any
+
+from .base import ZERO, BusUnavailable, Entry, GapHandler, History, MessageHandler, Offset, cancel, dispatch
+
+
+class MemoryBus:
+    """Delivers in publish order and keeps the last `history_max` messages (and at most
+    `history_age` seconds of them), so clients of this one instance can recover too."""
+
+    kind = "memory"
+
+    def __init__(self, history_max: int = 10_000, history_age: float = 300.0) -> None:
+        self._channels: set[str] = set()
+        self._queue: asyncio.Queue[Entry] = asyncio.Queue()
+        self._handler: MessageHandler | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._history: deque[Entry] = deque()
+        self._history_max = history_max
+        self._history_age = history_age
+        self._last = ZERO
+        self._trimmed = ZERO  # the newest offset dropped from the history
+        self._position: Offset | None = None
+        self._epoch = uuid.uuid4().hex
+        self._records: dict[str, tuple[float, bytes]] = {}
+        self._expiring: deque[tuple[float, str]] = deque()  # in the order written: same ttl each time
+
+    async def start(self, handler: MessageHandler, on_gap: GapHandler) -> None:
+        self._handler = handler
+        self._position = self._last
+        self._task = asyncio.create_task(self._consume(), name="memory-bus-consumer")
+
+    async def close(self) -> None:
+        await cancel(self._task)
+        self._task = None
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        if self._task is None:
+            raise BusUnavailable("the in-memory bus is not running")
+        entry = Entry(self._next_offset(), channel, message)
+        if self._history_max:
+            self._history.append(entry)
+            self._trim(entry.offset)
+        if channel in self._channels:  # like Redis: who gets it is decided at publish time
+            self._queue.put_nowait(entry)
+
+    def _next_offset(self) -> Offset:
+        ms = int(time.time() * 1000)
+        self._last = Offset(ms, 0) if ms > self._last.ms else Offset(self._last.ms, self._last.seq + 1)
+        return self._last
+
+    def _trim(self, newest: Offset) -> None:
+        horizon = newest.ms - int(self._history_age * 1000)
+        while self._history and (len(self._history) > self._history_max or self._history[0].offset.ms < horizon):
+            self._trimmed = self._history.popleft().offset
+
+    async def subscribe(self, channel: str) -> bool:
+        self._channels.add(channel)
+        return True
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._channels.discard(channel)
+
+    @property
+    def ready(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def position(self) -> Offset | None:
+        return self._position
+
+    @property
+    def epoch(self) -> str | None:
+        return self._epoch
+
+    async def end(self) -> Offset:
+        return self._last
+
+    async def history(self, after: Offset, channels: Collection[str]) -> History:
+        wanted = set(channels)
+        entries = [e for e in self._history if e.offset > after and e.channel in wanted]
+        return History(entries, max(after, self._last), complete=self._trimmed <= after)
+
+    async def remember(self, key: str, value: bytes, ttl: float) -> None:
+        now = time.monotonic()
+        while self._expiring and self._expiring[0][0] <= now:  # forget what expired: no growth past the ttl
+            expires, old = self._expiring.popleft()
+            if self._records.get(old, (None,))[0] == expires:
+                del self._records[old]
+        self._records[key] = (now + ttl, value)
+        self._expiring.append((now + ttl, key))
+
+    async def recall(self, key: str) -> bytes | None:
+        expires, value = self._records.get(key, (0.0, b""))
+        return value if expires > time.monotonic() else None
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": self.kind, "connected": self.ready, "channels": len(self._channels)}
+
+    async def _consume(self) -> None:
+        assert self._handler is not None
+        while True:
+            entry = await self._queue.get()
+            self._position = entry.offset
+            await dispatch(self._handler, entry.channel, entry.message, entry.offset)

@@ -1,0 +1,556 @@
+"""Redis pub/sub for live delivery, and one Redis Stream as the history that gives every event an offset.
+
+Each publish runs one script: XADD to the history stream (the entry id is the event's offset),
+trim the stream by count and age, then PUBLISH the envelope with the offset spliced in as its
+first field. Pub/sub on one connection keeps the server's execution order, so live messages
+arrive in offset order; after any gap the subscriber reads the stream from the last offset it
+consumed, then drops live messages at or below it: exactly once, in order, no clock involved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import Collection
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from .base import ZERO, BusUnavailable, Entry, GapHandler, History, MessageHandler, Offset, cancel, dispatch
+
+log = logging.getLogger(__name__)
+
+# KEYS[1] history stream; ARGV: channel, envelope, max length, max age in ms. Returns the offset.
+# A script is atomic: the history and the live message can never disagree.
+_PUBLISH_AND_RECORD = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'c', ARGV[1], 'm', ARGV[2])
+local ms = tonumber(string.match(id, '^%d+'))
+redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%d-0', ms - tonumber(ARGV[4])))
+local message = ARGV[2]
+if string.byte(message, 1) == 123 and string.byte(message, 2) == 34 then
+  message = '{"offset":"' .. id .. '",' .. string.sub(message, 2)
+end
+redis.call('PUBLISH', ARGV[1], message)
+return id
+"""
+_OFFSET_MARK = b'{"offset":"'
+_READ_CHUNK = 1000
+# A live offset far ahead of our clock is forged (anyone can publish on our channels): trusting
+# it would make the seam drop every real message after it.
+_MAX_CLOCK_SKEW_MS = 60_000
+
+
+def offset_of(message: bytes) -> Offset | None:
+    """The offset the publish script spliced into a live message, if it is there and sane."""
+    if not message.startswith(_OFFSET_MARK):
+        return None
+    start = len(_OFFSET_MARK)
+    stop = message.find(b'"', start, start + 40)
+    offset = Offset.parse(message[start:stop]) if stop > 0 else None
+    if offset is None or offset.ms > time.time() * 1000 + _MAX_CLOCK_SKEW_MS:
+        return None
+    return offset
+
+
+class RedisBus:
+    """Redis pub/sub with one subscriber connection, read by one task and delivered by another.
+
+    The reader only parses replies: subscription confirmations are handled as they arrive and
+    are never stuck behind a backlog of deliveries. The set of channels this instance should
+    hold is the truth; after any reconnect all of it is subscribed again, then the history is
+    read from the last offset consumed before anything live is delivered.
+    """
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 2.0,
+        backoff_min: float = 0.1,
+        backoff_max: float = 5.0,
+        idle_ping: float = 5.0,
+        max_connections: int = 200,
+        history_key: str | None = None,
+        history_max: int = 10_000,
+        history_age: float = 300.0,
+        epoch_key: str | None = None,
+        name: str = "webapp",
+    ) -> None:
+        self._url = url
+        # Named connections: `CLIENT LIST` shows which instance each belongs to.
+        self._name = re.sub(r"[^A-Za-z0-9_.:-]", "_", name)[:100]
+        self._timeout = timeout
+        self._backoff_min = backoff_min
+        self._backoff_max = backoff_max
+        self._idle_ping = idle_ping
+        self._max_connections = max_connections
+        self._history_key = history_key
+        self._history_max = history_max
+        self._history_age_ms = int(history_age * 1000)
+        self._epoch_key = epoch_key
+        self._wanted: set[str] = set()
+        self._confirmed: set[str] = set()
+        self._initial: set[str] = set()
+        self._waiters: dict[tuple[str, str], deque[asyncio.Future[bool]]] = {}
+        self._conn: AbstractConnection | None = None
+        self._send_lock = asyncio.Lock()
+        self._handler: MessageHandler | None = None
+        self._on_gap: GapHandler | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._deliverer: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._client: Redis | None = None
+        self._sub_pool: ConnectionPool | None = None
+        self._outgoing: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        self._outgoing_ready = asyncio.Event()
+        self._inbox: deque[tuple[str, bytes]] = deque()
+        self._inbox_ready = asyncio.Event()
+        self._position: Offset | None = None  # the last offset consumed; None before the first connection
+        self._epoch: str | None = None
+        self._epoch_before: str | None = None
+        self._holding = False  # reconnected, waiting for its subscriptions to be confirmed
+        self._owed = False  # a catch-up from `_position` is owed before anything live
+        self._from_start = False  # ... from the start of the history (Redis lost its data)
+        self._generation = 0  # counts connections: a catch-up knows whether another gap began
+        self.reconnects = 0
+        self.replayed = 0
+        self.deduplicated = 0
+        self.gaps = 0
+        self.epoch_changes = 0
+        self.last_error: str | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, handler: MessageHandler, on_gap: GapHandler) -> None:
+        self._handler, self._on_gap = handler, on_gap
+        # Publishing borrows from a blocking pool so a burst waits for a connection instead of
+        # failing. No retries: a batch whose reply was lost may have been applied, and sending
+        # it again would duplicate it; the pool already replaces connections that died.
+        pool = BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=self._max_connections,
+            timeout=self._timeout,
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+            retry=Retry(NoBackoff(), 0),
+            client_name=f"{self._name}:pub",
+        )
+        self._client = Redis(connection_pool=pool)
+        # RESP2 on the subscriber: its replies are plain arrays this loop reads itself (RESP3
+        # would route them to push handlers instead).
+        self._sub_pool = ConnectionPool.from_url(
+            self._url,
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+            protocol=2,
+            client_name=f"{self._name}:sub",
+        )
+        self._reader = asyncio.create_task(self._run(), name="redis-bus-reader")
+        self._deliverer = asyncio.create_task(self._deliver_forever(), name="redis-bus-deliverer")
+        self._sender = asyncio.create_task(self._send_forever(), name="redis-bus-publisher")
+
+    async def close(self) -> None:
+        for task in (self._reader, self._deliverer, self._sender):
+            await cancel(task)
+        self._reader = self._deliverer = self._sender = None
+        for _, _, done in self._outgoing:
+            if not done.done():
+                done.set_exception(BusUnavailable("the Redis bus closed"))
+        self._outgoing = []
+        await self._drop_connection()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        if self._sub_pool is not None:
+            await self._sub_pool.disconnect()
+            self._sub_pool = None
+
+    # --- publishing ---------------------------------------------------------------------------
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        """Hand a message to Redis; raises BusUnavailable when Redis did not confirm it.
+
+        Concurrent publishes are sent together: one MULTI, one round trip, one pooled
+        connection per batch instead of per message. Order is kept (one queue, one sender).
+        """
+        if self._client is None or self._sender is None:
+            raise BusUnavailable("the Redis bus is not running")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outgoing.append((channel, message, done))
+        self._outgoing_ready.set()
+        await done
+
+    async def _send_forever(self) -> None:
+        while True:
+            await self._outgoing_ready.wait()
+            self._outgoing_ready.clear()
+            while self._outgoing:
+                batch, self._outgoing = self._outgoing, []
+                error = await self._send_batch(batch)
+                for _, _, done in batch:
+                    if done.done():
+                        continue
+                    if error is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(BusUnavailable(f"Redis did not confirm the publish: {error}"))
+
+    async def _send_batch(self, batch: list[tuple[str, bytes, asyncio.Future[None]]]) -> Exception | None:
+        assert self._client is not None
+        try:
+            if len(batch) == 1:
+                await self._client.execute_command(*self._publish_args(batch[0][0], batch[0][1]))
+                return None
+            # MULTI/EXEC: Redis applies the batch whole or not at all, never in part.
+            async with self._client.pipeline(transaction=True) as pipe:
+                for channel, message, _ in batch:
+                    pipe.execute_command(*self._publish_args(channel, message))
+                await pipe.execute()
+            return None
+        except (TimeoutError, RedisError, OSError) as exc:
+            return exc
+
+    def _publish_args(self, channel: str, message: bytes) -> tuple[Any, ...]:
+        if self._history_key is None:
+            return ("PUBLISH", channel, message)
+        # EVAL, not EVALSHA: Redis caches the script by its hash anyway, and a restarted Redis
+        # (empty script cache) then needs no NOSCRIPT dance in the middle of a MULTI.
+        return (
+            "EVAL", _PUBLISH_AND_RECORD, 1, self._history_key,
+            channel, message, self._history_max, self._history_age_ms,
+        )
+
+    # --- history ------------------------------------------------------------------------------
+
+    @property
+    def position(self) -> Offset | None:
+        return self._position
+
+    @property
+    def epoch(self) -> str | None:
+        return self._epoch
+
+    async def end(self) -> Offset:
+        """The newest offset in the history (everything later arrives live)."""
+        client = self._require_client()
+        if self._history_key is None:
+            raise BusUnavailable("this bus keeps no history")
+        try:
+            newest = await client.xrevrange(self._history_key, count=1)
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise BusUnavailable(f"Redis did not answer: {exc}") from None
+        return (Offset.parse(newest[0][0]) or ZERO) if newest else ZERO
+
+    async def history(self, after: Offset, channels: Collection[str] | None) -> History:
+        """Every entry after `after` on `channels` (None: all), in order; `complete` is False
+        when the stream already trimmed something after `after` (too old, or too far back)."""
+        client = self._require_client()
+        if self._history_key is None:
+            raise BusUnavailable("this bus keeps no history")
+        wanted = None if channels is None else set(channels)
+        entries: list[Entry] = []
+        end = after
+        try:
+            while True:
+                chunk = await client.xrange(self._history_key, min=f"({end}", max="+", count=_READ_CHUNK)
+                for raw_id, fields in chunk:
+                    offset = Offset.parse(raw_id)
+                    if offset is None:
+                        continue
+                    end = offset
+                    channel = _text(fields.get(b"c"))
+                    if wanted is None or channel in wanted:
+                        entries.append(Entry(offset, channel, _bytes(fields.get(b"m"))))
+                if len(chunk) < _READ_CHUNK:
+                    break
+            # Checked after reading: anything trimmed meanwhile counts as lost too.
+            complete = await self._nothing_trimmed_after(client, after)
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise BusUnavailable(f"Redis did not answer: {exc}") from None
+        return History(entries, end, complete)
+
+    async def _nothing_trimmed_after(self, client: Redis, after: Offset) -> bool:
+        """Trimming removes from the head: nothing after `after` is gone while `after` itself
+        (always an id the stream once held) is still there, or while nothing was ever trimmed.
+        Conservative at one point: `after` trimmed with its successor kept reads as a loss."""
+        assert self._history_key is not None
+        try:
+            info = await client.xinfo_stream(self._history_key)
+        except ResponseError:  # no such key: nothing was ever written, so nothing trimmed
+            return True
+        first = info.get("first-entry")
+        if not first or info.get("entries-added") == info.get("length"):
+            return True
+        return (Offset.parse(first[0]) or ZERO) <= after
+
+    async def remember(self, key: str, value: bytes, ttl: float) -> None:
+        try:
+            await self._require_client().set(key, value, px=max(1, int(ttl * 1000)))
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise BusUnavailable(f"Redis did not answer: {exc}") from None
+
+    async def recall(self, key: str) -> bytes | None:
+        try:
+            value = await self._require_client().get(key)
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise BusUnavailable(f"Redis did not answer: {exc}") from None
+        return _bytes(value) if value is not None else None
+
+    def _require_client(self) -> Redis:
+        if self._client is None:
+            raise BusUnavailable("the Redis bus is not running")
+        return self._client
+
+    # --- subscriptions ------------------------------------------------------------------------
+
+    async def subscribe(self, channel: str) -> bool:
+        """Hold `channel`. True once Redis confirmed it; False while Redis is unreachable (it is
+        made on recovery); BusUnavailable when Redis is there but did not confirm in time."""
+        self._wanted.add(channel)
+        return await self._command("subscribe", channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._wanted.discard(channel)
+        try:
+            await self._command("unsubscribe", channel)
+        except BusUnavailable as exc:  # the reconnect after a failure subscribes only what is wanted
+            log.warning("%s", exc)
+
+    async def _command(self, kind: str, channel: str) -> bool:
+        conn = self._conn
+        if conn is None:
+            return False
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        queue = self._waiters.setdefault((kind, channel), deque())
+        queue.append(waiter)
+        try:
+            if not await self._send(conn, kind.upper(), channel):
+                return False
+            return await asyncio.wait_for(asyncio.shield(waiter), self._timeout)
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise BusUnavailable(f"Redis did not confirm {kind} {channel}: {exc or 'timed out'}") from None
+        finally:
+            if waiter in queue:
+                queue.remove(waiter)
+            if not queue:
+                self._waiters.pop((kind, channel), None)
+
+    async def _send(self, conn: AbstractConnection, *args: str) -> bool:
+        """Write a command on the subscriber connection; False if that connection is gone.
+
+        Never on a connection the bus dropped (redis-py would silently reconnect it, and
+        nobody would read that orphan subscriber), and never triggering a read: the reader
+        task owns all reads.
+        """
+        async with self._send_lock:
+            if conn is not self._conn or not conn.is_connected:
+                return False
+            await conn.send_command(*args, check_health=False)
+            return True
+
+    # --- consuming ----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._conn is not None and not self._initial and not self._holding and not self._owed
+
+    async def _run(self) -> None:
+        delay = self._backoff_min
+        while True:
+            try:
+                await self._connect()
+                delay = self._backoff_min
+                await self._read_forever()
+            except asyncio.CancelledError:
+                raise
+            except (TimeoutError, RedisError, OSError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("Redis subscriber lost (%s); retrying in %.1fs", self.last_error, delay)
+            except Exception:  # keep the consumer alive whatever a bug throws
+                self.last_error = "internal error"
+                log.exception("Redis consumer failed; restarting it")
+            await self._drop_connection()
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, self._backoff_max)
+            self.reconnects += 1
+
+    async def _connect(self) -> None:
+        assert self._sub_pool is not None
+        owed = await self._owes_catch_up()
+        conn: AbstractConnection = self._sub_pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        self._conn = conn
+        self._generation += 1
+        self._initial = set(self._wanted)
+        # Nothing live is delivered until the history after our position has been.
+        self._holding = self._owed = owed
+        if self._initial:
+            await self._send(conn, "SUBSCRIBE", *sorted(self._initial))
+        self.last_error = None
+        log.info("Redis subscriber connected; subscribing %d channels", len(self._initial))
+        self._release_when_confirmed()
+
+    async def _owes_catch_up(self) -> bool:
+        """Whether this (re)connect owes a catch-up; checks first whether Redis lost its data."""
+        if self._history_key is None:
+            return False
+        if self._epoch_key is not None:
+            client = self._require_client()
+            mine = uuid.uuid4().hex
+            previous = await client.set(self._epoch_key, mine, nx=True, get=True)
+            self._epoch_before, self._epoch = self._epoch, _text(previous) if previous is not None else mine
+        if self._position is None:
+            # The process's first connection owes nothing: start at the end of the history.
+            self._position = await self.end()
+            return False
+        if self._epoch_before is not None and self._epoch != self._epoch_before:
+            # Redis lost its data (a restart without persistence): everything in its new
+            # history is new to us, whatever its ids.
+            self.epoch_changes += 1
+            self._from_start = True
+            log.warning("Redis lost its data since we last saw it (new epoch); replaying its whole history")
+        return True
+
+    async def _read_forever(self) -> None:
+        assert self._conn is not None
+        conn = self._conn
+        pinged = False
+        while True:
+            reply = await conn.read_response(timeout=self._idle_ping)
+            if reply is None:
+                # Silence can hide a dead peer: ping, and give up if the pong never comes.
+                if pinged:
+                    raise TimeoutError("Redis did not answer PING")
+                await self._send(conn, "PING")
+                pinged = True
+                continue
+            pinged = False
+            kind = reply[0]
+            if kind == b"message":
+                self._inbox.append((reply[1].decode(), reply[2]))
+                self._inbox_ready.set()
+            elif kind in (b"subscribe", b"unsubscribe"):
+                self._confirm(kind.decode(), reply[1].decode())
+                self._release_when_confirmed()
+
+    def _release_when_confirmed(self) -> None:
+        if self._holding and not self._initial:
+            self._holding = False
+            self._inbox_ready.set()  # the deliverer catches up, then goes live
+
+    async def _deliver_forever(self) -> None:
+        assert self._handler is not None
+        handler = self._handler
+        while True:
+            await self._inbox_ready.wait()
+            self._inbox_ready.clear()
+            if self._holding:
+                continue
+            if self._owed and not await self._catch_up():
+                continue
+            inbox = self._inbox
+            while inbox and not self._holding and not self._owed:
+                channel, message = inbox.popleft()
+                offset = offset_of(message)
+                if offset is not None:
+                    if self._position is not None and offset <= self._position:
+                        self.deduplicated += 1  # already delivered by the catch-up
+                        continue
+                    self._position = offset
+                await dispatch(handler, channel, message, offset)
+
+    async def _catch_up(self) -> bool:
+        """Deliver what was published after our position on the channels held; False to retry."""
+        assert self._handler is not None and self._on_gap is not None
+        since = ZERO if self._from_start else (self._position or ZERO)
+        generation = self._generation
+        try:
+            # Every channel: one confirmed while this runs must get its entries too.
+            history = await self.history(since, None)
+        except BusUnavailable as exc:
+            log.warning("catching up from %s failed (%s); retrying", since, exc)
+            asyncio.get_running_loop().call_later(self._backoff_min, self._inbox_ready.set)
+            return False
+        replayed = 0
+        for entry in history.entries:
+            self._position = entry.offset
+            if entry.channel in self._confirmed:
+                replayed += 1
+                await dispatch(self._handler, entry.channel, entry.message, entry.offset)
+        self.replayed += replayed
+        self._position = history.end
+        self._from_start = False
+        if generation == self._generation:
+            self._owed = False  # else another gap began meanwhile: catch up again from here
+        log.info("Redis subscriber caught up from %s: %d replayed", since, replayed)
+        if not history.complete:
+            self.gaps += 1
+            log.error(
+                "events after %s were trimmed from the history before this instance could read "
+                "them (outage longer than the retention); its sockets are told", since,
+            )
+            await self._on_gap("gap")
+        self._inbox_ready.set()
+        return True
+
+    def _confirm(self, kind: str, channel: str) -> None:
+        if kind == "subscribe":
+            self._confirmed.add(channel)
+            self._initial.discard(channel)
+        else:
+            self._confirmed.discard(channel)
+        queue = self._waiters.get((kind, channel))
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(True)
+                break
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        self._confirmed.clear()
+        self._initial.clear()
+        for queue in self._waiters.values():
+            for waiter in queue:
+                if not waiter.done():
+                    waiter.set_result(False)
+        if conn is not None:
+            await conn.disconnect(nowait=True)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "connected": self._conn is not None,
+            "channels": len(self._confirmed),
+            "wanted": len(self._wanted),
+            "position": str(self._position) if self._position is not None else None,
+            "reconnects": self.reconnects,
+            "replayed": self.replayed,
+            "deduplicated": self.deduplicated,
+            "gaps": self.gaps,
+            "epoch_changes": self.epoch_changes,
+            "last_error": self.last_error,
+        }
+
+
+def _bytes(value: object) -> bytes:
+    return value if isinstance(value, bytes) else str(value or "").encode()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")

@@ -1,0 +1,169 @@
+"""Connection state recovery (Socket.IO v4's protocol) on top of the bus's history.
+
+A socket that opts in (handshake auth `recover: true`) gets a private session id, `pid`, in
+its CONNECT reply, and every event it receives carries the event's offset as a last argument.
+When it reconnects, to any instance, it sends `{pid, offset}`; the instance reads the history
+after that offset and sends what the socket was addressed by, before anything live.
+
+The pid is signed, not stored: it names the user (a stolen pid is useless to anyone else),
+the sid its gateway answers are tagged with, where the session started and which Redis data
+set (epoch) its offsets belong to. So a session survives the instance that held it being
+SIGKILLed. What an instance learns when a socket leaves (when, and what it had been sent) is
+kept for RECOVERY_WINDOW seconds; it enforces the window and lets an idle socket whose last
+event is older than the history recover anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import orjson
+from itsdangerous import BadSignature, URLSafeSerializer
+
+from .bus import ZERO, Bus, BusUnavailable, Entry, Offset
+
+log = logging.getLogger(__name__)
+
+_SALT = "webapp.recovery-session.v1"
+
+
+class Request(NamedTuple):
+    """What a handshake asks for: a new recoverable session, or to resume `pid` after `offset`."""
+
+    pid: str | None
+    offset: str | None
+
+
+def requested(auth: Any) -> Request | None:
+    """The recovery a handshake's auth asks for, or None when the client did not opt in."""
+    if not isinstance(auth, dict):
+        return None
+    pid, offset = auth.get("pid"), auth.get("offset")
+    if isinstance(pid, str) and pid:
+        return Request(pid[:512], offset[:64] if isinstance(offset, str) else None)
+    if auth.get("recover") is True:
+        return Request(None, None)
+    return None
+
+
+@dataclass(eq=False)
+class Session:
+    """A recoverable socket on this instance."""
+
+    pid: str
+    origin: str  # the sid its gateway answers carry on the bus: the session's first sid
+    offset: Offset  # what the socket holds: the last offset sent to it (or where it started)
+    floor: Offset  # live messages at or below it were read already, or predate the socket
+    replay: list[Entry] = field(default_factory=list)  # missed entries, sent right after CONNECT
+    failure: str | None = None  # why a requested recovery failed, sent after CONNECT
+
+
+class RecoveryFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Recovery:
+    """Opens sessions, resumes them from the history, and remembers how they ended."""
+
+    def __init__(self, bus: Bus, secret_key: str, prefix: str, window: float) -> None:
+        self._bus = bus
+        self._signer = URLSafeSerializer(secret_key, salt=_SALT)
+        self._prefix = prefix
+        self.window = window
+        self.recovered = 0
+        self.failed: dict[str, int] = {}
+
+    async def open(self, sid: str, user_id: str | None, channels: list[str], request: Request) -> Session:
+        """A session for a socket that opted in: resumed when its pid allows, else a new one."""
+        failure = None
+        if request.pid is not None:
+            try:
+                session = await self._resume(user_id, channels, request.pid, request.offset)
+            except RecoveryFailed as exc:
+                failure = exc.reason
+                self.failed[failure] = self.failed.get(failure, 0) + 1
+            else:
+                self.recovered += 1
+                return session
+        session = await self._start(sid, user_id)
+        session.failure = failure
+        return session
+
+    async def _start(self, sid: str, user_id: str | None) -> Session:
+        try:
+            start = await self._bus.end()
+        except BusUnavailable:
+            # The outage mode: accepted anyway. The instance's own catch-up after Redis comes
+            # back starts at its position, so nothing after it can be missed.
+            start = self._bus.position or ZERO
+        pid = self._signer.dumps({"u": user_id, "s": sid, "o": str(start), "e": self._bus.epoch})
+        return Session(pid=pid, origin=sid, offset=start, floor=start)
+
+    async def _resume(self, user_id: str | None, channels: list[str], pid: str, sent: str | None) -> Session:
+        try:
+            claims = self._signer.loads(pid)
+        except BadSignature:
+            raise RecoveryFailed("unknown_session") from None
+        if not isinstance(claims, dict) or claims.get("u") != user_id or not isinstance(claims.get("s"), str):
+            raise RecoveryFailed("unknown_session")  # forged, or another user's
+        start = Offset.parse(claims.get("o"))
+        offset = start if sent is None else Offset.parse(sent)
+        if start is None or offset is None or offset < start:
+            raise RecoveryFailed("invalid_offset")
+        if claims.get("e") != self._bus.epoch:
+            raise RecoveryFailed("history_lost")  # Redis lost its data since the session began
+        try:
+            since = offset
+            ended = await self._ended(pid)
+            if ended is not None:
+                left_at, last_sent, position = ended
+                if time.time() - left_at > self.window:
+                    raise RecoveryFailed("expired")
+                if last_sent == offset and position > offset:
+                    # It received all it was sent, and it had been sent all it was addressed by
+                    # up to `position`: an idle socket's old offset need not be in the history.
+                    since = position
+            history = await self._bus.history(since, channels)
+        except BusUnavailable:
+            raise RecoveryFailed("bus_unavailable") from None
+        if not history.complete:
+            raise RecoveryFailed("expired")  # the history no longer holds all it missed
+        return Session(
+            pid=pid, origin=claims["s"], offset=history.end, floor=history.end, replay=history.entries
+        )
+
+    async def ended(self, session: Session, position: Offset | None) -> None:
+        """Remember, for the window, when a session's socket left and what it had been sent."""
+        value = orjson.dumps(
+            {"at": time.time(), "last": str(session.offset), "pos": str(max(position or ZERO, session.offset))}
+        )
+        try:
+            await self._bus.remember(self._key(session.pid), value, self.window)
+        except BusUnavailable as exc:
+            log.warning("could not record the end of a recoverable session: %s", exc)
+
+    async def _ended(self, pid: str) -> tuple[float, Offset, Offset] | None:
+        raw = await self._bus.recall(self._key(pid))
+        if raw is None:
+            return None  # still connected somewhere, or its instance died before it could say
+        try:
+            record = orjson.loads(raw)
+            last, position = Offset.parse(record["last"]), Offset.parse(record["pos"])
+            left_at = float(record["at"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+        if last is None or position is None:
+            return None
+        return left_at, last, position
+
+    def _key(self, pid: str) -> str:
+        return f"{self._prefix}:recovery:{hashlib.sha256(pid.encode()).hexdigest()[:32]}"
+
+    def status(self) -> dict[str, Any]:
+        return {"window": self.window, "recovered": self.recovered, "failed": dict(self.failed)}
