@@ -65,11 +65,15 @@ class Realtime:
                 history_max=settings.replay_max_len,
                 history_age=settings.replay_max_age,
                 epoch_key=f"{settings.channel_prefix}:epoch",
+                sync_channel=f"{settings.channel_prefix}:sync:{settings.instance_id}",
                 name=f"{settings.channel_prefix}:{settings.instance_id}",
             )
         # Recovery needs the history: with REPLAY_MAX_LEN=0 the opt-in is ignored.
         self.recovery = (
-            Recovery(self.bus, settings.secret_key, settings.channel_prefix, settings.recovery_window)
+            Recovery(
+                self.bus, settings.secret_key, settings.channel_prefix, settings.recovery_window,
+                settings.replay_max_age,
+            )
             if settings.replay_max_len
             else None
         )

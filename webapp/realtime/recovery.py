@@ -9,7 +9,7 @@ The pid is signed, not stored: it names the user (a stolen pid is useless to any
 the sid its gateway answers are tagged with, where the session started and which Redis data
 set (epoch) its offsets belong to. So a session survives the instance that held it being
 SIGKILLed. What an instance learns when a socket leaves (when, and what it had been sent) is
-kept for RECOVERY_WINDOW seconds; it enforces the window and lets an idle socket whose last
+kept as long as the history (REPLAY_MAX_AGE); it enforces the window and lets an idle socket whose last
 event is older than the history recover anyway.
 """
 
@@ -71,8 +71,11 @@ class RecoveryFailed(Exception):
 class Recovery:
     """Opens sessions, resumes them from the history, and remembers how they ended."""
 
-    def __init__(self, bus: Bus, secret_key: str, prefix: str, window: float) -> None:
+    def __init__(self, bus: Bus, secret_key: str, prefix: str, window: float, history_age: float) -> None:
         self._bus = bus
+        # How a session ended is kept as long as the history it refers to, so "too late" is
+        # told apart from "never said" (a SIGKILLed instance) for all that time.
+        self._record_ttl = max(window, history_age)
         self._signer = URLSafeSerializer(secret_key, salt=_SALT)
         self._prefix = prefix
         self.window = window
@@ -144,7 +147,7 @@ class Recovery:
             {"at": time.time(), "last": str(session.offset), "pos": str(max(position or ZERO, session.offset))}
         )
         try:
-            await self._bus.remember(self._key(session.pid), value, self.window)
+            await self._bus.remember(self._key(session.pid), value, self._record_ttl)
         except BusUnavailable as exc:
             log.warning("could not record the end of a recoverable session: %s", exc)
 

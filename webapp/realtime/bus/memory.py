@@ -20,7 +20,8 @@ class MemoryBus:
 
     def __init__(self, history_max: int = 10_000, history_age: float = 300.0) -> None:
         self._channels: set[str] = set()
-        self._queue: asyncio.Queue[Entry] = asyncio.Queue()
+        # Every entry, with whether it is ours: the position advances past the others too.
+        self._queue: asyncio.Queue[tuple[Entry, bool]] = asyncio.Queue()
         self._handler: MessageHandler | None = None
         self._task: asyncio.Task[None] | None = None
         self._history: deque[Entry] = deque()
@@ -42,15 +43,23 @@ class MemoryBus:
         await cancel(self._task)
         self._task = None
 
-    async def publish(self, channel: str, message: bytes) -> None:
+    async def publish(self, channel: str, message: bytes) -> Offset:
         if self._task is None:
             raise BusUnavailable("the in-memory bus is not running")
         entry = Entry(self._next_offset(), channel, message)
         if self._history_max:
             self._history.append(entry)
             self._trim(entry.offset)
-        if channel in self._channels:  # like Redis: who gets it is decided at publish time
-            self._queue.put_nowait(entry)
+        # like Redis: who gets it is decided at publish time
+        self._queue.put_nowait((entry, channel in self._channels))
+        return entry.offset
+
+    async def sync(self) -> Offset:
+        """Wait until everything published so far was consumed; the position then."""
+        target = self._last
+        while self._position is not None and self._position < target and self.ready:
+            await asyncio.sleep(0)
+        return self._position or ZERO
 
     def _next_offset(self) -> Offset:
         ms = int(time.time() * 1000)
@@ -108,6 +117,7 @@ class MemoryBus:
     async def _consume(self) -> None:
         assert self._handler is not None
         while True:
-            entry = await self._queue.get()
+            entry, ours = await self._queue.get()
+            if ours:
+                await dispatch(self._handler, entry.channel, entry.message, entry.offset)
             self._position = entry.offset
-            await dispatch(self._handler, entry.channel, entry.message, entry.offset)

@@ -85,6 +85,8 @@ class RedisBus:
         history_max: int = 10_000,
         history_age: float = 300.0,
         epoch_key: str | None = None,
+        sync_channel: str | None = None,
+        beacon_every: float = 1.0,
         name: str = "webapp",
     ) -> None:
         self._url = url
@@ -99,6 +101,10 @@ class RedisBus:
         self._history_max = history_max
         self._history_age_ms = int(history_age * 1000)
         self._epoch_key = epoch_key
+        self._sync_channel = sync_channel
+        self._beacon_every = beacon_every
+        self._beacon: asyncio.Task[None] | None = None
+        self._syncs: list[tuple[Offset, asyncio.Future[Offset]]] = []
         self._wanted: set[str] = set()
         self._confirmed: set[str] = set()
         self._initial: set[str] = set()
@@ -112,7 +118,7 @@ class RedisBus:
         self._sender: asyncio.Task[None] | None = None
         self._client: Redis | None = None
         self._sub_pool: ConnectionPool | None = None
-        self._outgoing: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        self._outgoing: list[tuple[str, bytes, asyncio.Future[Offset | None]]] = []
         self._outgoing_ready = asyncio.Event()
         self._inbox: deque[tuple[str, bytes]] = deque()
         self._inbox_ready = asyncio.Event()
@@ -134,6 +140,8 @@ class RedisBus:
 
     async def start(self, handler: MessageHandler, on_gap: GapHandler) -> None:
         self._handler, self._on_gap = handler, on_gap
+        if self._sync_channel is not None and self._history_key is not None:
+            self._wanted.add(self._sync_channel)
         # Publishing borrows from a blocking pool so a burst waits for a connection instead of
         # failing. No retries: a batch whose reply was lost may have been applied, and sending
         # it again would duplicate it; the pool already replaces connections that died.
@@ -159,11 +167,13 @@ class RedisBus:
         self._reader = asyncio.create_task(self._run(), name="redis-bus-reader")
         self._deliverer = asyncio.create_task(self._deliver_forever(), name="redis-bus-deliverer")
         self._sender = asyncio.create_task(self._send_forever(), name="redis-bus-publisher")
+        if self._sync_channel is not None and self._history_key is not None:
+            self._beacon = asyncio.create_task(self._beacon_forever(), name="redis-bus-beacon")
 
     async def close(self) -> None:
-        for task in (self._reader, self._deliverer, self._sender):
+        for task in (self._beacon, self._reader, self._deliverer, self._sender):
             await cancel(task)
-        self._reader = self._deliverer = self._sender = None
+        self._beacon = self._reader = self._deliverer = self._sender = None
         for _, _, done in self._outgoing:
             if not done.done():
                 done.set_exception(BusUnavailable("the Redis bus closed"))
@@ -178,7 +188,7 @@ class RedisBus:
 
     # --- publishing ---------------------------------------------------------------------------
 
-    async def publish(self, channel: str, message: bytes) -> None:
+    async def publish(self, channel: str, message: bytes) -> Offset | None:
         """Hand a message to Redis; raises BusUnavailable when Redis did not confirm it.
 
         Concurrent publishes are sent together: one MULTI, one round trip, one pooled
@@ -186,10 +196,49 @@ class RedisBus:
         """
         if self._client is None or self._sender is None:
             raise BusUnavailable("the Redis bus is not running")
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[Offset | None] = asyncio.get_running_loop().create_future()
         self._outgoing.append((channel, message, done))
         self._outgoing_ready.set()
-        await done
+        return await done
+
+    async def sync(self) -> Offset:
+        """Publish a marker on this instance's own channel and wait until it is consumed: the
+        position then certifies that everything published before was delivered here. (Without
+        traffic of its own an instance's position stands still while the history moves on.)"""
+        if self._sync_channel is None or self._history_key is None:
+            return self._position or ZERO
+        marker = await self.publish(self._sync_channel, b'{"sync":1}')
+        if marker is None:
+            return self._position or ZERO
+        if self._position is not None and self._position >= marker:
+            return self._position
+        reached: asyncio.Future[Offset] = asyncio.get_running_loop().create_future()
+        self._syncs.append((marker, reached))
+        try:
+            return await asyncio.wait_for(reached, self._timeout)
+        except TimeoutError:
+            raise BusUnavailable("this instance did not consume its sync marker in time") from None
+        finally:
+            self._syncs = [(o, f) for o, f in self._syncs if f is not reached]
+
+    async def _beacon_forever(self) -> None:
+        """Keep the position fresh while nothing of ours is published: a recoverable socket that
+        leaves is recorded as having been sent all it was addressed by up to this position."""
+        while True:
+            before = self._position
+            await asyncio.sleep(self._beacon_every)
+            if self.ready and self._position == before:
+                try:
+                    await self.sync()
+                except BusUnavailable:
+                    pass  # the reader notices a lost connection by itself
+
+    def _advance(self, offset: Offset) -> None:
+        self._position = offset
+        if self._syncs:
+            for marker, reached in self._syncs:
+                if marker <= offset and not reached.done():
+                    reached.set_result(offset)
 
     async def _send_forever(self) -> None:
         while True:
@@ -197,29 +246,34 @@ class RedisBus:
             self._outgoing_ready.clear()
             while self._outgoing:
                 batch, self._outgoing = self._outgoing, []
-                error = await self._send_batch(batch)
-                for _, _, done in batch:
+                result = await self._send_batch(batch)
+                for index, (_, _, done) in enumerate(batch):
                     if done.done():
                         continue
-                    if error is None:
-                        done.set_result(None)
+                    if isinstance(result, Exception):
+                        done.set_exception(BusUnavailable(f"Redis did not confirm the publish: {result}"))
                     else:
-                        done.set_exception(BusUnavailable(f"Redis did not confirm the publish: {error}"))
+                        done.set_result(result[index])
 
-    async def _send_batch(self, batch: list[tuple[str, bytes, asyncio.Future[None]]]) -> Exception | None:
+    async def _send_batch(
+        self, batch: list[tuple[str, bytes, asyncio.Future[Offset | None]]]
+    ) -> list[Offset | None] | Exception:
+        """The offset of each message (None without a history), or what went wrong."""
         assert self._client is not None
         try:
             if len(batch) == 1:
-                await self._client.execute_command(*self._publish_args(batch[0][0], batch[0][1]))
-                return None
-            # MULTI/EXEC: Redis applies the batch whole or not at all, never in part.
-            async with self._client.pipeline(transaction=True) as pipe:
-                for channel, message, _ in batch:
-                    pipe.execute_command(*self._publish_args(channel, message))
-                await pipe.execute()
-            return None
+                replies = [await self._client.execute_command(*self._publish_args(batch[0][0], batch[0][1]))]
+            else:
+                # MULTI/EXEC: Redis applies the batch whole or not at all, never in part.
+                async with self._client.pipeline(transaction=True) as pipe:
+                    for channel, message, _ in batch:
+                        pipe.execute_command(*self._publish_args(channel, message))
+                    replies = await pipe.execute()
         except (TimeoutError, RedisError, OSError) as exc:
             return exc
+        if self._history_key is None:
+            return [None] * len(batch)
+        return [Offset.parse(reply) for reply in replies]
 
     def _publish_args(self, channel: str, message: bytes) -> tuple[Any, ...]:
         if self._history_key is None:
@@ -471,8 +525,9 @@ class RedisBus:
                     if self._position is not None and offset <= self._position:
                         self.deduplicated += 1  # already delivered by the catch-up
                         continue
-                    self._position = offset
-                await dispatch(handler, channel, message, offset)
+                    self._advance(offset)
+                if channel != self._sync_channel:
+                    await dispatch(handler, channel, message, offset)
 
     async def _catch_up(self) -> bool:
         """Deliver what was published after our position on the channels held; False to retry."""
@@ -488,12 +543,12 @@ class RedisBus:
             return False
         replayed = 0
         for entry in history.entries:
-            self._position = entry.offset
-            if entry.channel in self._confirmed:
+            self._advance(entry.offset)
+            if entry.channel in self._confirmed and entry.channel != self._sync_channel:
                 replayed += 1
                 await dispatch(self._handler, entry.channel, entry.message, entry.offset)
         self.replayed += replayed
-        self._position = history.end
+        self._advance(history.end)
         self._from_start = False
         if generation == self._generation:
             self._owed = False  # else another gap began meanwhile: catch up again from here
