@@ -9,6 +9,7 @@
   const badge = $("badge");
   const logList = $("log");
   let received = 0;
+  let recovering = false; // between a recovered connect and its `recovered` count
 
   function setState(state, detail) {
     badge.textContent = detail ? state + " · " + detail : state;
@@ -42,12 +43,26 @@
   }
 
   // Fetch a fresh token at every (re)connection attempt: tokens expire, sessions last.
+  // `recover: true` opts in to connection state recovery: after a blink the client resumes its
+  // session (it adds the session id and last offset itself) and gets what it missed.
   function auth(callback) {
-    if (!loggedIn) return callback({});
+    if (!loggedIn) return callback({ recover: true });
     fetch("/auth/token", { credentials: "same-origin", cache: "no-store" })
       .then((r) => (r.ok ? r.json() : Promise.reject(new Error("token: HTTP " + r.status))))
-      .then((body) => callback({ token: body.token }))
-      .catch(() => callback({}));
+      .then((body) => callback({ token: body.token, recover: true }))
+      .catch(() => callback({ recover: true }));
+  }
+
+  // One line telling how the last reconnection went (recovered, or not).
+  function setNotice(text, kind) {
+    const notice = $("notice");
+    notice.textContent = text || "";
+    notice.className = "notice" + (kind ? " notice-" + kind : "");
+    notice.hidden = !text;
+  }
+
+  function recoveredNotice(missed) {
+    setNotice("recovered " + missed + " missed event" + (missed === 1 ? "" : "s"), "ok");
   }
 
   const socket = io({ auth: auth, transports: ["websocket"], reconnectionDelayMax: 3000 });
@@ -55,6 +70,11 @@
 
   socket.on("connect", () => {
     setState("connected");
+    // Recovered: what it missed follows, then `recovered` {missed: N} (none when nothing was missed).
+    // Not recovered: a fresh session; a failed recovery is told by `recovery_failed` right after.
+    recovering = socket.recovered;
+    if (recovering) recoveredNotice(0);
+    else setNotice("");
     $("sid").textContent = socket.id;
     socket.emit("whoami", null, (me) => {
       $("server-instance").textContent = me.instance;
@@ -71,7 +91,20 @@
     const code = err.data && err.data.code;
     setState(socket.active ? "reconnecting" : "disconnected", code || err.message);
   });
-  socket.onAny((event, ...args) => addEntry(event, args.length > 1 ? args : args[0]));
+  socket.on("recovered", (data) => {
+    if (!recovering) return; // only the server's count right after a recovery (anyone may emit "recovered")
+    recovering = false;
+    recoveredNotice(data && Number.isInteger(data.missed) ? data.missed : 0);
+  });
+  socket.on("recovery_failed", (data) => {
+    // A real app refetches its state here; the demo has none beyond whoami (asked at every
+    // connect), so it says what happened: events missed meanwhile are not coming.
+    const reason = (data && data.reason) || "unknown";
+    setNotice("could not recover (" + reason + "): events missed meanwhile are lost", "warn");
+  });
+  // Every event carries one data argument; a recoverable socket's also carry their offset
+  // (a string) as a last argument, which is the client's business, not data to show.
+  socket.onAny((event, data) => addEntry(event, data));
 
   const sendForm = $("send-form");
   if (sendForm) {

@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, async_playwright, expect
 
 from .conftest import Cluster
-from .harness import ROOT, api, unique
+from .harness import ROOT, api, unique, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.cluster]
 
@@ -31,7 +32,9 @@ CHROMIUM_FLAGS = [
 SHOTS = ROOT / "artifacts" / "screenshots"
 WAIT_MS = 10_000
 # What Chromium itself prints while an instance is down on purpose; our page's own errors still fail.
-OUTAGE_NOISE = re.compile(r"ERR_CONNECTION_REFUSED|WebSocket connection to .* failed|ERR_CONNECTION_RESET")
+OUTAGE_NOISE = re.compile(
+    r"ERR_CONNECTION_REFUSED|WebSocket connection to .* failed|ERR_CONNECTION_RESET|ERR_INTERNET_DISCONNECTED"
+)
 
 
 class Tab:
@@ -63,6 +66,13 @@ class Tab:
     async def connected_to(self, instance: str) -> None:
         await expect(self.page.get_by_test_id("badge")).to_have_text("connected", timeout=WAIT_MS)
         await expect(self.page.get_by_test_id("server-instance")).to_have_text(instance, timeout=WAIT_MS)
+
+    async def log(self) -> list[tuple[str, str]]:
+        """Every (event, data as shown) in the log, oldest first."""
+        shown = await self.page.locator("#log li").evaluate_all(
+            "items => items.map(li => [li.dataset.event, li.querySelector('pre').textContent])"
+        )
+        return [(event, data) for event, data in reversed(shown)]
 
     def entries(self, event: str):  # type: ignore[no-untyped-def]
         return self.page.locator(f'#log li[data-event="{event}"]')
@@ -194,5 +204,105 @@ async def test_event_log_is_capped_under_a_flood(cluster: Cluster, browser: Brow
         await expect(tab.page.locator("#log li pre").first).to_have_text(str(flood - 1))
         await expect(tab.page.locator("#log li pre").last).to_have_text(str(flood - 200))
         assert errors == [], errors
+    finally:
+        await context.close()
+
+
+def shown(data: object) -> str:
+    """How the page shows an event's data."""
+    return json.dumps(data, indent=2)
+
+
+async def test_a_blink_is_recovered_without_loss_or_duplicates(
+    cluster: Cluster, browser: Browser, redis_client: redis.Redis
+) -> None:
+    """Offline for a while, the page misses events; back online, it gets each exactly once, in order."""
+    errors: list[str] = []
+    user = unique("carol")
+    channel = f"{cluster.prefix}:user:{user}"
+    context = await browser.new_context()
+
+    def held_by_an_instance() -> bool:  # an instance holds the user's channel while it holds a socket of hers
+        return int(dict(redis_client.pubsub_numsub(channel))[channel.encode()]) > 0
+
+    async def blink(during_the_blink: list[str]) -> None:
+        """Offline until the server has dropped the socket, the REST emits, then online and connected."""
+        sid = await tab.page.get_by_test_id("sid").text_content()
+        # Chromium's offline emulation closes open WebSockets too (checked: the server sees the
+        # disconnect at once), so this is a real blink on both sides, not only in the page.
+        await context.set_offline(True)
+        await expect(tab.page.get_by_test_id("badge")).to_contain_text("reconnecting", timeout=WAIT_MS)
+        await wait_until(lambda: not held_by_an_instance(), f"instance A to drop {user}'s socket")
+        for n, text in enumerate(during_the_blink):  # from both instances: the whole fleet's history
+            base = (cluster.a, cluster.b)[n % 2].url
+            assert (await api(base, f"/api/emit/users/{user}", {"event": "dm", "data": text}))[0] == 202
+        await context.set_offline(False)
+        await tab.connected_to("A")
+        await expect(tab.page.get_by_test_id("sid")).not_to_have_text(sid or "", timeout=WAIT_MS)
+
+    try:
+        tab = await Tab.open("blink", context, cluster.a.url, errors)
+        await tab.login(user)
+        await tab.connected_to("A")
+        notice = tab.page.get_by_test_id("notice")
+        await expect(notice).to_be_hidden()
+        # seen before the blink: it must not come again
+        assert (await api(cluster.a.url, f"/api/emit/users/{user}", {"event": "dm", "data": "before"}))[0] == 202
+        await tab.shows("dm", "before")
+
+        missed = [f"missed {n}" for n in range(1, 5)]
+        await blink(missed)
+        await expect(notice).to_have_text(f"recovered {len(missed)} missed events", timeout=WAIT_MS)
+        await expect(notice).to_be_visible()
+        assert (await api(cluster.b.url, f"/api/emit/users/{user}", {"event": "dm", "data": "after"}))[0] == 202
+        await tab.shows("dm", "after")
+        await fence(cluster, [tab])
+        log = await tab.log()
+        assert log[:-1] == [
+            ("dm", shown("before")),
+            *(("dm", shown(text)) for text in missed),
+            ("recovered", shown({"missed": len(missed)})),
+            ("dm", shown("after")),
+        ], log
+        assert log[-1][0] == "fence"
+
+        # a blink with nothing missed: recovered all the same, with nothing to replay
+        await blink([])
+        await expect(notice).to_have_text("recovered 0 missed events", timeout=WAIT_MS)
+        await fence(cluster, [tab])
+        again = await tab.log()
+        assert again[: len(log)] == log and [event for event, _ in again[len(log) :]] == ["fence"], again
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        await tab.shot(SHOTS / "recovered.png")
+        page_errors = [e for e in errors if not OUTAGE_NOISE.search(e)]
+        assert page_errors == [], page_errors
+    finally:
+        await context.close()
+
+
+async def test_a_blink_that_cannot_be_recovered_is_told(cluster: Cluster, browser: Browser) -> None:
+    """The session cookie is gone when the page comes back: it reconnects as anonymous, and the
+    server refuses to resume the user's session for it: the page says so."""
+    errors: list[str] = []
+    user = unique("dave")
+    context = await browser.new_context()
+    try:
+        tab = await Tab.open("unrecovered", context, cluster.a.url, errors)
+        await tab.login(user)
+        await tab.connected_to("A")
+        await context.set_offline(True)
+        await expect(tab.page.get_by_test_id("badge")).to_contain_text("reconnecting", timeout=WAIT_MS)
+        await context.clear_cookies()
+        await context.set_offline(False)
+        await expect(tab.page.get_by_test_id("notice")).to_have_text(
+            "could not recover (unknown_session): events missed meanwhile are lost", timeout=WAIT_MS
+        )
+        await expect(tab.page.get_by_test_id("badge")).to_have_text(
+            "connected · anonymous: session expired?", timeout=WAIT_MS
+        )
+        await tab.shows("recovery_failed", "unknown_session")
+        # the token request without a session is refused (401): Chromium logs that as an error
+        page_errors = [e for e in errors if not OUTAGE_NOISE.search(e) and "status of 401" not in e]
+        assert page_errors == [], page_errors
     finally:
         await context.close()

@@ -30,7 +30,8 @@ class RecoveringClient(socketio.AsyncClient):
         self._base_auth: Auth = None
 
     async def connect(self, url: str, *args: Any, auth: Auth = None, **kwargs: Any) -> None:
-        self._base_auth = auth
+        if auth != self._handshake_auth:  # python-socketio's reconnect passes ours back in
+            self._base_auth = auth
         await super().connect(url, *args, auth=self._handshake_auth, **kwargs)
 
     async def _handshake_auth(self) -> dict[str, Any]:
