@@ -238,3 +238,34 @@ async def test_slow_consumer_delays_nobody_and_is_bounded(instances: list[Instan
         assert body["sockets"] == 1  # the stalled socket is gone from the state
     finally:
         await stalled.close()
+
+
+async def test_a_socket_whose_channel_redis_does_not_confirm_is_refused(
+    own_redis: RedisServer, instances: list[Instance]
+) -> None:
+    """Redis is there but does not answer in time: the handshake is refused, never accepted
+    with a channel that may not be subscribed."""
+    prefix = unique("unconfirmed")
+    a = launch(instances, "A", prefix, own_redis.url, REDIS_TIMEOUT="0.3")
+    a.wait_serving()
+    user = unique("user")
+    token = await token_for(a.url, user)
+    pauser = redis.Redis.from_url(own_redis.url)
+    try:
+        pauser.execute_command("CLIENT", "PAUSE", "1500", "ALL")  # every other client's commands wait
+        raw = await RawSocket.open(a.url, token)
+        try:
+            assert (await raw.connected())["data"]["code"] == "bus_unavailable"
+        finally:
+            await raw.close()
+    finally:
+        pauser.execute_command("CLIENT", "UNPAUSE")
+        pauser.close()
+    probe = Probe(f"{user}@A")
+    try:
+        await probe.connect(a.url, token)  # Redis answers again: accepted, and reached
+        status, _ = await api(a.url, f"/api/emit/users/{user}", {"event": "dm", "data": 1})
+        assert status == 202
+        assert await probe.wait_for("dm") == [1]
+    finally:
+        await probe.close()

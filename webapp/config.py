@@ -100,6 +100,7 @@ class Settings:
             "max_payload_bytes": _int(
                 get("MAX_PAYLOAD_BYTES"), "MAX_PAYLOAD_BYTES", 64 * 1024, 1024, 16 * 1024 * 1024
             ),
+            "redis_timeout": _float(get("REDIS_TIMEOUT"), "REDIS_TIMEOUT", 2.0, 0.05, 60),
             "redis_backoff_max": _float(get("REDIS_BACKOFF_MAX"), "REDIS_BACKOFF_MAX", 5.0, 0.1, 300),
             "outbox_max_messages": _int(get("OUTBOX_MAX_MESSAGES"), "OUTBOX_MAX_MESSAGES", 1000, 0, 1_000_000),
             "outbox_max_age": _float(get("OUTBOX_MAX_AGE"), "OUTBOX_MAX_AGE", 30.0, 0.1, 3600),

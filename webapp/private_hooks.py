@@ -1,0 +1,54 @@
+"""Every private hook this project takes into a library, in one place.
+
+Each entry names the attribute, the parameters the override relies on, the version it was
+checked against and who uses it. tests/test_private_hooks.py fails loudly when one is missing
+or its signature changed: upgrade the pin only after looking at the new code.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Hook(NamedTuple):
+    target: str  # module:Class.attribute
+    parameters: tuple[str, ...] | None  # None: an attribute, not a function
+    checked_on: str
+    used_by: str
+
+
+HOOKS: tuple[Hook, ...] = (
+    Hook("socketio:AsyncServer._send_packet", ("self", "eio_sid", "pkt"), "python-socketio 5.18.1",
+         "server.GuardedServer: the recovery pid in CONNECT replies"),
+    Hook("socketio:AsyncServer._handle_eio_connect", ("self", "eio_sid", "environ"), "python-socketio 5.18.1",
+         "server.GuardedServer: lean sockets, a lighter environ"),
+    Hook("socketio:AsyncServer._handle_eio_message", ("self", "eio_sid", "data"), "python-socketio 5.18.1",
+         "server.GuardedServer: malformed packets close the client"),
+    Hook("socketio:AsyncServer._handle_event", ("self", "eio_sid", "namespace", "id", "data"),
+         "python-socketio 5.18.1", "server.GuardedServer: reserved event names"),
+    Hook("socketio:AsyncServer._engineio_server_class", ("self",), "python-socketio 5.18.1",
+         "server.GuardedServer: the LeanEngine"),
+    Hook("socketio:AsyncClient._handle_connect", ("self", "namespace", "data"), "python-socketio 5.18.1",
+         "client.RecoveringClient: the pid of the CONNECT reply"),
+    Hook("socketio:AsyncClient._handle_event", ("self", "namespace", "id", "data"), "python-socketio 5.18.1",
+         "client.RecoveringClient: strips and keeps the offset"),
+    Hook("socketio:AsyncClient._get_real_value", ("self", "value"), "python-socketio 5.18.1",
+         "client.RecoveringClient: auth given as a callable"),
+    Hook("engineio:AsyncServer.create_queue", ("self", "args", "kwargs"), "python-engineio 4.15.1",
+         "transport.LeanEngine: the LeanQueue"),
+    Hook("engineio.async_socket:AsyncSocket.close", ("self", "wait", "abort", "reason"), "python-engineio 4.15.1",
+         "transport.LeanSocket, the drain (abort: no close packet)"),
+    Hook("engineio.async_socket:AsyncSocket._websocket_handler", ("self", "ws"), "python-engineio 4.15.1",
+         "transport.LeanSocket: the WebSocket loops"),
+    Hook("engineio.async_socket:AsyncSocket.schedule_ping", ("self",), "python-engineio 4.15.1",
+         "transport.LeanSocket: pings as timers"),
+    Hook("engineio.async_socket:AsyncSocket.check_ping_timeout", ("self",), "python-engineio 4.15.1",
+         "transport.LeanSocket.send"),
+    Hook("redis.asyncio.connection:AbstractConnection.send_command", ("self", "args", "kwargs"), "redis 8.1.0",
+         "bus.redis_bus: commands on the subscriber connection (check_health=False)"),
+    Hook("redis.asyncio.connection:AbstractConnection.read_response",
+         ("self", "disable_decoding", "timeout", "disconnect_on_error", "push_request"), "redis 8.1.0",
+         "bus.redis_bus: the reader's timed reads"),
+    Hook("redis.asyncio.connection:AbstractConnection.is_connected", None, "redis 8.1.0",
+         "bus.redis_bus: no command on a dropped connection"),
+)
