@@ -240,6 +240,6 @@ async def test_last_socket_leaving_releases_the_users_channel(
 
         def empty(instance: Instance = instance) -> bool:
             state = instance.readyz()[1]
-            return (state["sockets"], state["users"], state["bus"]["channels"]) == (0, 0, 2)
+            return (state["sockets"], state["users"], state["bus"]["channels"]) == (0, 0, 3)
 
-        await wait_until(empty, f"{instance.name} to hold nothing but its two fixed channels")
+        await wait_until(empty, f"{instance.name} to hold nothing but its three fixed channels (all, authenticated, its own sync channel)")
