@@ -85,8 +85,13 @@ class Fleet:
     def _dispatch(self, index: int, event: str, data: Any, received_at: float) -> None:
         self.sink(index, event, data, received_at)
 
-    async def open(self, placements: Sequence[tuple[int, str | None]], concurrency: int = 50) -> list[float]:
-        """Open one socket per (target index, user id); return each connect's duration in seconds."""
+    async def open(
+        self, placements: Sequence[tuple[int, str | None]], concurrency: int = 50, recover: bool = False
+    ) -> list[float]:
+        """Open one socket per (target index, user id); return each connect's duration in seconds.
+
+        `recover`: every socket opts in to connection state recovery (see bench/wire.py).
+        """
         first = len(self.sockets)
         slots: list[SioSocket | None] = [None] * len(placements)
         durations: list[float] = [0.0] * len(placements)
@@ -100,7 +105,7 @@ class Fleet:
             async with gate:
                 started = time.monotonic()
                 slots[i] = await SioSocket.connect(
-                    self.session, self.targets[target].url, token, first + i, self._dispatch, WAIT
+                    self.session, self.targets[target].url, token, first + i, self._dispatch, WAIT, recover
                 )
                 durations[i] = time.monotonic() - started
 
@@ -114,6 +119,22 @@ class Fleet:
                 f"{len(failures)} of {len(placements)} sockets failed to connect: {failures[0]!r}"
             )
         return durations
+
+    def offset_faults(self) -> int:
+        """Offset faults of every socket so far (see wire.OffsetChecks): none is the only good count."""
+        return sum(sock.offsets.faults for sock in self.sockets)
+
+    def offset_checks(self) -> dict[str, int]:
+        """The sockets' offset checks, summed, for the JSON."""
+        checks = [sock.offsets for sock in self.sockets]
+        return {
+            "recoverable_sockets": sum(1 for sock in self.sockets if sock.pid is not None),
+            "offsets_seen": sum(c.seen for c in checks),
+            "offsets_missing": sum(c.missing for c in checks),
+            "offsets_not_increasing": sum(c.not_increasing for c in checks),
+            "offsets_unexpected": sum(c.unexpected for c in checks),
+            "recovery_notices": sum(c.notices for c in checks),
+        }
 
     async def close_sockets(self) -> None:
         sockets, self.sockets = self.sockets, []

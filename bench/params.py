@@ -17,10 +17,25 @@ class Workload:
     title: str
     params: dict[str, Any]
     instances: int = 2
+    # Sockets opt in to connection state recovery: our app only (the baseline has none), judged
+    # against the same workload with recovery off, run next to it in every repetition.
+    recover: bool = False
 
     @property
     def label(self) -> str:
+        if self.recover:
+            return f"{self.title}, recovery on"
         return f"{self.title} n={self.instances}" if self.key == "w5" else self.title
+
+    @property
+    def apps(self) -> tuple[str, ...]:
+        return ("ours",) if self.recover else ("ours", "baseline")
+
+    @property
+    def group(self) -> tuple[str, int]:
+        """Workloads of one group run back to back, their order reversed every other repetition:
+        a workload with recovery on and its sibling with recovery off share a group."""
+        return self.key, self.instances
 
     @property
     def timeout(self) -> float:
@@ -49,10 +64,13 @@ def _suite(
     sizes: tuple[int, ...],
 ) -> list[Workload]:
     # W4 first: it reads memory of a fresh instance, before other loads grew its heap.
+    # W1 and W2 also run with recovery on (ours only), right after their recovery-off runs.
     return [
         Workload("w4", "W4 connections", w4),
         Workload("w1", "W1 user fan-out", w1),
+        Workload("w1", "W1 user fan-out", {**w1, "recover": True}, recover=True),
         Workload("w2", "W2 broadcast", w2),
+        Workload("w2", "W2 broadcast", {**w2, "recover": True}, recover=True),
         Workload("w3", "W3 gateway", w3),
         *(Workload("w5", "W5 instances", w5, instances=n) for n in sizes),
     ]

@@ -1,4 +1,4 @@
-"""Medians over repetitions, the ours/baseline table, and the correctness verdict."""
+"""Medians over repetitions, the ours/baseline table, recovery on against off, and the verdicts."""
 
 from __future__ import annotations
 
@@ -159,6 +159,8 @@ def table(summary: Summary, suite: list[Workload], markdown: bool = False) -> st
     header = ["workload", "metric", "ours", "baseline", "ours/baseline"]
     lines: list[list[str]] = []
     for workload in suite:
+        if workload.recover:  # ours only: in recovery_table, against the same workload with recovery off
+            continue
         rows = summary[workload.label]
         for metric in SHOWN[workload.key]:
             row = rows[metric.key]
@@ -174,6 +176,11 @@ def table(summary: Summary, suite: list[Workload], markdown: bool = False) -> st
             )
         faults = [f"{rows['lost'][app]:.0f} / {rows['duplicated'][app]:.0f}" for app in APPS]
         lines.append([workload.label, "lost / duplicated (total)", *faults, ""])
+    return _grouped(header, lines, markdown)
+
+
+def _grouped(header: list[str], lines: list[list[str]], markdown: bool) -> str:
+    """A table whose first column names a group of rows, shown once per group."""
     if markdown:
         md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += [
@@ -238,7 +245,7 @@ OTHER_SHARE_LIMIT = 5.0  # W5: % of the holder's CPU per emit that any other ins
 
 def targets(summary: Summary, records: list[Record], suite: list[Workload]) -> list[list[str]]:
     """[target, what this run measured, "met" / "not met" / "unknown" / "no data"] per target."""
-    labels = {w.key: w.label for w in suite if w.key != "w5"}
+    labels = {w.key: w.label for w in suite if w.key != "w5" and not w.recover}
     rows = [
         [goal.text, *_judge(goal, summary[labels[goal.key]][goal.metric])]
         for goal in GOALS
@@ -247,8 +254,161 @@ def targets(summary: Summary, records: list[Record], suite: list[Workload]) -> l
     sizes = [w for w in suite if w.key == "w5"]
     if sizes:
         rows.append(_w5_target(records, sizes))
+    rows += [_recovery_target(pair) for pair in recovery(records, suite)]
     rows.append(_correctness_target(records))
     return rows
+
+
+# --- connection state recovery: ours with recovery on against ours with recovery off -------------
+
+RECOVERY_CPU_LIMIT = 1.25  # the issue's bar: server CPU per delivery, on / off
+_CPU = "server_cpu_us_per_delivery"
+_RECOVERY_SHOWN = [
+    Metric("deliveries_per_s", "deliveries/s", "higher", 0),
+    Metric("p50_ms", "p50 latency ms", "lower", 2),
+    Metric("p99_ms", "p99 latency ms", "lower", 2),
+    Metric(_CPU, "server CPU µs/delivery", "lower", 0),
+]
+_RECOVERY_FAULTS = ("lost", "duplicated", "misdelivered", "offset_faults")
+
+
+def _compared(metrics: dict[str, Any], rate: float | None) -> dict[str, Any]:
+    """The figures of one run that recovery on and off are compared on (W2: one step's)."""
+    if rate is not None:
+        metrics = next(step for step in metrics["steps"] if step["rate"] == rate)
+        metrics = {**metrics, "deliveries_per_s": metrics["achieved_deliveries_per_s"]}
+    return {m.key: metrics.get(m.key) for m in _RECOVERY_SHOWN}
+
+
+def _common_rate(off: dict[str, Any], on: dict[str, Any]) -> float | None:
+    """W2: the highest sweep step both runs measured (their sweeps may stop at different steps)."""
+    rates = [{step["rate"] for step in m.get("steps", []) if step.get(_CPU) is not None} for m in (off, on)]
+    return max(rates[0] & rates[1], default=None)
+
+
+def recovery(records: list[Record], suite: list[Workload]) -> list[dict[str, Any]]:
+    """Per workload run with recovery on: its runs paired with the recovery-off runs of the same
+    repetition (ours), the medians of both and their ratio on / off.
+
+    W2's figures come from the highest step both runs of a pair measured, so a pair compares the
+    same rate (its sweep reports the highest passing step, which may differ between on and off).
+    """
+    pairs = []
+    for on_w in (w for w in suite if w.recover):
+        off_w = next((w for w in suite if w.group == on_w.group and not w.recover), None)
+        if off_w is None:
+            continue
+        ours = {
+            (r["workload"], r["rep"]): r
+            for r in records
+            if r["app"] == "ours" and r["workload"] in (on_w.label, off_w.label)
+        }
+        runs = []
+        for rep in sorted({rep for _, rep in ours}):
+            off, on = ours.get((off_w.label, rep)), ours.get((on_w.label, rep))
+            if off is None or on is None or not (off["ok"] and on["ok"]):
+                continue
+            rate = _common_rate(off["metrics"], on["metrics"]) if "steps" in off["metrics"] else None
+            if "steps" in off["metrics"] and rate is None:
+                continue
+            run = {
+                "rep": rep,
+                "rate": rate,
+                "off": _compared(off["metrics"], rate),
+                "on": _compared(on["metrics"], rate),
+            }
+            run["cpu_ratio"] = _ratio(_num(run["on"][_CPU]), _num(run["off"][_CPU]))
+            runs.append(run)
+        medians = {
+            side: {m.key: _median([_num(run[side][m.key]) for run in runs]) for m in _RECOVERY_SHOWN}
+            for side in ("off", "on")
+        }
+        faults = {
+            side: {key: fault_total(records, "ours", w.label, key) for key in _RECOVERY_FAULTS}
+            for side, w in (("off", off_w), ("on", on_w))
+        }
+        pairs.append(
+            {
+                "workload": off_w.label,
+                "key": on_w.key,
+                "runs": runs,
+                **medians,
+                "ratio": {
+                    m.key: _ratio(medians["on"][m.key], medians["off"][m.key]) for m in _RECOVERY_SHOWN
+                },
+                # Paired within a repetition, so drift between repetitions cancels: informative,
+                # the verdict is on the ratio of the medians like every other figure here.
+                "run_cpu_ratio_median": _median([run["cpu_ratio"] for run in runs]),
+                "faults": faults,
+                "checks": {
+                    key: sum(
+                        int(r["metrics"].get(key) or 0)
+                        for r in records
+                        if r["app"] == "ours" and r["workload"] == on_w.label and r["ok"]
+                    )
+                    for key in ("offsets_seen", "recoverable_sockets")
+                },
+            }
+        )
+    return pairs
+
+
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _median(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def _rates_text(pair: dict[str, Any]) -> str:
+    rates = sorted({run["rate"] for run in pair["runs"] if run["rate"] is not None})
+    return ", ".join(f"{rate:g}" for rate in rates)
+
+
+def recovery_table(pairs: list[dict[str, Any]], markdown: bool = False) -> str:
+    """Recovery off and on (ours), medians of the paired runs, and the ratio on / off."""
+    header = ["workload", "metric", "recovery off", "recovery on", "on/off"]
+    lines: list[list[str]] = []
+    for pair in pairs:
+        label = pair["workload"]
+        if pair["key"] == "w2":
+            lines.append([label, "compared at emits/s (highest step both ran)", _rates_text(pair), "", ""])
+        for metric in _RECOVERY_SHOWN:
+            arrow = {"higher": " ↑", "lower": " ↓"}.get(metric.better, "")
+            lines.append(
+                [
+                    label,
+                    metric.label + arrow,
+                    _fmt(pair["off"][metric.key], metric.digits),
+                    _fmt(pair["on"][metric.key], metric.digits),
+                    _fmt(pair["ratio"][metric.key], 2),
+                ]
+            )
+        per_run = ", ".join(_fmt(run["cpu_ratio"], 2) for run in pair["runs"]) or "—"
+        if len(pair["runs"]) > 1:
+            per_run += f" (median {_fmt(pair['run_cpu_ratio_median'], 2)})"
+        lines.append([label, "CPU/delivery on/off, each run", "", "", per_run])
+        faults = [
+            " / ".join(str(pair["faults"][side][key]) for key in _RECOVERY_FAULTS) for side in ("off", "on")
+        ]
+        lines.append([label, "lost / dup. / misdel. / offset faults", *faults, ""])
+        lines.append([label, "offsets checked (recovery on)", "", f"{pair['checks']['offsets_seen']:,}", ""])
+    return _grouped(header, lines, markdown)
+
+
+def _recovery_target(pair: dict[str, Any]) -> list[str]:
+    text = f"{pair['key'].upper()} recovery on: CPU per delivery ≤ {RECOVERY_CPU_LIMIT:g}× off"
+    ratio = pair["ratio"][_CPU]
+    if math.isnan(ratio):
+        return [text, "—", "no data"]
+    measured = f"{ratio:.2f}×"
+    if len(pair["runs"]) > 1:
+        measured += " (runs " + ", ".join(_fmt(run["cpu_ratio"], 2) for run in pair["runs"]) + ")"
+    if pair["key"] == "w2":
+        measured += f" at {_rates_text(pair)} emits/s"
+    return [text, measured, "met" if ratio <= RECOVERY_CPU_LIMIT else "not met"]
 
 
 def _ratio_range(row: dict[str, float]) -> tuple[float, float]:
@@ -305,13 +465,17 @@ def _median_other_share(records: list[Record], label: str) -> float:
 
 
 def _correctness_target(records: list[Record]) -> list[str]:
-    """Every run (both apps) 0 lost, 0 duplicated; a crashed run proves nothing either way."""
+    """Every run (both apps) 0 lost, 0 duplicated (and no offset fault); a crashed run proves
+    nothing either way."""
     done = [r for r in records if r["ok"]]
     lost = sum(int(r["metrics"].get("lost") or 0) for r in done)
     duplicated = sum(int(r["metrics"].get("duplicated") or 0) for r in done)
+    offset_faults = sum(int(r["metrics"].get("offset_faults") or 0) for r in done)
     crashed = len(records) - len(done)
     measured = f"{lost} lost, {duplicated} duplicated in {len(records)} runs"
-    if lost or duplicated:
+    if offset_faults:
+        measured += f", {offset_faults} offset faults"
+    if lost or duplicated or offset_faults:
         verdict = "not met"
     elif crashed:
         verdict, measured = "unknown", measured + f" ({crashed} crashed)"

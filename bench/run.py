@@ -2,12 +2,14 @@
 
 .venv/bin/python -m bench              # full suite, medians of 3 runs
 .venv/bin/python -m bench --quick      # CI smoke: tiny loads, exits 1 on any loss or crash
+.venv/bin/python -m bench --only w1,w2 --runs 3   # W1 and W2, recovery off and on, and the baseline
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -42,7 +44,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--runs", type=int, default=None, help="repetitions; the table shows medians (default 3, quick 1)"
     )
-    parser.add_argument("--only", default="", help="comma-separated workloads to run, e.g. w1,w5")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated workloads to run, e.g. w1,w5 (w1 and w2 include their recovery-on runs)",
+    )
+    parser.add_argument(
+        "--no-recovery",
+        dest="recovery",
+        action="store_false",
+        help="skip the recovery-on runs of W1 and W2",
+    )
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin servers to cores")
     parser.add_argument(
@@ -157,17 +169,28 @@ class Suite:
         self.log_dir = args.out / "logs" / stamp
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.clusters: dict[str, Cluster] = {}
-        self.progress = Progress(runs * len(suite) * len(self.apps))
+        self.progress = Progress(runs * sum(len(self._apps_of(w)) for w in suite))
+
+    def _apps_of(self, workload: Workload) -> list[AppSpec]:
+        return [app for app in self.apps if app.name in workload.apps]
+
+    def order(self, rep: int) -> list[tuple[Workload, AppSpec]]:
+        """Repetition `rep`'s steps: each group (a workload, with its recovery-on sibling if any)
+        back to back, in reverse every other repetition, so drift and warm caches favour neither
+        app, and neither recovery off nor on: ours off, baseline, ours on; then ours on, baseline,
+        ours off."""
+        steps: list[tuple[Workload, AppSpec]] = []
+        for _, members in itertools.groupby(self.suite, key=lambda w: w.group):
+            group = [(workload, app) for workload in members for app in self._apps_of(workload)]
+            steps += reversed(group) if rep % 2 else group
+        return steps
 
     def run(self) -> None:
         try:
             for rep in range(self.runs):
-                # Alternate who goes first, so drift and warm caches favour neither app.
-                order = self.apps if rep % 2 == 0 else tuple(reversed(self.apps))
                 try:
-                    for workload in self.suite:
-                        for app in order:
-                            self._step(rep, workload, app)
+                    for workload, app in self.order(rep):
+                        self._step(rep, workload, app)
                 finally:
                     self._stop_all()
         finally:
@@ -187,7 +210,7 @@ class Suite:
         return cluster
 
     def _step(self, rep: int, workload: Workload, app: AppSpec) -> None:
-        self.progress.show(f"run {rep + 1}/{self.runs}  {workload.label:<22} {app.name}")
+        self.progress.show(f"run {rep + 1}/{self.runs}  {workload.label:<29} {app.name}")
         record: report.Record = {"rep": rep, "app": app.name, "workload": workload.label, "key": workload.key}
         try:
             cluster = self._cluster(app, workload.instances)
@@ -240,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         wanted = {name.strip().lower() for name in args.only.split(",")}
         suite = [w for w in suite if w.key in wanted]
+    if not args.recovery:
+        suite = [w for w in suite if not w.recover]
     runs = max(1, args.runs or (1 if args.quick else 3))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -265,28 +290,43 @@ def main(argv: list[str] | None = None) -> int:
         "(↑ higher is better, ↓ lower is better)\n"
     )
     print(report.table(summary, suite))
+    recovery = report.recovery(runner.records, suite)
+    if recovery:
+        print(f"\nconnection state recovery, ours: on against off, same runs, medians of {runs} run(s)\n")
+        print(report.recovery_table(recovery))
     print(f"\ntargets, judged on these medians ({meta['mode']} mode):\n")
     print(report.targets_table(targets))
 
     out = args.out / f"bench-{stamp}.json"
-    document = {"meta": meta, "summary": summary, "targets": targets, "records": runner.records}
+    document = {
+        "meta": meta,
+        "summary": summary,
+        "recovery": recovery,
+        "targets": targets,
+        "records": runner.records,
+    }
     out.write_text(json.dumps(_json_safe(document), indent=2))
     (args.out / f"bench-{stamp}.md").write_text(
         report.table(summary, suite, markdown=True)
         + "\n\n"
+        + (report.recovery_table(recovery, markdown=True) + "\n\n" if recovery else "")
         + report.targets_table(targets, markdown=True)
         + "\n"
     )
     png = args.out / f"bench-{stamp}.png"
-    w2 = next((w.label for w in suite if w.key == "w2"), None)
+    # The chart compares the apps: the recovery-on runs (ours only) are in the tables, not in it.
+    charted = [w for w in suite if not w.recover]
+    w2 = next((w.label for w in charted if w.key == "w2"), None)
     sweep = report.sweep(runner.records, w2) if w2 else None
-    chart.draw(summary, suite, png, chart.caption_for(meta), sweep)
+    chart.draw(summary, charted, png, chart.caption_for(meta), sweep)
     if args.docs:
-        chart.draw(summary, suite, DOCS_CHART, chart.caption_for(meta), sweep)
+        chart.draw(summary, charted, DOCS_CHART, chart.caption_for(meta), sweep)
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} and {png.name}")
 
     if problems:
         print(f"\nFAILED: {len(problems)} problem(s):", *problems, sep="\n  ")
         return 1
-    print(f"\ncorrectness: 0 lost, 0 duplicated, 0 misdelivered in {len(runner.records)} workload runs")
+    print(
+        f"\ncorrectness: 0 lost, 0 duplicated, 0 misdelivered, 0 offset faults in {len(runner.records)} workload runs"
+    )
     return 0

@@ -4,6 +4,12 @@ The load generator shares two cores with the servers, so it does as little as it
 message: frames are parsed in `data_received` as they arrive (no task wakes up per message),
 and only the Engine.IO open packet, the namespace connect, pings and `42["event", data]`
 messages are understood, with no client-side event machinery.
+
+A socket may opt in to connection state recovery (`recover=True`): its handshake auth carries
+`"recover": true`, the server's CONNECT reply must carry a `pid`, and every event it gets has
+one more, last argument, the event's offset (`42["event", data, "<ms>-<seq>"]`). The socket
+strips it before its event handler sees the event, and checks as it goes that every event had
+one and that each is after the previous one (see `OffsetChecks`).
 """
 
 from __future__ import annotations
@@ -100,13 +106,52 @@ def _client_frame(opcode: int, payload: bytes) -> bytes:
     return head + mask + _masked(payload, mask)
 
 
-def _sid(connect: Payload) -> str | None:
-    """The sid of a `40{"sid": ...}` namespace connect, or None when it has none."""
+def _connect_reply(connect: Payload) -> tuple[str | None, str | None]:
+    """The sid and the pid of a `40{"sid": ..., "pid": ...}` namespace connect (None when absent)."""
     try:
-        sid = orjson.loads(connect[2:])["sid"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
+        body = orjson.loads(connect[2:])
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    sid, pid = body.get("sid"), body.get("pid")
+    return (sid if isinstance(sid, str) else None), (pid if isinstance(pid, str) and pid else None)
+
+
+def parse_offset(value: Any) -> tuple[int, int] | None:
+    """A Redis stream id `<ms>-<seq>` as an ordered pair, or None when `value` is not one."""
+    if not isinstance(value, str):
         return None
-    return sid if isinstance(sid, str) else None
+    ms, dash, seq = value.partition("-")
+    if not (dash and ms.isdecimal() and seq.isdecimal()):  # no sign, no spaces, int() accepts it
+        return None
+    return int(ms), int(seq)
+
+
+# Events the server sends an opted-in socket about recovery itself; none belongs in a bench run.
+RECOVERY_NOTICES = frozenset({"recovered", "recovery_failed"})
+
+
+class OffsetChecks:
+    """What one socket saw of the offsets, for the load generator's correctness verdict.
+
+    An opted-in socket's every event must end with a well-formed offset after the previous one
+    (the bench's events all come through the bus, which numbers them in order); a socket that did
+    not opt in must never get one (no argument after the data).
+    """
+
+    __slots__ = ("missing", "not_increasing", "notices", "seen", "unexpected")
+
+    def __init__(self) -> None:
+        self.seen = 0  # opted-in events with a well-formed offset
+        self.missing = 0  # opted-in events without one
+        self.not_increasing = 0  # offsets not after the previous one of the same socket
+        self.unexpected = 0  # events with an argument after the data on a socket that did not opt in
+        self.notices = 0  # `recovered` / `recovery_failed` events
+
+    @property
+    def faults(self) -> int:
+        return self.missing + self.not_increasing + self.unexpected + self.notices
 
 
 def _drop(text: Payload) -> None:
@@ -282,9 +327,21 @@ class _WebSocket(asyncio.Protocol):
 class SioSocket:
     """One connected Socket.IO socket; its protocol answers pings and dispatches events as they arrive."""
 
-    def __init__(self, index: int, on_event: EventHandler, auth: bytes, host_header: str, path: str) -> None:
+    def __init__(
+        self,
+        index: int,
+        on_event: EventHandler,
+        auth: bytes,
+        host_header: str,
+        path: str,
+        recover: bool = False,
+    ) -> None:
         self.index = index
         self.sid = ""
+        self.pid: str | None = None  # the recovery session of an opted-in socket
+        self.recover = recover
+        self.offsets = OffsetChecks()
+        self._last_offset = (-1, -1)
         self.closed_by_server = False  # the server ended it (or broke the protocol), not close()
         self._on_event = on_event
         self._auth = auth
@@ -303,14 +360,20 @@ class SioSocket:
         index: int,
         on_event: EventHandler,
         timeout: float = 10.0,
+        recover: bool = False,
     ) -> SioSocket:
         """Open the WebSocket, read the open packet, connect the default namespace with auth.
 
+        `recover`: opt in to connection state recovery (auth `"recover": true`); the CONNECT
+        reply must then carry a pid, else the connect fails with ConnectRefused.
         `session` is unused (each socket is its own TCP connection); callers pass their REST one.
         """
         host, port, host_header, path = _endpoint(base_url)
-        auth = orjson.dumps({"token": token} if token is not None else {})
-        sock = cls(index, on_event, auth, host_header, path)
+        fields: dict[str, Any] = {} if token is None else {"token": token}
+        if recover:
+            fields["recover"] = True
+        auth = orjson.dumps(fields)
+        sock = cls(index, on_event, auth, host_header, path, recover)
         ws = sock._ws
         try:
             async with asyncio.timeout(timeout):
@@ -350,11 +413,14 @@ class SioSocket:
         elif not text.startswith(b"40"):
             self._refuse(f"expected a namespace connect, got {bytes(text[:80])!r}")
         else:
-            sid = _sid(text)
+            sid, pid = _connect_reply(text)
             if sid is None:
                 self._refuse(f"no sid in the namespace connect {bytes(text[:80])!r}")
+            elif self.recover and pid is None:
+                self._refuse(f"asked for recovery but no pid in the namespace connect {bytes(text[:120])!r}")
             elif not self._joined.done():
-                self._ws.on_text = self._on_message
+                self.pid = pid
+                self._ws.on_text = self._on_recoverable_message if self.recover else self._on_message
                 self._joined.set_result(sid)
 
     def _refuse(self, reason: str) -> None:
@@ -367,8 +433,34 @@ class SioSocket:
         if text.startswith(b"42"):
             received = time.monotonic()
             event, *args = orjson.loads(text[2:])
+            if len(args) > 1:  # an offset (or anything else) after the data: we did not opt in
+                self.offsets.unexpected += 1
             self._on_event(self.index, event, args[0] if args else None, received)
-        elif text == b"2":
+        else:
+            self._on_control(text)
+
+    def _on_recoverable_message(self, text: Payload) -> None:
+        """`_on_message` of an opted-in socket: `42["event", data, offset]`, offset checked and stripped."""
+        if text.startswith(b"42"):
+            received = time.monotonic()
+            event, *args = orjson.loads(text[2:])
+            offset = parse_offset(args[1]) if len(args) == 2 else None
+            checks = self.offsets
+            if offset is None:
+                checks.missing += 1
+            else:
+                checks.seen += 1
+                if offset <= self._last_offset:
+                    checks.not_increasing += 1
+                self._last_offset = offset
+            if event in RECOVERY_NOTICES:
+                checks.notices += 1
+            self._on_event(self.index, event, args[0] if args else None, received)
+        else:
+            self._on_control(text)
+
+    def _on_control(self, text: Payload) -> None:
+        if text == b"2":
             self._ws.send_text(b"3")
         elif text.startswith(b"41") or text == b"1":  # namespace disconnect or Engine.IO close
             self.closed_by_server = True

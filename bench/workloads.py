@@ -1,7 +1,10 @@
 """The five workloads, client side. Each returns flat metrics, including lost and duplicated counts.
 
 Payloads are {"s": sequence number, "t": send time (time.monotonic())}; sender and receivers
-live in this one process, so the clock is shared.
+live in this one process, so the clock is shared. W1 and W2 take `recover` (default False): their
+sockets then opt in to connection state recovery, and every event must carry a well-formed offset
+after the socket's previous one (`offset_faults` counts what did not, and any offset a socket that
+did not opt in got).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from .params import DRAIN, KEEP_UP, P99_LIMIT_MS, step_seconds
 Metrics = dict[str, Any]
 Params = dict[str, Any]
 SETTLE = 1.0  # pause after opening many sockets at once, in seconds
-FAULTS = ("lost", "duplicated", "misdelivered", "rest_failures")  # any of these fails the suite
+# Any of these fails the suite. offset_faults: see wire.OffsetChecks.
+FAULTS = ("lost", "duplicated", "misdelivered", "rest_failures", "offset_faults")
 
 
 Load = Callable[[Deliveries, float], Awaitable[None]]  # drives emits into a tracker for some seconds
@@ -39,7 +43,7 @@ async def _measure(
     The warm-up's timings are dropped but its losses and duplicates are not: they count.
     """
     faults = {"lost": 0, "duplicated": 0, "misdelivered": 0}
-    refused_before = fleet.rest_failures
+    refused_before, offset_faults_before = fleet.rest_failures, fleet.offset_faults()
     if p.get("warmup"):
         warm = Deliveries()
         fleet.sink = warm.on_event
@@ -59,6 +63,7 @@ async def _measure(
     for key, count in faults.items():
         metrics[key] += count
     metrics["rest_failures"] = fleet.rest_failures - refused_before
+    metrics["offset_faults"] = fleet.offset_faults() - offset_faults_before
     return metrics, deliveries, [b - a for a, b in zip(before, after)], elapsed
 
 
@@ -116,7 +121,7 @@ def _server_cost(metrics: Metrics, cpu: list[float]) -> None:
 async def user_fanout(fleet: Fleet, p: Params) -> Metrics:
     """W1: each user has a socket on A and one on B; REST emits to users, alternating A and B."""
     users = [fleet.user("w1", i) for i in range(p["users"])]
-    await fleet.open([(t, u) for u in users for t in (0, 1)])
+    await fleet.open([(t, u) for u in users for t in (0, 1)], recover=p.get("recover", False))
 
     async def emit(deliveries: Deliveries, seq: int) -> None:
         u = seq % len(users)
@@ -132,6 +137,7 @@ async def user_fanout(fleet: Fleet, p: Params) -> Metrics:
     metrics, _, cpu, _ = await _measure(fleet, load, p)
     _server_cost(metrics, cpu)
     await _half_load(fleet, emit, metrics, p)
+    metrics.update(fleet.offset_checks())
     return metrics
 
 
@@ -142,7 +148,7 @@ async def broadcast(fleet: Fleet, p: Params) -> Metrics:
     that fails (see `_step`): higher rates would only be further over the limit.
     """
     count = p["sockets"]
-    await fleet.open([(i % 2, fleet.user("w2", i)) for i in range(count)])
+    await fleet.open([(i % 2, fleet.user("w2", i)) for i in range(count)], recover=p.get("recover", False))
     await asyncio.sleep(SETTLE)  # the servers finish the handshakes' follow-up work before rate 1
     everyone = range(count)
 
@@ -162,7 +168,7 @@ async def broadcast(fleet: Fleet, p: Params) -> Metrics:
         steps.append(await _step(fleet, at(rate), rate, count, p))
         if not steps[-1]["pass"]:
             break
-    return _sweep(steps, count, p["rates"])
+    return {**_sweep(steps, count, p["rates"]), **fleet.offset_checks()}
 
 
 async def _step(fleet: Fleet, load: Load, rate: float, sockets: int, p: Params) -> Metrics:
@@ -279,6 +285,7 @@ async def connections(fleet: Fleet, p: Params) -> Metrics:
         "duplicated": check["duplicated"],
         "misdelivered": check["misdelivered"],
         "rest_failures": fleet.rest_failures,
+        "offset_faults": fleet.offset_faults(),
     }
 
 

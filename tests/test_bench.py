@@ -1,17 +1,30 @@
-"""The benchmark suite still runs end to end (its quick mode): no timing assertions here."""
+"""The benchmark suite still runs end to end (its quick mode): no timing assertions here.
+
+Also, without servers: the load generator's wire client opting in to connection state recovery
+(against aiohttp's WebSocket server), and how the report pairs recovery-on runs with recovery-off
+ones.
+"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
+from aiohttp import web
 
-from .harness import ROOT
+from bench import report
+from bench.params import QUICK
+from bench.wire import ConnectRefused, SioSocket, parse_offset
 
-pytestmark = [pytest.mark.bench, pytest.mark.cluster]
+from .harness import ROOT, wait_until
+from .test_wire import _serve
 
 
+@pytest.mark.bench
+@pytest.mark.cluster
 def test_bench_quick_mode_runs_clean() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick"],
@@ -22,6 +35,113 @@ def test_bench_quick_mode_runs_clean() -> None:
         check=False,
     )
     tail = (result.stdout + result.stderr)[-4000:]
-    # exit 1 means a workload lost, duplicated or misdelivered an event, or crashed
+    # exit 1 means a workload lost, duplicated or misdelivered an event, had an offset fault, or crashed
     assert result.returncode == 0, tail
     assert "W1" in result.stdout and "W5" in result.stdout, tail
+    assert "W1 recovery on: CPU per delivery" in result.stdout, tail
+    assert "W2 recovery on: CPU per delivery" in result.stdout, tail
+
+
+async def _recoverable(
+    frames: list[str], reply: str = '40{"sid":"abc","pid":"p-1"}'
+) -> tuple[SioSocket, list[tuple[str, Any]]]:
+    """A socket that opted in, served `frames` and then an `end` event; returns it and its events."""
+    auth: list[Any] = []
+    events: list[tuple[str, Any]] = []
+
+    async def handler(ws: web.WebSocketResponse) -> None:
+        await ws.send_str('0{"sid":"eio","upgrades":[],"pingInterval":25000,"pingTimeout":20000}')
+        auth.append(json.loads((await ws.receive_str())[2:]))
+        await ws.send_str(reply)
+        for frame in [*frames, "42" + json.dumps(["end", None, "9999999999999-0"])]:
+            await ws.send_str(frame)
+        await ws.receive()
+
+    def on_event(index: int, event: str, data: Any, received: float) -> None:
+        events.append((event, data))
+
+    runner, url = await _serve(handler)
+    try:
+        sock = await SioSocket.connect(None, url, "t", 3, on_event, timeout=5.0, recover=True)
+        await wait_until(lambda: events and events[-1][0] == "end", "the end event", timeout=5)
+        await sock.close()
+    finally:
+        await runner.cleanup()
+    assert auth == [{"token": "t", "recover": True}]
+    return sock, events
+
+
+async def test_wire_opts_in_to_recovery_and_checks_offsets() -> None:
+    good = [
+        "42" + json.dumps(["dm", {"s": 1}, "1764547200000-3"]),
+        "42" + json.dumps(["dm", {"s": 2}, "1764547200000-10"]),  # numeric, not string, order
+        "42" + json.dumps(["dm", None, "1764547200001-0"]),
+    ]
+    sock, events = await _recoverable(good)
+    assert sock.pid == "p-1"
+    assert events[:3] == [("dm", {"s": 1}), ("dm", {"s": 2}), ("dm", None)]  # offsets stripped
+    assert (sock.offsets.seen, sock.offsets.faults) == (4, 0)
+
+    bad = [
+        "42" + json.dumps(["dm", {"s": 1}, "1764547200000-3"]),
+        "42" + json.dumps(["dm", {"s": 2}, "1764547200000-3"]),  # not after the previous one
+        "42" + json.dumps(["dm", {"s": 3}]),  # no offset
+        "42" + json.dumps(["dm", {"s": 4}, "soon"]),  # not an offset
+        "42" + json.dumps(["recovery_failed", {"reason": "expired"}, "1764547200002-0"]),
+    ]
+    sock, events = await _recoverable(bad)
+    checks = sock.offsets
+    assert (checks.not_increasing, checks.missing, checks.notices) == (1, 2, 1)
+    assert [data for _, data in events[:4]] == [{"s": 1}, {"s": 2}, {"s": 3}, {"s": 4}]
+
+
+async def test_wire_refuses_a_recovery_without_pid() -> None:
+    with pytest.raises(ConnectRefused, match="no pid"):
+        await _recoverable([], reply='40{"sid":"abc"}')
+
+
+def test_parse_offset() -> None:
+    assert parse_offset("1764547200000-3") == (1764547200000, 3)
+    for value in ("1764547200000", "-3", "1-", "a-1", "1--2", "+1-2", " 1-2", None, 17, "²-1"):
+        assert parse_offset(value) is None, value
+
+
+def _record(rep: int, label: str, metrics: dict[str, Any], app: str = "ours") -> report.Record:
+    return {"rep": rep, "app": app, "workload": label, "key": "w2", "ok": True, "metrics": metrics}
+
+
+def _step(rate: float, cpu: float) -> dict[str, Any]:
+    return {
+        "rate": rate,
+        "server_cpu_us_per_delivery": cpu,
+        "achieved_deliveries_per_s": rate * 10,
+        "p50_ms": 1.0,
+        "p99_ms": 2.0,
+    }
+
+
+def test_recovery_pairs_runs_of_one_repetition_at_a_common_w2_step() -> None:
+    suite = [w for w in QUICK if w.key == "w2"]
+    off, on = (w.label for w in suite)
+    records = [
+        # Run 0: off passed two steps, on only reached the first: compared at rate 5.
+        _record(0, off, {"steps": [_step(5, 100), _step(10, 80)]}),
+        _record(0, on, {"steps": [_step(5, 110)]}),
+        _record(0, off, {"steps": [_step(5, 900)]}, app="baseline"),
+        # Run 1: both reached rate 10.
+        _record(1, on, {"steps": [_step(5, 130), _step(10, 96)]}),
+        _record(1, off, {"steps": [_step(5, 100), _step(10, 80)]}),
+    ]
+    (pair,) = report.recovery(records, suite)
+    assert [(run["rep"], run["rate"]) for run in pair["runs"]] == [(0, 5), (1, 10)]
+    assert [round(run["cpu_ratio"], 2) for run in pair["runs"]] == [1.1, 1.2]
+    assert pair["off"]["server_cpu_us_per_delivery"] == 90  # medians of the pairs' figures
+    assert pair["on"]["server_cpu_us_per_delivery"] == 103
+    summary = report.summarise(records, suite)
+    rows = report.targets(summary, records, suite)
+    assert [
+        "W2 recovery on: CPU per delivery ≤ 1.25× off",
+        "1.14× (runs 1.10, 1.20) at 5, 10 emits/s",
+        "met",
+    ] in rows
+    assert "recovery off" in report.recovery_table([pair])
