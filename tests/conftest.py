@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -83,6 +84,15 @@ def cluster(redis_client: redis.Redis) -> Iterator[Cluster]:
     running.close()
     for key in redis_client.scan_iter(f"{running.prefix}:*"):
         redis_client.delete(key)
+
+
+@pytest.fixture
+def instances() -> Iterator[list[Instance]]:
+    """Instances a test starts itself; killed at the end, whatever happens."""
+    started: list[Instance] = []
+    yield started
+    for instance in started:
+        instance.stop(signal.SIGKILL)
 
 
 @pytest.fixture

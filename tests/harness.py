@@ -16,7 +16,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import socketio
@@ -305,7 +305,10 @@ class RawSocket:
         self.ws = ws
 
     @classmethod
-    async def open(cls, base: str, token: str | None = None, *, timeout: float = WAIT) -> RawSocket:
+    async def open(
+        cls, base: str, token: str | None = None, *, auth: dict[str, Any] | None = None, timeout: float = WAIT
+    ) -> Self:
+        """Open and send the namespace CONNECT with `auth` (default: just the token, if any)."""
         session = aiohttp.ClientSession()
         try:
             url = base.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
@@ -316,17 +319,32 @@ class RawSocket:
             await session.close()
             raise
         raw = cls(session, ws)
-        await ws.send_str("40" + (json.dumps({"token": token}) if token else ""))
+        if auth is None and token:
+            auth = {"token": token}
+        await ws.send_str("40" + (json.dumps(auth) if auth else ""))
         return raw
+
+    async def _text(self, timeout: float) -> str:
+        """The next frame that is not a ping (pings are answered on the way)."""
+        while True:
+            text = await self.ws.receive_str(timeout=timeout)
+            if text != "2":
+                return text
+            await self.ws.send_str("3")
 
     async def connected(self, timeout: float = WAIT) -> dict[str, Any]:
         """The namespace answer: {"sid": ...} when accepted, the error data when refused."""
         while True:
-            text = await self.ws.receive_str(timeout=timeout)
+            text = await self._text(timeout)
             if text.startswith(("40", "44")):
                 return dict(json.loads(text[2:]))
-            if text == "2":
-                await self.ws.send_str("3")
+
+    async def event(self, timeout: float = WAIT) -> list[Any]:
+        """The next Socket.IO event's arguments, its name first."""
+        while True:
+            text = await self._text(timeout)
+            if text.startswith("42"):
+                return list(json.loads(text[2:]))
 
     async def close(self) -> None:
         await self.ws.close()
@@ -358,11 +376,6 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 async def raw_event(raw: RawSocket, timeout: float = WAIT) -> tuple[str, Any]:
-    """The next Socket.IO event a RawSocket receives, answering pings on the way."""
-    while True:
-        text = await raw.ws.receive_str(timeout=timeout)
-        if text == "2":
-            await raw.ws.send_str("3")
-        elif text.startswith("42"):
-            name, *args = json.loads(text[2:])
-            return name, args[0] if args else None
+    """The next Socket.IO event a RawSocket receives: its name and first argument."""
+    name, *args = await raw.event(timeout)
+    return name, args[0] if args else None

@@ -213,6 +213,22 @@ async def test_garbage_on_our_channels_is_dropped_and_consumption_goes_on(
     assert after - before == 2 * len(garbage)
 
 
+async def test_an_envelope_published_twice_is_delivered_once(
+    cluster: Cluster, probes: list[Probe], redis_client: redis.Redis
+) -> None:
+    """What a batch Redis applied although its reply was lost, then retried, looks like."""
+    c = await cast(cluster, probes)
+    alice = c["alice_a"].user  # type: ignore[attr-defined]
+    twice = orjson.dumps(
+        {"v": 1, "id": unique("env"), "scope": "user", "user_id": alice, "event": "dm", "data": 1, "ts": 1}
+    )
+    for _ in range(2):
+        redis_client.publish(f"{cluster.prefix}:user:{alice}", twice)
+    await fence(cluster.b.url, c.values())
+    assert without_fences(c["alice_a"]) == [("dm", 1)]
+    assert without_fences(c["alice_b"]) == [("dm", 1)]
+
+
 async def test_last_socket_leaving_releases_the_users_channel(
     cluster: Cluster, probes: list[Probe], redis_client: redis.Redis
 ) -> None:

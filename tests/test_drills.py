@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -22,14 +21,6 @@ from .proxy import TcpProxy
 pytestmark = pytest.mark.cluster
 
 SCOPES = ("user:u1", "user:u2", "all", "authenticated")
-
-
-@pytest.fixture
-def instances() -> Iterator[list[Instance]]:
-    started: list[Instance] = []
-    yield started
-    for instance in started:
-        instance.stop(signal.SIGKILL)
 
 
 class Publisher:
@@ -112,12 +103,12 @@ async def test_rolling_deploy_and_a_crash_lose_nothing_for_recovering_clients(in
             for instance, other, how in ((a, b, signal.SIGTERM), (b, a, signal.SIGTERM), (a, b, signal.SIGKILL)):
                 assert instance.stop(how) in (0, -signal.SIGKILL)
                 # all five clients are back, on the instance still up, before the restart
-                await wait_until(lambda: other.readyz()[1].get("sockets") == 5, f"all sockets on {other.name}")
+                await wait_until(lambda o=other: o.readyz()[1].get("sockets") == 5, f"all sockets on {other.name}")
                 instance.start()
                 instance.wait_serving()
                 await wait_until(lambda: py.connected, "the Python client back")
                 mark = len(publisher.acked)
-                await wait_until(lambda: len(publisher.acked) >= mark + 25, "the stream to go on")
+                await wait_until(lambda m=mark: len(publisher.acked) >= m + 25, "the stream to go on")
         finally:
             await publisher.stop()
         try:

@@ -36,14 +36,6 @@ def own_redis() -> Iterator[RedisServer]:
     server.stop(signal.SIGKILL)
 
 
-@pytest.fixture
-def instances() -> Iterator[list[Instance]]:
-    started: list[Instance] = []
-    yield started
-    for instance in started:
-        instance.stop(signal.SIGKILL)
-
-
 def launch(instances: list[Instance], name: str, prefix: str, redis_url: str | None, **extra: str) -> Instance:
     instance = Instance(name, instance_env(prefix, redis_url=redis_url, **{**FAST_RECOVERY, **extra})).start()
     instances.append(instance)

@@ -5,53 +5,32 @@ long away. The official JS client and python-socketio take the same paths in tes
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
+import redis
 
 from webapp.client import RecoveringClient
 
-from .harness import WAIT, Instance, api, instance_env, token_for, unique, wait_until
+from .harness import WAIT, Instance, RawSocket, RedisServer, api, instance_env, token_for, unique, wait_until
+from .proxy import TcpProxy
 
 pytestmark = pytest.mark.cluster
 
 
-class Wire:
-    """One Engine.IO WebSocket speaking Socket.IO by hand: every packet is visible."""
+class Wire(RawSocket):
+    """A RawSocket accepted by the server, with the CONNECT reply it got: every packet is visible."""
 
-    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.session, self.ws = session, ws
-        self.reply: dict[str, Any] = {}
+    reply: dict[str, Any]
 
     @classmethod
     async def connect(cls, base: str, auth: dict[str, Any]) -> Wire:
-        session = aiohttp.ClientSession()
-        url = base.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
-        wire = cls(session, await session.ws_connect(url))
-        assert (await wire._text()).startswith("0{")
-        await wire.ws.send_str("40" + json.dumps(auth))
-        text = await wire._text()
-        assert text.startswith("40"), text
-        wire.reply = json.loads(text[2:])
+        wire = await cls.open(base, auth=auth)
+        wire.reply = await wire.connected()
+        assert "sid" in wire.reply, wire.reply
         return wire
-
-    async def _text(self) -> str:
-        while True:
-            text = await self.ws.receive_str(timeout=WAIT)
-            if text == "2":
-                await self.ws.send_str("3")
-                continue
-            return text
-
-    async def event(self) -> list[Any]:
-        """The next event's arguments, name first."""
-        text = await self._text()
-        assert text.startswith("42"), text
-        return list(json.loads(text[2:]))
 
     async def events_until(self, name: str) -> list[list[Any]]:
         """Events up to and including the first one called `name`."""
@@ -59,18 +38,6 @@ class Wire:
         while got[-1][0] != name:
             got.append(await self.event())
         return got
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await self.session.close()
-
-
-@pytest.fixture
-def instances() -> Iterator[list[Instance]]:
-    started: list[Instance] = []
-    yield started
-    for instance in started:
-        instance.stop(signal.SIGKILL)
 
 
 @pytest.fixture
@@ -140,6 +107,7 @@ async def test_recovery_before_any_event_and_again_and_again(instances: list[Ins
     bob = unique("bob")
     token = await token_for(a.url, bob)
     wire = await Wire.connect(a.url, {"token": token, "recover": True})
+    wires.append(wire)
     pid, offset, n = wire.reply["pid"], None, 0
     for round_ in range(3):
         await wire.close()
@@ -148,11 +116,11 @@ async def test_recovery_before_any_event_and_again_and_again(instances: list[Ins
             await emit(a.url, f"/api/emit/users/{bob}", "dm", n)
         auth = {"token": token, "recover": True, "pid": pid, **({"offset": offset} if offset else {})}
         wire = await Wire.connect((b if round_ % 2 == 0 else a).url, auth)
+        wires.append(wire)
         assert wire.reply["pid"] == pid, f"round {round_}"
         replay = await wire.events_until("recovered")
         assert [e[:2] for e in replay] == [["dm", n - 1], ["dm", n], ["recovered", {"missed": 2}]]
         offset = replay[1][2]
-    wires.append(wire)
 
 
 async def test_forged_stolen_and_unknown_pids_connect_fresh(instances: list[Instance], wires: list[Wire]) -> None:
@@ -180,6 +148,7 @@ async def test_too_long_away_is_refused_with_a_reason(instances: list[Instance],
     carol = unique("carol")
     token = await token_for(a.url, carol)
     wire = await Wire.connect(a.url, {"token": token, "recover": True})
+    wires.append(wire)
     pid = wire.reply["pid"]
     await wire.close()
     await emit(a.url, f"/api/emit/users/{carol}", "dm", "while away")
@@ -191,18 +160,25 @@ async def test_too_long_away_is_refused_with_a_reason(instances: list[Instance],
     assert (name, data) == ("recovery_failed", {"reason": "expired"}) and isinstance(offset, str)
 
 
-async def test_an_idle_socket_older_than_the_history_still_recovers(instances: list[Instance], wires: list[Wire]) -> None:
+async def test_an_idle_socket_older_than_the_history_still_recovers(
+    instances: list[Instance], wires: list[Wire], redis_client: redis.Redis
+) -> None:
     """Node fails a connection that lived longer than its window: its last offset is gone."""
-    a, b = fleet(instances, unique("recover-idle"), RECOVERY_WINDOW="2", REPLAY_MAX_AGE="2")
+    prefix = unique("recover-idle")
+    a, b = fleet(instances, prefix, RECOVERY_WINDOW="2", REPLAY_MAX_AGE="2")
     dave, other = unique("dave"), unique("other")
     token = await token_for(a.url, dave)
     idle = await Wire.connect(a.url, {"token": token, "recover": True})
+    wires.append(idle)
     pid = idle.reply["pid"]
-    # 3 s of traffic for someone else: the history's age bound trims past dave's start
-    deadline = asyncio.get_running_loop().time() + 3
-    while asyncio.get_running_loop().time() < deadline:
+    # traffic for someone else until the history's age bound has trimmed past dave's start
+    # ("MINID ~" drops whole stream nodes of 100 entries)
+    async def trimmed_after_one_more() -> bool:
         await emit(b.url, f"/api/emit/users/{other}", "dm", "not for dave")
-        await asyncio.sleep(0.05)  # pacing: about 20 events/s
+        info = redis_client.xinfo_stream(f"{prefix}:replay")
+        return int(info["entries-added"]) > int(info["length"])
+
+    await wait_until(trimmed_after_one_more, "the history to trim past dave's start", timeout=20)
     await idle.close()
     await wait_until(lambda: a.readyz()[1].get("recoverable_sockets") == 0, "A to notice dave left")
     await emit(b.url, f"/api/emit/users/{dave}", "dm", "while away")
@@ -224,18 +200,19 @@ async def test_recovery_after_the_instance_died_or_restarted(
     await emit(b.url, f"/api/emit/users/{erin}", "dm", "before")
     name, _, offset = await wire.event()
     assert name == "dm"
+    wires.append(wire)
     a.stop(how)
     await wire.close()
     await emit(b.url, f"/api/emit/users/{erin}", "dm", "while down")
     await emit(b.url, "/api/emit/all", "news", "while down")
     a.start()
     a.wait_serving()
-    for where in (a,):  # the restarted instance takes it back
-        back = await Wire.connect(where.url, {"token": token, "recover": True, "pid": wire.reply["pid"], "offset": offset})
-        wires.append(back)
-        assert back.reply["pid"] == wire.reply["pid"]
-        replay = await back.events_until("recovered")
-        assert [e[:2] for e in replay] == [["dm", "while down"], ["news", "while down"], ["recovered", {"missed": 2}]]
+    # the restarted instance takes it back
+    back = await Wire.connect(a.url, {"token": token, "recover": True, "pid": wire.reply["pid"], "offset": offset})
+    wires.append(back)
+    assert back.reply["pid"] == wire.reply["pid"]
+    replay = await back.events_until("recovered")
+    assert [e[:2] for e in replay] == [["dm", "while down"], ["news", "while down"], ["recovered", {"missed": 2}]]
 
 
 async def test_own_gateway_answers_are_not_replayed_to_the_session(instances: list[Instance], wires: list[Wire]) -> None:
@@ -244,7 +221,7 @@ async def test_own_gateway_answers_are_not_replayed_to_the_session(instances: li
     token = await token_for(a.url, frank)
     asker = await Wire.connect(a.url, {"token": token, "recover": True})
     other = await Wire.connect(b.url, {"token": token})
-    wires.append(other)
+    wires.extend([asker, other])
     await asker.ws.send_str('42["events","hello"]')
     answer = await asker.event()
     assert answer[:2] == ["events", "hello"]
@@ -262,6 +239,29 @@ async def test_own_gateway_answers_are_not_replayed_to_the_session(instances: li
     assert await other.event() == ["events", "again"]
     await emit(a.url, f"/api/emit/users/{frank}", "dm", "fence")
     assert (await back.event())[:2] == ["dm", "fence"]
+
+
+async def test_a_session_from_before_redis_lost_its_data_is_not_recovered(
+    instances: list[Instance], wires: list[Wire]
+) -> None:
+    server = RedisServer().start()
+    try:
+        (a,) = fleet(instances, unique("recover-epoch"), names=("A",), redis_url=server.url, REDIS_BACKOFF_MAX="0.5")
+        henry = unique("henry")
+        token = await token_for(a.url, henry)
+        wire = await Wire.connect(a.url, {"token": token, "recover": True})
+        wires.append(wire)
+        await wire.close()
+        server.stop(signal.SIGKILL)
+        server.start()  # empty: its history, and what the session's offsets meant, are gone
+        await wait_until(lambda: a.readyz()[0] == 200, "A back on the new Redis", timeout=15)
+        back = await Wire.connect(a.url, {"token": token, "recover": True, "pid": wire.reply["pid"]})
+        wires.append(back)
+        assert back.reply["pid"] != wire.reply["pid"]
+        assert (await back.event())[:2] == ["recovery_failed", {"reason": "history_lost"}]
+        assert a.readyz()[1]["bus"]["epoch_changes"] == 1
+    finally:
+        server.stop(signal.SIGKILL)
 
 
 async def test_python_socketio_recovers_with_the_helper(instances: list[Instance]) -> None:
@@ -285,3 +285,29 @@ async def test_python_socketio_recovers_with_the_helper(instances: list[Instance
     finally:
         await client.disconnect()
         await client.shutdown()
+
+
+async def test_an_instance_that_missed_more_than_the_history_tells_its_recovering_sockets(
+    instances: list[Instance], wires: list[Wire]
+) -> None:
+    prefix = unique("recover-gap")
+    with TcpProxy([("127.0.0.1", 6379)]).start() as redis_link:
+        a = Instance("A", instance_env(prefix, redis_url=redis_link.redis_url, REPLAY_MAX_LEN="10")).start()
+        (b,) = fleet(instances, prefix, names=("B",), REPLAY_MAX_LEN="10")
+        instances.append(a)
+        a.wait_serving()
+        ivy = unique("ivy")
+        token = await token_for(b.url, ivy)
+        wire = await Wire.connect(a.url, {"token": token, "recover": True})
+        wires.append(wire)
+        redis_link.cut()
+        await wait_until(lambda: a.readyz()[0] == 503, "A to notice the cut")
+        # "MAXLEN ~" trims whole stream nodes (100 entries): 300 trim past A's position for sure
+        for n in range(300):
+            await emit(b.url, "/api/emit/all", "news", n)
+        redis_link.restore()
+        failed = await wire.events_until("recovery_failed")
+        assert failed[-1][:2] == ["recovery_failed", {"reason": "gap"}]
+        numbers = [e[1] for e in failed[:-1]]
+        assert numbers == sorted(set(numbers)) and numbers[-1] == 299 and len(numbers) < 300
+        assert a.readyz()[1]["bus"]["gaps"] == 1

@@ -58,7 +58,7 @@ async def pair(
     try:
         await wait_until(lambda: subscriber.ready, "the subscriber to connect")
         assert await subscriber.subscribe(f"{prefix}:all")
-        yield subscriber, publisher, got, lambda text: envelope(text)
+        yield subscriber, publisher, got, envelope
     finally:
         await subscriber.close()
         await publisher.close()
@@ -92,7 +92,7 @@ async def test_a_gap_longer_than_the_history_is_reported(redis_client: redis.Red
     prefix = unique("replay-gap")
     channel = f"{prefix}:all"
     # away 1.5 to 3 s after the cut: the 400 publishes below take a fraction of that
-    async with pair(prefix, backoff_min=3.0) as (subscriber, publisher, got, env):
+    async with pair(prefix, backoff_min=3.0) as (subscriber, _, got, env):
         short = RedisBus(REDIS_URL, history_key=f"{prefix}:replay", epoch_key=f"{prefix}:epoch", history_max=10)
         await short.start(Collected().on_message, Collected().on_gap)
         try:

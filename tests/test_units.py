@@ -123,6 +123,7 @@ class TestConfig:
             ({"PORT": "eighty"}, "PORT must be an integer"),
             ({"CHANNEL_PREFIX": "has space"}, "CHANNEL_PREFIX"),
             ({"DEMO_LOGIN": "maybe"}, "DEMO_LOGIN"),
+            ({"RECOVERY_WINDOW": "600", "REPLAY_MAX_AGE": "300"}, "RECOVERY_WINDOW must not exceed REPLAY_MAX_AGE"),
         ],
     )
     def test_refuses_bad_values(self, env: dict[str, str], message: str) -> None:

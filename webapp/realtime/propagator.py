@@ -33,6 +33,7 @@ RECENT_IDS = 10_000  # envelope ids remembered to drop a batch Redis applied twi
 class SubscriptionFailed(Exception):
     """Redis is there but did not confirm a user's channel: the socket must not be accepted."""
 
+
 Delivery = tuple[str, Any, "Offset | None"]  # event, data, offset
 
 
@@ -174,12 +175,23 @@ class Propagator:
     async def detach(self, sid: str) -> None:
         """Forget a socket; release its user's channel when it was the last one here."""
         self._connecting.pop(sid, None)
-        session = self.sessions.pop(sid, None)
+        session = self.sessions.get(sid)
         if session is not None and self.recovery is not None:
-            record = asyncio.ensure_future(self.recovery.ended(session, self.bus.position))
-            self._records.add(record)
-            record.add_done_callback(self._records.discard)
+            # Still attached while the bus catches up to now, so what it was sent is all it
+            # was addressed by up to that position (an idle socket's old offset needs this).
+            position: Offset | None
+            try:
+                position = await self.bus.sync()
+            except BusUnavailable:
+                position = self.bus.position  # older, so the record claims less: still true
+            self._record(self.recovery.ended(session, position))
+        self.sessions.pop(sid, None)
         await self._forget(sid)
+
+    def _record(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._records.add(task)
+        task.add_done_callback(self._records.discard)
 
     async def _forget(self, sid: str) -> None:
         user_id, last = self.state.remove(sid)
@@ -277,13 +289,11 @@ class Propagator:
             self._drop(channel, str(exc))
             return None
         if env.scope == "user":
-            if channel != self.user_channel(env.user_id or ""):
-                self._drop(channel, "user envelope on a channel that is not its user's")
-                return None
-        elif not (env.scope == "all" and channel == self.channel_all) and not (
-            env.scope == "authenticated" and channel == self.channel_authenticated
-        ):
-            self._drop(channel, f"{env.scope} envelope on the wrong channel")
+            home = self.user_channel(env.user_id or "")
+        else:
+            home = self.channel_all if env.scope == "all" else self.channel_authenticated
+        if channel != home:
+            self._drop(channel, f"{env.scope} envelope on a channel that is not its scope's")
             return None
         return env
 

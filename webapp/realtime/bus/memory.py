@@ -30,6 +30,7 @@ class MemoryBus:
         self._last = ZERO
         self._trimmed = ZERO  # the newest offset dropped from the history
         self._position: Offset | None = None
+        self._advanced = asyncio.Event()
         self._epoch = uuid.uuid4().hex
         self._records: dict[str, tuple[float, bytes]] = {}
         self._expiring: deque[tuple[float, str]] = deque()  # in the order written: same ttl each time
@@ -42,6 +43,7 @@ class MemoryBus:
     async def close(self) -> None:
         await cancel(self._task)
         self._task = None
+        self._advanced.set()  # a sync waiting for the consumer stops waiting
 
     async def publish(self, channel: str, message: bytes) -> Offset:
         if self._task is None:
@@ -55,10 +57,11 @@ class MemoryBus:
         return entry.offset
 
     async def sync(self) -> Offset:
-        """Wait until everything published so far was consumed; the position then."""
+        """The position once everything published until now has been consumed."""
         target = self._last
-        while self._position is not None and self._position < target and self.ready:
-            await asyncio.sleep(0)
+        while self.ready and (self._position or ZERO) < target:
+            self._advanced.clear()
+            await self._advanced.wait()
         return self._position or ZERO
 
     def _next_offset(self) -> Offset:
@@ -121,3 +124,4 @@ class MemoryBus:
             if ours:
                 await dispatch(self._handler, entry.channel, entry.message, entry.offset)
             self._position = entry.offset
+            self._advanced.set()

@@ -16,7 +16,8 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
@@ -86,7 +87,6 @@ class RedisBus:
         history_age: float = 300.0,
         epoch_key: str | None = None,
         sync_channel: str | None = None,
-        beacon_every: float = 1.0,
         name: str = "webapp",
     ) -> None:
         self._url = url
@@ -102,8 +102,7 @@ class RedisBus:
         self._history_age_ms = int(history_age * 1000)
         self._epoch_key = epoch_key
         self._sync_channel = sync_channel
-        self._beacon_every = beacon_every
-        self._beacon: asyncio.Task[None] | None = None
+        self._queued_marker: asyncio.Future[Offset | None] | None = None  # a sync marker not sent yet
         self._syncs: list[tuple[Offset, asyncio.Future[Offset]]] = []
         self._wanted: set[str] = set()
         self._confirmed: set[str] = set()
@@ -167,13 +166,11 @@ class RedisBus:
         self._reader = asyncio.create_task(self._run(), name="redis-bus-reader")
         self._deliverer = asyncio.create_task(self._deliver_forever(), name="redis-bus-deliverer")
         self._sender = asyncio.create_task(self._send_forever(), name="redis-bus-publisher")
-        if self._sync_channel is not None and self._history_key is not None:
-            self._beacon = asyncio.create_task(self._beacon_forever(), name="redis-bus-beacon")
 
     async def close(self) -> None:
-        for task in (self._beacon, self._reader, self._deliverer, self._sender):
+        for task in (self._reader, self._deliverer, self._sender):
             await cancel(task)
-        self._beacon = self._reader = self._deliverer = self._sender = None
+        self._reader = self._deliverer = self._sender = None
         for _, _, done in self._outgoing:
             if not done.done():
                 done.set_exception(BusUnavailable("the Redis bus closed"))
@@ -202,16 +199,26 @@ class RedisBus:
         return await done
 
     async def sync(self) -> Offset:
-        """Publish a marker on this instance's own channel and wait until it is consumed: the
-        position then certifies that everything published before was delivered here. (Without
-        traffic of its own an instance's position stands still while the history moves on.)"""
+        """The position once everything published until now has been consumed here.
+
+        A marker on this instance's own channel goes through the history like any event; once
+        the deliverer passes it, nothing published before it is still on its way. (An instance
+        with no traffic of its own sees its position stand still while the history moves on.)
+        Callers share a marker that is still waiting to be sent: a drain costs one, not one per
+        socket.
+        """
         if self._sync_channel is None or self._history_key is None:
             return self._position or ZERO
-        marker = await self.publish(self._sync_channel, b'{"sync":1}')
-        if marker is None:
+        if self._client is None or self._sender is None:
+            raise BusUnavailable("the Redis bus is not running")
+        sent = self._queued_marker
+        if sent is None:
+            sent = self._queued_marker = asyncio.get_running_loop().create_future()
+            self._outgoing.append((self._sync_channel, b'{"sync":1}', sent))
+            self._outgoing_ready.set()
+        marker = await asyncio.shield(sent)
+        if marker is None or (self._position is not None and self._position >= marker):
             return self._position or ZERO
-        if self._position is not None and self._position >= marker:
-            return self._position
         reached: asyncio.Future[Offset] = asyncio.get_running_loop().create_future()
         self._syncs.append((marker, reached))
         try:
@@ -220,18 +227,6 @@ class RedisBus:
             raise BusUnavailable("this instance did not consume its sync marker in time") from None
         finally:
             self._syncs = [(o, f) for o, f in self._syncs if f is not reached]
-
-    async def _beacon_forever(self) -> None:
-        """Keep the position fresh while nothing of ours is published: a recoverable socket that
-        leaves is recorded as having been sent all it was addressed by up to this position."""
-        while True:
-            before = self._position
-            await asyncio.sleep(self._beacon_every)
-            if self.ready and self._position == before:
-                try:
-                    await self.sync()
-                except BusUnavailable:
-                    pass  # the reader notices a lost connection by itself
 
     def _advance(self, offset: Offset) -> None:
         self._position = offset
@@ -246,6 +241,7 @@ class RedisBus:
             self._outgoing_ready.clear()
             while self._outgoing:
                 batch, self._outgoing = self._outgoing, []
+                self._queued_marker = None  # taken: a later sync needs a marker of its own
                 result = await self._send_batch(batch)
                 for index, (_, _, done) in enumerate(batch):
                     if done.done():
@@ -262,7 +258,8 @@ class RedisBus:
         assert self._client is not None
         try:
             if len(batch) == 1:
-                replies = [await self._client.execute_command(*self._publish_args(batch[0][0], batch[0][1]))]
+                channel, message, _ = batch[0]
+                replies = [await self._client.execute_command(*self._publish_args(channel, message))]  # type: ignore[no-untyped-call]
             else:
                 # MULTI/EXEC: Redis applies the batch whole or not at all, never in part.
                 async with self._client.pipeline(transaction=True) as pipe:
@@ -300,10 +297,8 @@ class RedisBus:
         client = self._require_client()
         if self._history_key is None:
             raise BusUnavailable("this bus keeps no history")
-        try:
+        with _answered():
             newest = await client.xrevrange(self._history_key, count=1)
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise BusUnavailable(f"Redis did not answer: {exc}") from None
         return (Offset.parse(newest[0][0]) or ZERO) if newest else ZERO
 
     async def history(self, after: Offset, channels: Collection[str] | None) -> History:
@@ -315,10 +310,11 @@ class RedisBus:
         wanted = None if channels is None else set(channels)
         entries: list[Entry] = []
         end = after
-        try:
+        with _answered():
             while True:
-                chunk = await client.xrange(self._history_key, min=f"({end}", max="+", count=_READ_CHUNK)
+                chunk = await client.xrange(self._history_key, min=f"({end}", max="+", count=_READ_CHUNK) or []
                 for raw_id, fields in chunk:
+                    fields = fields or {}
                     offset = Offset.parse(raw_id)
                     if offset is None:
                         continue
@@ -330,8 +326,6 @@ class RedisBus:
                     break
             # Checked after reading: anything trimmed meanwhile counts as lost too.
             complete = await self._nothing_trimmed_after(client, after)
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise BusUnavailable(f"Redis did not answer: {exc}") from None
         return History(entries, end, complete)
 
     async def _nothing_trimmed_after(self, client: Redis, after: Offset) -> bool:
@@ -349,16 +343,12 @@ class RedisBus:
         return (Offset.parse(first[0]) or ZERO) <= after
 
     async def remember(self, key: str, value: bytes, ttl: float) -> None:
-        try:
+        with _answered():
             await self._require_client().set(key, value, px=max(1, int(ttl * 1000)))
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise BusUnavailable(f"Redis did not answer: {exc}") from None
 
     async def recall(self, key: str) -> bytes | None:
-        try:
+        with _answered():
             value = await self._require_client().get(key)
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise BusUnavailable(f"Redis did not answer: {exc}") from None
         return _bytes(value) if value is not None else None
 
     def _require_client(self) -> Redis:
@@ -428,7 +418,7 @@ class RedisBus:
                 await self._read_forever()
             except asyncio.CancelledError:
                 raise
-            except (TimeoutError, RedisError, OSError) as exc:
+            except (TimeoutError, RedisError, OSError, BusUnavailable) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("Redis subscriber lost (%s); retrying in %.1fs", self.last_error, delay)
             except Exception:  # keep the consumer alive whatever a bug throws
@@ -601,6 +591,15 @@ class RedisBus:
             "epoch_changes": self.epoch_changes,
             "last_error": self.last_error,
         }
+
+
+@contextmanager
+def _answered() -> Iterator[None]:
+    """A Redis call that failed or timed out becomes BusUnavailable."""
+    try:
+        yield
+    except (TimeoutError, RedisError, OSError) as exc:
+        raise BusUnavailable(f"Redis did not answer: {exc}") from None
 
 
 def _bytes(value: object) -> bytes:
