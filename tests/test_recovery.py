@@ -136,6 +136,10 @@ async def test_forged_stolen_and_unknown_pids_connect_fresh(instances: list[Inst
         assert thief.reply["pid"] != stolen  # a new session: socket.recovered is false
         failed = await thief.event()
         assert failed[:2] == ["recovery_failed", {"reason": "unknown_session"}] and isinstance(failed[2], str)
+    # alice's own pid with an offset that is not one is refused too, and tells why
+    garbled = await Wire.connect(a.url, {"token": alice_token, "recover": True, "pid": stolen, "offset": "junk"})
+    wires.append(garbled)
+    assert (await garbled.event())[:2] == ["recovery_failed", {"reason": "invalid_offset"}]
     # none of alice's events reach the thief: the next thing it gets is its own
     await emit(a.url, f"/api/emit/users/{alice}", "dm", "for alice")
     await emit(a.url, f"/api/emit/users/{mallory}", "dm", "for mallory")
