@@ -49,7 +49,7 @@ class Settings:
     replay_max_len: int = 10_000
     replay_max_age: float = 300.0
     recovery_window: float = 120.0
-    ping_interval: float = 25.0
+    ping_interval: int = 25
     ping_timeout: float = 20.0
     # Off for apps run inside a test process, where SIGTERM belongs to the test runner.
     drain_on_sigterm: bool = True
@@ -107,7 +107,8 @@ class Settings:
             "shutdown_timeout": _float(get("SHUTDOWN_TIMEOUT"), "SHUTDOWN_TIMEOUT", 10.0, 0.0, 600),
             "socket_rate": _float(get("SOCKET_RATE"), "SOCKET_RATE", 20.0, 0.1, 100_000),
             "socket_burst": _int(get("SOCKET_BURST"), "SOCKET_BURST", 40, 1, 1_000_000),
-            "ping_interval": _float(get("PING_INTERVAL"), "PING_INTERVAL", 25.0, 1.0, 3600),
+            # Whole seconds: python-engineio advertises the interval truncated to seconds.
+            "ping_interval": _int(get("PING_INTERVAL"), "PING_INTERVAL", 25, 1, 3600),
             "ping_timeout": _float(get("PING_TIMEOUT"), "PING_TIMEOUT", 20.0, 1.0, 3600),
             "replay_max_len": _int(get("REPLAY_MAX_LEN"), "REPLAY_MAX_LEN", 10_000, 0, 10_000_000),
             "replay_max_age": _float(get("REPLAY_MAX_AGE"), "REPLAY_MAX_AGE", 300.0, 1.0, 7 * 24 * 3600),

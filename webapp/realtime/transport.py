@@ -146,9 +146,18 @@ class LeanSocket(AsyncSocket):
     async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
         closing = not (self.closed or self.closing)
         writer = self._writer
-        # Waiting for the queue to drain only makes sense while a writer still drains it.
-        await super().close(wait=wait and (writer is None or not writer.done()), abort=abort, reason=reason)
+        # Waiting for the queue to drain only makes sense while a writer drains it: ours, or the
+        # library's after an upgrade. A long-polling queue drains only if the client sends
+        # another GET, which nothing guarantees: waiting for it would hang the request (a POST
+        # of a malformed packet) that asked for the close.
+        drained = (not writer.done()) if writer is not None else self.upgraded
+        await super().close(wait=wait and drained, abort=abort, reason=reason)
         if closing:
+            if abort and writer is None and not self.upgraded:
+                # A pending long-poll GET must get a valid payload, not an empty body (which
+                # clients read as a parse error): a NOOP, after which the session is gone and
+                # the client reconnects. Non-abortive closes have queued a CLOSE already.
+                self.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
             # Wakes whoever waits for packets: our writer, which ends and closes the WebSocket
             # once it has written what was queued before, or a pending long-poll GET, which the
             # library would otherwise hold for up to 45 s.

@@ -1,0 +1,163 @@
+"""Long-polling sessions: malformed POSTs are answered at once, aborted sessions answer a
+pending GET with a valid payload, and the handshake advertises the configured heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from webapp.config import ConfigError, Settings
+
+from .harness import Instance, instance_env, unique, wait_until
+
+pytestmark = pytest.mark.cluster
+
+SEPARATOR = "\x1e"  # Engine.IO v4 separates the packets of one polling payload with it
+ANSWER_WITHIN = 1.0
+
+
+def open_connections(port: int) -> int:
+    """Server-side TCP connections on `port` that are not closed yet (ESTABLISHED or CLOSE_WAIT)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        path = Path(table)
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] in ("01", "08"):
+                count += 1
+    return count
+
+
+class Polling:
+    """A bare Engine.IO v4 long-polling session; every request on a connection of its own."""
+
+    def __init__(self, http: aiohttp.ClientSession, base: str) -> None:
+        self.http = http
+        self.url = base + "/socket.io/?EIO=4&transport=polling"
+        self.sid = ""
+        self.handshake: dict[str, object] = {}
+
+    async def open(self) -> None:
+        packets = await self.get()
+        assert packets[0].startswith("0{"), packets
+        self.handshake = json.loads(packets[0][1:])
+        self.sid = str(self.handshake["sid"])
+        assert await self.post("40") == (200, "ok")
+        answer = await self.get()
+        assert answer[0].startswith("40{") and "sid" in json.loads(answer[0][2:]), answer
+
+    async def get(self) -> list[str]:
+        url = self.url + (f"&sid={self.sid}" if self.sid else "")
+        async with self.http.get(url) as response:
+            body = await response.text()
+            assert response.status == 200, (response.status, body)
+            return body.split(SEPARATOR)
+
+    async def get_status(self) -> int:
+        async with self.http.get(self.url + f"&sid={self.sid}") as response:
+            await response.read()
+            return response.status
+
+    async def post(self, payload: str) -> tuple[int, str]:
+        async with self.http.post(self.url + f"&sid={self.sid}", data=payload.encode()) as response:
+            return response.status, (await response.text()).lower()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Instance]:
+    instance = Instance("polling", instance_env(unique("polling"), PING_INTERVAL="2", PING_TIMEOUT="5")).start()
+    instance.wait_serving()
+    yield instance
+    instance.stop(signal.SIGKILL)
+    assert "Traceback" not in instance.output(), instance.output()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    # No keep-alive: a connection the server leaves open shows in the table, not in a pool.
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=10)
+    ) as session:
+        yield session
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ["4hello", '42["disconnect"]', '42["connect"]', "42[1]", "4{", '40{"token": 1}', "40"],
+    ids=["not-a-packet", "reserved-disconnect", "reserved-connect", "no-event-name", "cut-json",
+         "second-connect-with-auth", "second-connect"],
+)
+async def test_a_malformed_post_is_answered_at_once_and_leaves_nothing_open(
+    server: Instance, http: aiohttp.ClientSession, payload: str
+) -> None:
+    session = Polling(http, server.url)
+    await session.open()
+    assert server.readyz()[1]["sockets"] >= 1
+
+    # No GET is pending: nothing drains the session's queue while the POST is handled.
+    status, body = await asyncio.wait_for(session.post(payload), ANSWER_WITHIN)
+    assert (status, body) == (200, "ok")
+    # The session is over: the next GET is refused instead of being held open.
+    assert await asyncio.wait_for(session.get_status(), ANSWER_WITHIN) == 400
+    await wait_until(lambda: server.readyz()[1]["sockets"] == 0, "the refused socket to be forgotten")
+    await wait_until(lambda: open_connections(server.port) == 0, "every connection to be closed")
+
+
+async def test_a_client_close_answers_the_pending_get_with_a_valid_payload(
+    server: Instance, http: aiohttp.ClientSession
+) -> None:
+    session = Polling(http, server.url)
+    await session.open()
+    pending = asyncio.create_task(session.get())
+    await wait_until(lambda: open_connections(server.port) >= 1, "the GET to be pending")
+    await asyncio.sleep(0.2)  # not a synchronisation: lets the server park the GET on its queue
+    assert await asyncio.wait_for(session.post("1"), ANSWER_WITHIN) == (200, "ok")
+    packets = await asyncio.wait_for(pending, ANSWER_WITHIN)
+    assert packets in (["6"], ["1"]), packets  # a NOOP or a CLOSE: never an empty body
+    await wait_until(lambda: server.readyz()[1]["sockets"] == 0, "the closed socket to be forgotten")
+
+
+async def test_a_drain_answers_a_pending_get_with_a_valid_payload(http: aiohttp.ClientSession) -> None:
+    instance = Instance("polling-drain", instance_env(unique("polling-drain"), SHUTDOWN_TIMEOUT="5")).start()
+    try:
+        instance.wait_serving()
+        session = Polling(http, instance.url)
+        await session.open()
+        pending = asyncio.create_task(session.get())
+        await wait_until(lambda: open_connections(instance.port) >= 1, "the GET to be pending")
+        await asyncio.sleep(0.2)  # not a synchronisation: lets the server park the GET on its queue
+        assert instance.proc is not None
+        instance.proc.send_signal(signal.SIGTERM)
+        packets = await asyncio.wait_for(pending, 5)
+        # The shutdown notice, then a NOOP: the client's next GET fails and it reconnects elsewhere.
+        assert packets[-1] == "6", packets
+        assert any(p.startswith('42["server_shutdown"') for p in packets), packets
+        assert await asyncio.to_thread(instance.proc.wait, 10) == 0
+    finally:
+        instance.stop(signal.SIGKILL)
+    assert "Traceback" not in instance.output(), instance.output()
+
+
+async def test_the_handshake_advertises_the_configured_heartbeat(
+    server: Instance, http: aiohttp.ClientSession
+) -> None:
+    session = Polling(http, server.url)
+    await session.open()
+    assert (session.handshake["pingInterval"], session.handshake["pingTimeout"]) == (2000, 5000)
+    assert await session.post("1") == (200, "ok")
+
+
+def test_fractional_ping_intervals_are_a_configuration_error() -> None:
+    # python-engineio advertises the interval truncated to whole seconds (1.5 s as 1000 ms).
+    with pytest.raises(ConfigError, match="PING_INTERVAL must be an integer"):
+        Settings.from_env({"PING_INTERVAL": "1.5"})
+    assert Settings.from_env({"PING_INTERVAL": "2"}).ping_interval == 2
