@@ -55,8 +55,11 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
 class Instance:
     """One `hypercorn webapp.asgi:app` process on its own port."""
 
-    def __init__(self, name: str, env: dict[str, str], port: int | None = None) -> None:
+    def __init__(
+        self, name: str, env: dict[str, str], port: int | None = None, *, app: str = "webapp.asgi:app"
+    ) -> None:
         self.name = name
+        self.app = app
         self.port = port or free_port()
         inherited = {k: v for k, v in os.environ.items() if k not in _OUR_VARIABLES}
         self.env = {**inherited, **env, "INSTANCE_ID": name, "PORT": str(self.port)}
@@ -71,7 +74,7 @@ class Instance:
     def start(self) -> Instance:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hypercorn", "webapp.asgi:app", "--bind", f"127.0.0.1:{self.port}", *procfile_flags()],
+                [sys.executable, "-m", "hypercorn", self.app, "--bind", f"127.0.0.1:{self.port}", *procfile_flags()],
                 cwd=ROOT,
                 env=self.env,
                 stdout=log,
@@ -129,16 +132,23 @@ def instance_env(prefix: str, redis_url: str | None = REDIS_URL, **extra: str) -
 
 
 async def api(
-    base: str, path: str, body: Any = None, *, key: str | None = API_KEY, raw: bytes | None = None
+    base: str,
+    path: str,
+    body: Any = None,
+    *,
+    key: str | None = API_KEY,
+    raw: bytes | None = None,
+    method: str = "POST",
 ) -> tuple[int, Any]:
-    """POST to a REST hook; return the status and the decoded JSON answer."""
+    """Call a REST hook (POST unless told); return the status and the decoded JSON answer."""
     headers = {"Content-Type": "application/json"}
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
-    data = raw if raw is not None else json.dumps(body).encode()
-    async with aiohttp.ClientSession() as session:
-        async with session.post(base + path, data=data, headers=headers) as response:
-            return response.status, await response.json(content_type=None)
+    data = raw if raw is not None else json.dumps(body).encode() if method == "POST" else None
+    async with aiohttp.ClientSession() as session, session.request(
+        method, base + path, data=data, headers=headers
+    ) as response:
+        return response.status, await response.json(content_type=None)
 
 
 async def token_for(base: str, user_id: str, ttl: int | None = None) -> str:

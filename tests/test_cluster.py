@@ -256,6 +256,6 @@ async def test_last_socket_leaving_releases_the_users_channel(
 
         def empty(instance: Instance = instance) -> bool:
             state = instance.readyz()[1]
-            return (state["sockets"], state["users"], state["bus"]["channels"]) == (0, 0, 3)
+            return (state["sockets"], state["users"], state["bus"]["channels"]) == (0, 0, 4)
 
-        await wait_until(empty, f"{instance.name} to hold nothing but its three fixed channels (all, authenticated, its own sync channel)")
+        await wait_until(empty, f"{instance.name} to hold nothing but its four fixed channels (all, authenticated, its own sync and node channels)")

@@ -59,9 +59,9 @@ async def test_connect_disconnect_cycles_leak_nothing(redis_client: redis.Redis)
         def settled() -> bool:
             body = instance.readyz()[1]
             # wanted: what the instance means to hold; channels: what Redis confirmed it holds
-            # (all, authenticated and its own sync channel)
+            # (all, authenticated, and its own sync and node channels)
             held = (body["bus"]["wanted"], body["bus"]["channels"])
-            return (body["sockets"], body["users"], *held) == (0, 0, 3, 3)
+            return (body["sockets"], body["users"], *held) == (0, 0, 4, 4)
 
         await wait_until(settled, "the state to empty", timeout=30)
         assert redis_client.pubsub_channels(f"{prefix}:user:*") == []

@@ -23,3 +23,15 @@ def test_the_hook_is_where_it_was_checked(hook: Hook) -> None:
         assert names == hook.parameters, (
             f"{hook.target} changed its signature to {names} (checked on {hook.checked_on}; used by {hook.used_by})"
         )
+
+
+def test_the_managers_room_table_has_the_layout_the_propagator_reads() -> None:
+    # propagator.Propagator._members_here reads `manager.rooms[namespace][room]` (no copy per check).
+    import socketio
+
+    manager = socketio.AsyncManager()
+    manager.basic_enter_room("sid1", "/", None, eio_sid="eio1")
+    manager.basic_enter_room("sid1", "/", "lobby")
+    assert dict(manager.rooms["/"]["lobby"]) == {"sid1": "eio1"}
+    manager.basic_leave_room("sid1", "/", "lobby")
+    assert "lobby" not in manager.rooms["/"]

@@ -10,6 +10,15 @@ from pydantic import AfterValidator
 USER_ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
 _USER_ID_RE = re.compile(USER_ID_PATTERN)
 
+# Room names: a user id's characters and `:` (for namespaced names such as `public:lobby`).
+ROOM_PATTERN = r"^[A-Za-z0-9_.@:-]{1,128}$"
+_ROOM_RE = re.compile(ROOM_PATTERN)
+# What python-socketio sids look like here: `<instance tag>.<random characters>`. The tag
+# routes `emit(to=sid)` to the one instance holding the socket, so room names of that shape
+# are refused.
+SID_TAG_LENGTH = 8
+_SID_RE = re.compile(r"^[a-z2-7]{8}\.[A-Za-z0-9_-]{16,32}$")
+
 RESERVED_EVENTS = frozenset(
     {"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"}
 )
@@ -18,6 +27,21 @@ RESERVED_EVENTS = frozenset(
 def is_user_id(value: object) -> bool:
     """True for 1 to 128 characters of A-Z a-z 0-9 _ . @ -."""
     return isinstance(value, str) and _USER_ID_RE.match(value) is not None and "\n" not in value
+
+
+def is_room_name(value: object) -> bool:
+    """True for 1 to 128 characters of A-Z a-z 0-9 _ . @ - : that do not look like a sid."""
+    return (
+        isinstance(value, str)
+        and _ROOM_RE.match(value) is not None
+        and "\n" not in value
+        and not looks_like_sid(value)
+    )
+
+
+def looks_like_sid(value: str) -> bool:
+    """True when `value` has the shape of a socket id minted by an instance of this project."""
+    return _SID_RE.match(value) is not None
 
 
 def event_name_problem(value: object) -> str | None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import orjson
@@ -14,10 +15,11 @@ from quart import Blueprint, Response, current_app, jsonify, request
 from ..auth import signer
 from ..config import Settings
 from ..errors import ApiError
-from ..names import is_user_id
+from ..names import is_room_name, is_user_id
 from ..realtime import realtime
 from ..realtime.bus import BusUnavailable
-from .schemas import EmitIn, TokenIn
+from ..realtime.propagator import reserved_room
+from .schemas import DisconnectIn, EmitIn, TokenIn
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -100,9 +102,84 @@ async def emit_authenticated() -> Response:
 @bp.post("/emit/users/<user_id>")
 async def emit_user(user_id: str) -> Response:
     """Send an event to every socket of one user."""
+    _check_user_id(user_id)
+    return await _emit("user", functools.partial(realtime().propagator.emit_to_user, user_id))
+
+
+@bp.post("/emit/rooms/<room>")
+async def emit_room(room: str) -> Response:
+    """Send an event to every socket in a room, on every instance."""
+    _check_room(room)
+    return await _emit("room", functools.partial(realtime().propagator.emit_to_room, room))
+
+
+@bp.get("/users/<user_id>/rooms")
+async def user_rooms(user_id: str) -> Response:
+    """The rooms the backend put a user in."""
+    _check_user_id(user_id)
+    async with _bus_call("the rooms could not be read"):
+        rooms = await realtime().memberships.of(user_id)
+    return jsonify({"user_id": user_id, "rooms": sorted(rooms)})
+
+
+@bp.put("/users/<user_id>/rooms/<room>")
+async def join_room(user_id: str, room: str) -> Response:
+    """Put every socket of a user in a room, on every instance, and the sockets it opens later."""
+    return await _membership(user_id, room, member=True)
+
+
+@bp.delete("/users/<user_id>/rooms/<room>")
+async def leave_room(user_id: str, room: str) -> Response:
+    """Take every socket of a user out of a room, now and for the sockets it opens later."""
+    return await _membership(user_id, room, member=False)
+
+
+async def _membership(user_id: str, room: str, *, member: bool) -> Response:
+    """Store the membership, then have every instance apply it to the user's live sockets.
+    Both steps are idempotent, so a 503 is answered by retrying."""
+    _check_user_id(user_id)
+    _check_room(room)
+    service = realtime()
+    async with _bus_call("the membership may not be stored or applied; retry (it is idempotent)"):
+        store = service.memberships.add if member else service.memberships.remove
+        changed = await store(user_id, room)
+        await service.propagator.publish_op("join" if member else "leave", user_id=user_id, room=room)
+    return jsonify({"user_id": user_id, "room": room, "member": member, "changed": changed})
+
+
+@bp.post("/users/<user_id>/disconnect")
+async def disconnect_user(user_id: str) -> Response:
+    """Disconnect every socket of a user on every instance; each is told why first, and the
+    official clients do not reconnect by themselves after it."""
+    _check_user_id(user_id)
+    body = await body_as(DisconnectIn)
+    async with _bus_call("the disconnect was most likely not sent, but may have been"):
+        envelope_id = await realtime().propagator.publish_op("disconnect", user_id=user_id, reason=body.reason)
+    response = jsonify({"accepted": True, "id": envelope_id, "user_id": user_id})
+    response.status_code = 202
+    return response
+
+
+def _check_user_id(user_id: str) -> None:
     if not is_user_id(user_id):
         raise ApiError(422, "invalid_fields", "user_id: 1-128 characters of A-Z a-z 0-9 _ . @ -")
-    return await _emit("user", functools.partial(realtime().propagator.emit_to_user, user_id))
+
+
+def _check_room(room: str) -> None:
+    if not is_room_name(room):
+        raise ApiError(422, "invalid_fields", "room: 1-128 characters of A-Z a-z 0-9 _ . @ - : (not shaped like a sid)")
+    if reserved_room(room):
+        raise ApiError(422, "invalid_fields", f"room: {room!r} belongs to a delivery scope; use its emit hook")
+
+
+@asynccontextmanager
+async def _bus_call(consequence: str) -> AsyncIterator[None]:
+    """A 503 with Retry-After when the bus did not answer."""
+    try:
+        yield
+    except BusUnavailable as exc:
+        current_app.logger.warning("bus unavailable: %s", exc)
+        raise ApiError(503, "bus_unavailable", f"the event bus did not answer: {consequence}", {"Retry-After": "1"}) from None
 
 
 async def _emit(scope: str, publish: Callable[[str, Any], Awaitable[str]]) -> Response:

@@ -25,3 +25,11 @@ class TokenIn(BaseModel):
 
     user_id: str = Field(pattern=USER_ID_PATTERN)
     ttl: int | None = Field(default=None, ge=10)
+
+
+class DisconnectIn(BaseModel):
+    """`{"reason": "..."}`: told to each socket in a `disconnect_reason` event."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="disconnected by the server", min_length=1, max_length=256)

@@ -10,6 +10,12 @@ from ..config import Settings
 bp = Blueprint("demo", __name__)
 
 
+def public_rooms(user_id: str | None, room: str) -> bool:
+    """The demo's join policy: rooms named `public:<name>` are open to every signed-in user;
+    any other room is given by the backend (PUT /api/users/<id>/rooms/<room>)."""
+    return user_id is not None and room.startswith("public:") and len(room) > len("public:")
+
+
 @bp.get("/")
 async def index() -> str:
     """Show the login form, or the live page for a logged-in user."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
+import secrets
 import signal
 import threading
 from collections.abc import AsyncGenerator
@@ -23,6 +25,7 @@ from .manager import FleetManager
 from .outbox import Outbox
 from .propagator import NAMESPACE, Propagator
 from .recovery import Recovery
+from .rooms import JoinPolicy, Memberships, allowed, nobody
 from .server import GuardedServer, engineio_logger
 from .state import SocketState
 
@@ -33,8 +36,11 @@ log = logging.getLogger(__name__)
 class Realtime:
     """Builds the realtime parts from settings; starts and stops them with the app."""
 
-    def __init__(self, app: Quart | None = None) -> None:
+    def __init__(self, app: Quart | None = None, *, join_policy: JoinPolicy = nobody) -> None:
+        """`join_policy(user_id, room)` decides which rooms a socket may join with the `join`
+        event; the default lets sockets join nothing by themselves."""
         self.draining = False
+        self.join_policy = join_policy
         self._drain_task: asyncio.Task[None] | None = None
         if app is not None:
             self.init_app(app)
@@ -79,6 +85,12 @@ class Realtime:
         )
         self.state = SocketState()
         self.limiter = RateLimiter(settings.socket_rate, settings.socket_burst)
+        self.memberships = Memberships(self.bus, settings.channel_prefix)
+        # Every sid this process mints starts with its tag: `emit(to=sid)` anywhere in the fleet
+        # finds the instance holding the socket from the sid alone. Random per process, so two
+        # instances never share one, even with the same INSTANCE_ID.
+        sid_tag = base64.b32encode(secrets.token_bytes(5)).decode().lower()
+        self.sio.eio.sid_tag = sid_tag
         self.propagator = Propagator(
             self.bus,
             self.state,
@@ -88,8 +100,11 @@ class Realtime:
             outbox=Outbox(self.bus, settings.outbox_max_messages, settings.outbox_max_age),
             recovery=self.recovery,
             max_queue=settings.socket_max_queue,
+            sid_tag=sid_tag,
+            backend_rooms=self.memberships.of,
         )
         manager.on_connected = self.propagator.connected
+        manager.fleet = self.propagator
         self.sio.connect_reply = self._connect_reply
         signer: TokenSigner = app.extensions["tokens"]
         gateway.register(self, signer)
@@ -115,6 +130,10 @@ class Realtime:
     @property
     def ready(self) -> bool:
         return self.bus.ready and not self.draining
+
+    async def may_join(self, user_id: str | None, room: str) -> bool:
+        """Whether the join policy lets a socket of `user_id` join `room` by itself."""
+        return await allowed(self.join_policy, user_id, room)
 
     def refuse_input(self, sid: str, data: Any) -> tuple[str, str] | None:
         """Why a socket's event is refused (code, message), or None to let it through."""

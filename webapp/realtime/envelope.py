@@ -9,9 +9,12 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from ..names import EventName, is_user_id
+from ..names import EventName, is_room_name, is_user_id, looks_like_sid
 
-Scope = Literal["all", "authenticated", "user"]
+Scope = Literal["all", "authenticated", "user", "room", "sid"]
+# "emit" delivers an event; the others change sockets: a user's or one socket's room
+# membership (join, leave), a room's (close), or their connection (disconnect).
+Op = Literal["emit", "join", "leave", "close", "disconnect"]
 
 
 class Origin(BaseModel):
@@ -29,16 +32,31 @@ class Envelope(BaseModel):
     v: Literal[1]
     id: str
     scope: Scope
-    event: EventName
+    op: Op = "emit"
+    event: EventName | None = None
     data: Any = None
     user_id: str | None = None
+    room: str | None = None  # the room of a room scope, or the room a join/leave names
+    to: str | None = None  # the socket of a sid scope
+    skip: tuple[str, ...] = ()  # sockets that must not get it (python-socketio's skip_sid)
+    reason: str | None = None  # why a disconnect op disconnects
     origin: Origin = Origin()
     ts: float
 
     @model_validator(mode="after")
-    def _user_matches_scope(self) -> Envelope:
+    def _fields_match_scope(self) -> Envelope:
         if self.scope == "user" and not is_user_id(self.user_id):
             raise ValueError("a user envelope needs a valid user_id")
+        if self.scope == "room" and not is_room_name(self.room):
+            raise ValueError("a room envelope needs a valid room")
+        if self.scope == "sid" and not (isinstance(self.to, str) and looks_like_sid(self.to)):
+            raise ValueError("a sid envelope needs a valid sid in `to`")
+        if self.op == "emit" and self.event is None:
+            raise ValueError("an emit needs an event")
+        if self.op in ("join", "leave") and (self.scope not in ("user", "sid") or not is_room_name(self.room)):
+            raise ValueError(f"a {self.op} names a room, for a user or a socket")
+        if self.op == "close" and self.scope != "room":
+            raise ValueError("a close is for a room")
         return self
 
 
@@ -48,14 +66,19 @@ class BadEnvelope(ValueError):
 
 def make(
     scope: Scope,
-    event: str,
+    event: str | None,
     data: Any,
     *,
     user_id: str | None = None,
     instance: str,
     sid: str | None = None,
+    **extra: Any,
 ) -> tuple[str, bytes]:
-    """Build an envelope; return its id and its wire bytes."""
+    """Build an envelope; return its id and its wire bytes.
+
+    `extra` holds the fields rooms, sockets and ops add (op, room, to, skip, reason); they are
+    left out when unset, so the three original scopes travel exactly as before.
+    """
     envelope_id = uuid.uuid4().hex
     body = {
         "v": 1,
@@ -64,6 +87,7 @@ def make(
         "event": event,
         "data": data,
         "user_id": user_id,
+        **{key: value for key, value in extra.items() if value},
         "origin": {"instance": instance, "sid": sid},
         "ts": time.time(),
     }

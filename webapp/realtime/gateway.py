@@ -14,8 +14,9 @@ import orjson
 import socketio
 
 from ..auth.tokens import InvalidToken, TokenSigner
+from ..names import is_room_name
 from . import recovery
-from .propagator import SubscriptionFailed
+from .propagator import SubscriptionFailed, reserved_room
 
 if TYPE_CHECKING:
     from . import Realtime
@@ -154,6 +155,35 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
             "instance": realtime.propagator.instance_id,
         }
 
+    @sio.event
+    async def join(sid: str, data: Any = None) -> dict[str, Any]:
+        """Join a room, if the join policy allows it: `{"room": "..."}`."""
+        room = await _room_asked(realtime, sid, "join", data)
+        if room is None:
+            return {"ok": False, "error": "bad_payload"}
+        user_id = realtime.propagator.state.user_of(sid)
+        if reserved_room(room) or not await realtime.may_join(user_id, room):
+            await _error(realtime, sid, "join", "forbidden", f"you may not join {room!r}")
+            return {"ok": False, "error": "forbidden"}
+        try:
+            await sio.enter_room(sid, room)
+        except SubscriptionFailed:
+            await _error(realtime, sid, "join", "bus_unavailable", "the event bus did not confirm the room; retry")
+            return {"ok": False, "error": "bus_unavailable"}
+        return {"ok": True, "room": room}
+
+    @sio.event
+    async def leave(sid: str, data: Any = None) -> dict[str, Any]:
+        """Leave a room the socket is in: `{"room": "..."}`."""
+        room = await _room_asked(realtime, sid, "leave", data)
+        if room is None:
+            return {"ok": False, "error": "bad_payload"}
+        if reserved_room(room):
+            await _error(realtime, sid, "leave", "forbidden", f"{room!r} is left only by disconnecting")
+            return {"ok": False, "error": "forbidden"}
+        await sio.leave_room(sid, room)
+        return {"ok": True, "room": room}
+
     @sio.on("events")
     @propagate(realtime, "events")
     async def events(sid: str, data: Any) -> list[Any]:
@@ -166,6 +196,22 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
         """Answer 1..count as separate answers, like the original's stream of 1, 2, 3."""
         count = _stream_count(data)
         return ({"n": n, "of": count} for n in range(1, count + 1))
+
+
+async def _room_asked(realtime: Realtime, sid: str, event: str, data: Any) -> str | None:
+    """The room a join or leave names, or None after telling the socket what was wrong."""
+    problem = realtime.refuse_input(sid, data)
+    if problem is not None:
+        await _error(realtime, sid, event, *problem)
+        return None
+    room = data.get("room") if isinstance(data, dict) else None
+    if not is_room_name(room):
+        await _error(
+            realtime, sid, event, "bad_payload",
+            f'{event} expects {{"room": "<1-128 characters of A-Z a-z 0-9 _ . @ - :>"}}',
+        )
+        return None
+    return str(room)
 
 
 def _stream_count(data: Any) -> int:

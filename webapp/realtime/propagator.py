@@ -1,4 +1,9 @@
-"""The three delivery scopes across instances, and delivery of consumed envelopes.
+"""Delivery across instances: the three scopes, rooms and single sockets, and the ops that
+change who is in which room or connected at all.
+
+Channels: `all`, `authenticated`, `user:<id>` (held while a socket of that user is here),
+`room:<room>` (held while a socket here is in that room) and `node:<tag>` (this instance's
+own, for `emit(to=sid)`, disconnects and joins of its sockets asked for elsewhere).
 
 Sockets that opted in to recovery get each event's offset as a last argument, their missed
 events right after their CONNECT reply, and nothing live before those.
@@ -10,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,6 +23,7 @@ import socketio
 from engineio import packet as eio_packet
 from socketio import packet as sio_packet
 
+from ..names import is_room_name
 from . import envelope
 from .bus import Bus, BusUnavailable, Offset
 from .outbox import Outbox
@@ -28,6 +34,14 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "/"
 RECENT_IDS = 10_000  # envelope ids remembered to drop a batch Redis applied twice
+AUTHENTICATED_ROOM = "authenticated"
+USER_ROOM_PREFIX = "user:"
+
+
+def reserved_room(room: str) -> bool:
+    """Rooms the scopes own: every socket of a user is in `user:<id>`, and every socket with a
+    user in `authenticated`. Nobody joins or leaves them by hand."""
+    return room == AUTHENTICATED_ROOM or room.startswith(USER_ROOM_PREFIX)
 
 
 class SubscriptionFailed(Exception):
@@ -51,11 +65,16 @@ class Propagator:
         outbox: Outbox,
         recovery: Recovery | None = None,
         max_queue: int = 1000,
+        sid_tag: str = "",
+        backend_rooms: Callable[[str], Awaitable[set[str]]] | None = None,
     ) -> None:
         self.bus = bus
         self.state = state
         self.sio = sio
         self.instance_id = instance_id
+        self.sid_tag = sid_tag
+        # The rooms the backend put a user in (stored in Redis): entered by each new socket.
+        self.backend_rooms = backend_rooms
         self.outbox = outbox
         self.recovery = recovery
         self.max_queue = max_queue
@@ -74,7 +93,11 @@ class Propagator:
         self.channel_all = f"{prefix}:all"
         self.channel_authenticated = f"{prefix}:authenticated"
         self._user_prefix = f"{prefix}:user:"
-        self._user_locks = _KeyedLocks()
+        self._room_prefix = f"{prefix}:room:"
+        self._node_prefix = f"{prefix}:node:"
+        self.node_channel = self._node_prefix + sid_tag
+        self._locks = _KeyedLocks()  # per channel: holding and releasing it never interleave
+        self._ops: set[asyncio.Task[None]] = set()
         self.delivered = 0
         self.dropped = 0
         self._last_drop_log = 0.0
@@ -82,17 +105,28 @@ class Propagator:
     def user_channel(self, user_id: str) -> str:
         return self._user_prefix + user_id
 
+    def room_channel(self, room: str) -> str:
+        return self._room_prefix + room
+
+    def node_channel_of(self, sid: str) -> str:
+        """The channel of the instance holding `sid`: its tag is the sid's first part."""
+        return self._node_prefix + sid.partition(".")[0]
+
     async def start(self) -> None:
         await self.bus.start(self.on_message, self.on_gap)
         self.outbox.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(10.0), name="state-sweeper")
         await self.bus.subscribe(self.channel_all)
         await self.bus.subscribe(self.channel_authenticated)
+        await self.bus.subscribe(self.node_channel)
 
     async def close(self) -> None:
         if self._records:  # how sessions ended: a drained client recovers with them
             await asyncio.wait(self._records, timeout=5.0)
-        tasks = [*self._records, *self._evictions, *self._pending, *([self._sweeper] if self._sweeper else [])]
+        tasks = [
+            *self._records, *self._evictions, *self._pending, *self._ops,
+            *([self._sweeper] if self._sweeper else []),
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -110,21 +144,59 @@ class Propagator:
 
     async def _attach(self, sid: str, user_id: str | None, request: Request | None) -> None:
         self._connecting[sid] = []
+        manager = self.sio.manager
         try:
             if user_id is None:
                 self.state.add(sid, None)
             else:
-                async with self._user_locks.hold(user_id):
+                channel = self.user_channel(user_id)
+                async with self._locks.hold(channel):
                     if not self.state.holds_user(user_id):
-                        await self._hold(self.user_channel(user_id))
+                        await self._hold(channel)
                     self.state.add(sid, user_id)
+                manager.basic_enter_room(sid, NAMESPACE, USER_ROOM_PREFIX + user_id)
+                manager.basic_enter_room(sid, NAMESPACE, AUTHENTICATED_ROOM)
+            given = await self._backend_rooms_of(user_id)
+            for room in given:
+                await self.enter_room(sid, room, by_backend=True)
             if request is not None and self.recovery is not None:
-                self.sessions[sid] = await self.recovery.open(sid, user_id, self.channels_of(user_id), request)
+                self.sessions[sid] = await self._open_session(sid, user_id, request, given)
         except BaseException:
             self._connecting.pop(sid, None)
             if sid in self.state:
                 await self._forget(sid)
             raise
+
+    async def _backend_rooms_of(self, user_id: str | None) -> set[str]:
+        if user_id is None or self.backend_rooms is None:
+            return set()
+        try:
+            return {room for room in await self.backend_rooms(user_id) if is_room_name(room)}
+        except BusUnavailable as exc:
+            # The outage mode accepts sockets; their stored rooms cannot be read until Redis is back.
+            log.warning("could not read the rooms of %s: %s", user_id, exc)
+            return set()
+
+    async def _open_session(self, sid: str, user_id: str | None, request: Request, given: set[str]) -> Session:
+        """Open a recoverable session; a resumed one gets the rooms its socket had joined back
+        before the history is read, so nothing sent to them in between is missed."""
+        entered: set[str] = set()
+
+        async def rejoin(rooms: Iterable[str]) -> list[str]:
+            for room in rooms:
+                if is_room_name(room) and not reserved_room(room) and room not in given:
+                    await self.enter_room(sid, room, by_backend=True)
+                    entered.add(room)
+            return self.channels_of(sid)
+
+        assert self.recovery is not None
+        session = await self.recovery.open(sid, user_id, request, rejoin)
+        if session.failure is not None:  # a fresh start: without the rooms of the old session
+            for room in entered:
+                await self.leave_room(sid, room, by_backend=True)
+        else:
+            session.rooms = entered
+        return session
 
     async def _hold(self, channel: str) -> None:
         try:
@@ -133,11 +205,76 @@ class Propagator:
             await self.bus.unsubscribe(channel)
             raise SubscriptionFailed(str(exc)) from None
 
-    def channels_of(self, user_id: str | None) -> list[str]:
-        """The channels whose events reach a socket of `user_id` (None: anonymous)."""
-        if user_id is None:
-            return [self.channel_all]
-        return [self.channel_all, self.channel_authenticated, self.user_channel(user_id)]
+    def channels_of(self, sid: str) -> list[str]:
+        """The channels whose events reach a socket, as rooms stand now."""
+        user_id = self.state.user_of(sid)
+        channels = [self.channel_all]
+        if user_id is not None:
+            channels += [self.channel_authenticated, self.user_channel(user_id)]
+        channels += [self.room_channel(room) for room in self.rooms_of(sid)]
+        return channels
+
+    def rooms_of(self, sid: str) -> list[str]:
+        """The rooms a local socket is in, besides its own sid room and the scopes' rooms."""
+        return [
+            room for room in self.sio.manager.get_rooms(sid, NAMESPACE)
+            if room != sid and not reserved_room(room)
+        ]
+
+    # --- rooms --------------------------------------------------------------------------------
+
+    def _members_here(self, room: str) -> bool:
+        return bool(self.sio.manager.rooms.get(NAMESPACE, {}).get(room))
+
+    async def enter_room(self, sid: str, room: str, *, by_backend: bool = False) -> None:
+        """Put a socket of this instance in a room; the room's channel is held (confirmed by
+        Redis) before it returns. SubscriptionFailed when Redis does not confirm it."""
+        await self._to_the_end(self._enter_room(sid, room, by_backend))
+
+    async def _enter_room(self, sid: str, room: str, by_backend: bool) -> None:
+        channel = self.room_channel(room)
+        async with self._locks.hold(channel):
+            if self.sio.manager.eio_sid_from_sid(sid, NAMESPACE) is None:
+                return  # gone meanwhile
+            if not self._members_here(room):
+                await self._hold(channel)
+            self.sio.manager.basic_enter_room(sid, NAMESPACE, room)
+        session = self.sessions.get(sid)
+        if session is not None and not by_backend and room not in session.rooms:
+            session.rooms.add(room)
+            self._keep_rooms(session)
+
+    async def leave_room(self, sid: str, room: str, *, by_backend: bool = False) -> None:
+        """Take a socket of this instance out of a room; release the channel if it was the last."""
+        self.sio.manager.basic_leave_room(sid, NAMESPACE, room)
+        session = self.sessions.get(sid)
+        if session is not None and not by_backend and room in session.rooms:
+            session.rooms.discard(room)
+            self._keep_rooms(session)
+        await self.release_room(room)
+
+    async def release_room(self, room: str) -> None:
+        """Stop holding a room's channel once no socket here is in it."""
+        if not self._members_here(room):
+            await self._to_the_end(self._release(self.room_channel(room), lambda: self._members_here(room)))
+
+    def _keep_rooms(self, session: Session) -> None:
+        if self.recovery is None:
+            return
+        session.rooms_changed = True
+        if not session.rooms_writer:
+            session.rooms_writer = True
+            self._record(self._write_rooms(session))
+
+    async def _write_rooms(self, session: Session) -> None:
+        """One writer per session, so an older set never lands after a newer one."""
+        assert self.recovery is not None
+        try:
+            while session.rooms_changed:
+                session.rooms_changed = False
+                await self.recovery.keep_rooms(session)
+        finally:
+            session.rooms_writer = False
 
     async def connected(self, sid: str) -> None:
         """The socket's CONNECT reply is out: send what it missed, then what waited for it."""
@@ -158,12 +295,14 @@ class Propagator:
         user_id = self.state.user_of(sid)
         for entry in session.replay:
             env = self._addressed(entry.channel, entry.message)
-            if env is None or (env.scope == "user" and env.user_id != user_id):
+            if env is None or env.op != "emit" or env.scope == "sid":
+                continue  # ops changed sockets of their time; a sid named the old socket
+            if env.scope == "user" and env.user_id != user_id:
                 continue
-            if env.origin.sid == session.origin:
+            if env.origin.sid == session.origin or session.origin in env.skip:
                 continue  # its own answer: the socket had it directly
             missed += 1
-            self._frames_to(sid, self._encode(env.event, env.data, entry.offset))
+            self._frames_to(sid, self._encode(env.event or "", env.data, entry.offset))
             session.offset = entry.offset
         return missed
 
@@ -196,13 +335,15 @@ class Propagator:
     async def _forget(self, sid: str) -> None:
         user_id, last = self.state.remove(sid)
         if user_id is not None and last:
-            await self._to_the_end(self._release(user_id))
+            await self._to_the_end(
+                self._release(self.user_channel(user_id), lambda: self.state.holds_user(user_id))
+            )
 
-    async def _release(self, user_id: str) -> None:
-        async with self._user_locks.hold(user_id):
-            # A new socket of the same user may have arrived while we waited.
-            if not self.state.holds_user(user_id):
-                await self.bus.unsubscribe(self.user_channel(user_id))
+    async def _release(self, channel: str, needed: Callable[[], bool]) -> None:
+        async with self._locks.hold(channel):
+            # A new socket may have come for it while we waited.
+            if not needed():
+                await self.bus.unsubscribe(channel)
 
     async def _to_the_end(self, work: Coroutine[Any, Any, None]) -> None:
         """Run subscription bookkeeping to completion even if the handler awaiting it is
@@ -228,11 +369,11 @@ class Propagator:
     # --- publishing -------------------------------------------------------------------------
 
     async def emit_to_user(
-        self, user_id: str, event: str, data: Any, *, origin_sid: str | None = None
+        self, user_id: str, event: str, data: Any, *, origin_sid: str | None = None, skip: Iterable[str] = ()
     ) -> str:
-        """Send to every socket of `user_id` on every instance, except `origin_sid`."""
+        """Send to every socket of `user_id` on every instance, except `origin_sid` and `skip`."""
         envelope_id, raw = envelope.make(
-            "user", event, data, user_id=user_id, instance=self.instance_id, sid=origin_sid
+            "user", event, data, user_id=user_id, instance=self.instance_id, sid=origin_sid, skip=list(skip)
         )
         await self.bus.publish(self.user_channel(user_id), raw)
         return envelope_id
@@ -248,16 +389,59 @@ class Propagator:
             "user", event, data, user_id=user_id, instance=self.instance_id, sid=origin_sid
         )[1]
 
-    async def emit_to_all(self, event: str, data: Any) -> str:
+    async def emit_to_all(self, event: str, data: Any, *, skip: Iterable[str] = ()) -> str:
         """Send to every connected socket on every instance, anonymous ones included."""
-        envelope_id, raw = envelope.make("all", event, data, instance=self.instance_id)
+        envelope_id, raw = envelope.make("all", event, data, instance=self.instance_id, skip=list(skip))
         await self.bus.publish(self.channel_all, raw)
         return envelope_id
 
-    async def emit_to_authenticated(self, event: str, data: Any) -> str:
+    async def emit_to_authenticated(self, event: str, data: Any, *, skip: Iterable[str] = ()) -> str:
         """Send to every socket that has a user, on every instance."""
-        envelope_id, raw = envelope.make("authenticated", event, data, instance=self.instance_id)
+        envelope_id, raw = envelope.make(
+            "authenticated", event, data, instance=self.instance_id, skip=list(skip)
+        )
         await self.bus.publish(self.channel_authenticated, raw)
+        return envelope_id
+
+    async def emit_to_room(self, room: str, event: str, data: Any, *, skip: Iterable[str] = ()) -> str:
+        """Send to every socket in `room` on every instance; only instances holding one wake."""
+        envelope_id, raw = envelope.make(
+            "room", event, data, room=room, instance=self.instance_id, skip=list(skip)
+        )
+        await self.bus.publish(self.room_channel(room), raw)
+        return envelope_id
+
+    async def emit_to_sid(self, sid: str, event: str, data: Any) -> str:
+        """Send to one socket held by another instance, through that instance's own channel."""
+        envelope_id, raw = envelope.make("sid", event, data, to=sid, instance=self.instance_id)
+        await self.bus.publish(self.node_channel_of(sid), raw)
+        return envelope_id
+
+    async def publish_op(
+        self,
+        op: envelope.Op,
+        *,
+        user_id: str | None = None,
+        room: str | None = None,
+        to: str | None = None,
+        reason: str | None = None,
+    ) -> str:
+        """Ask every instance to change sockets: the sockets of `user_id`, socket `to`, or the
+        sockets in `room` join or leave `room`, leave a closed room, or are disconnected."""
+        if to is not None:
+            scope: envelope.Scope = "sid"
+            channel = self.node_channel_of(to)
+        elif user_id is not None:
+            scope, channel = "user", self.user_channel(user_id)
+        elif room is not None:
+            scope, channel = "room", self.room_channel(room)
+        else:
+            raise ValueError("an op needs a user, a socket or a room")
+        envelope_id, raw = envelope.make(
+            scope, None, None, user_id=user_id, instance=self.instance_id,
+            op=op, room=room, to=to, reason=reason,
+        )
+        await self.bus.publish(channel, raw)
         return envelope_id
 
     # --- consuming ----------------------------------------------------------------------
@@ -270,16 +454,61 @@ class Propagator:
         if self._seen.check_and_add(env.id):
             self.deduplicated += 1  # a batch Redis applied although its reply was lost, then retried
             return
+        if env.op != "emit":
+            await self._apply(env)
+            return
+        self.deliver(self._recipients(env), env.event or "", env.data, offset)
+
+    def _recipients(self, env: envelope.Envelope) -> list[str]:
+        """The local sockets an envelope addresses."""
+        sids: Iterable[str]
         if env.scope == "user":
-            sids: Iterable[str] = self.state.sids_of(env.user_id or "")
-            skip = env.origin.sid
-            if skip is not None:
-                sids = [sid for sid in sids if self.origin_of(sid) != skip]
+            sids = self.state.sids_of(env.user_id or "")
+            origin = env.origin.sid
+            if origin is not None:
+                sids = [sid for sid in sids if self.origin_of(sid) != origin]
         elif env.scope == "all":
             sids = self.state.all_sids()
-        else:
+        elif env.scope == "authenticated":
             sids = self.state.authenticated_sids()
-        self.deliver(list(sids), env.event, env.data, offset)
+        elif env.scope == "room":
+            sids = [sid for sid, _ in self.sio.manager.get_participants(NAMESPACE, env.room)]
+        else:
+            sids = [env.to] if env.to is not None and env.to in self.state else []
+        if env.skip:
+            skip = set(env.skip)
+            return [sid for sid in sids if sid not in skip]
+        return list(sids)
+
+    async def _apply(self, env: envelope.Envelope) -> None:
+        """Carry out an op on the local sockets it names."""
+        targets = self._recipients(env)
+        if env.op == "disconnect":
+            for sid in targets:
+                # Not awaited here: a socket's departure syncs with the bus, which waits for
+                # this very consumer.
+                self._spawn(self._disconnect(sid, env.reason))
+            return
+        for sid in targets:
+            try:
+                if env.op == "join" and env.room is not None:
+                    await self.enter_room(sid, env.room, by_backend=env.scope == "user")
+                elif env.op == "leave" and env.room is not None:
+                    await self.leave_room(sid, env.room, by_backend=env.scope == "user")
+                elif env.op == "close" and env.room is not None:
+                    await self.leave_room(sid, env.room)
+            except SubscriptionFailed as exc:
+                log.warning("socket %s could not join %s: %s", sid, env.room, exc)
+
+    async def _disconnect(self, sid: str, reason: str | None) -> None:
+        """Tell a socket why, then disconnect it at the Socket.IO level (clients do not retry)."""
+        self.send([sid], "disconnect_reason", {"reason": reason or "disconnected by the server"})
+        await self.sio.disconnect(sid)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._ops.add(task)
+        task.add_done_callback(self._ops.discard)
 
     def _addressed(self, channel: str, raw: bytes) -> envelope.Envelope | None:
         """The envelope in a message, if it is valid and on its scope's channel; else dropped."""
@@ -290,6 +519,10 @@ class Propagator:
             return None
         if env.scope == "user":
             home = self.user_channel(env.user_id or "")
+        elif env.scope == "room":
+            home = self.room_channel(env.room or "")
+        elif env.scope == "sid":
+            home = self.node_channel_of(env.to or "")
         else:
             home = self.channel_all if env.scope == "all" else self.channel_authenticated
         if channel != home:

@@ -11,6 +11,10 @@ set (epoch) its offsets belong to. So a session survives the instance that held 
 SIGKILLed. What an instance learns when a socket leaves (when, and what it had been sent) is
 kept as long as the history (REPLAY_MAX_AGE); it enforces the window and lets an idle socket whose last
 event is older than the history recover anyway.
+
+The rooms a session's socket joined itself are written whenever they change (kept for a day
+after the last change), so a resumed socket gets them back even from a SIGKILLed instance.
+Rooms the backend gave its user are stored per user and come back with any new socket.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -29,6 +34,10 @@ from .bus import ZERO, Bus, BusUnavailable, Entry, Offset
 log = logging.getLogger(__name__)
 
 _SALT = "webapp.recovery-session.v1"
+ROOMS_TTL = 24 * 3600.0  # how long a session's rooms are kept after they last changed
+
+# Puts a resuming socket back in its rooms; returns the channels its history is read from.
+Rejoin = Callable[[Iterable[str]], Awaitable[list[str]]]
 
 
 class Request(NamedTuple):
@@ -60,6 +69,9 @@ class Session:
     floor: Offset  # live messages at or below it were read already, or predate the socket
     replay: list[Entry] = field(default_factory=list)  # missed entries, sent right after CONNECT
     failure: str | None = None  # why a requested recovery failed, sent after CONNECT
+    rooms: set[str] = field(default_factory=set)  # the rooms the socket joined itself
+    rooms_changed: bool = False  # since they were last written
+    rooms_writer: bool = False  # a write is under way (one at a time: the last one wins)
 
 
 class RecoveryFailed(Exception):
@@ -82,12 +94,15 @@ class Recovery:
         self.recovered = 0
         self.failed: dict[str, int] = {}
 
-    async def open(self, sid: str, user_id: str | None, channels: list[str], request: Request) -> Session:
-        """A session for a socket that opted in: resumed when its pid allows, else a new one."""
+    async def open(self, sid: str, user_id: str | None, request: Request, rejoin: Rejoin) -> Session:
+        """A session for a socket that opted in: resumed when its pid allows, else a new one.
+
+        Resuming calls `rejoin` with the rooms the session had joined, before the history is read.
+        """
         failure = None
         if request.pid is not None:
             try:
-                session = await self._resume(user_id, channels, request.pid, request.offset)
+                session = await self._resume(user_id, rejoin, request.pid, request.offset)
             except RecoveryFailed as exc:
                 failure = exc.reason
                 self.failed[failure] = self.failed.get(failure, 0) + 1
@@ -108,7 +123,7 @@ class Recovery:
         pid = self._signer.dumps({"u": user_id, "s": sid, "o": str(start), "e": self._bus.epoch})
         return Session(pid=pid, origin=sid, offset=start, floor=start)
 
-    async def _resume(self, user_id: str | None, channels: list[str], pid: str, sent: str | None) -> Session:
+    async def _resume(self, user_id: str | None, rejoin: Rejoin, pid: str, sent: str | None) -> Session:
         try:
             claims = self._signer.loads(pid)
         except BadSignature:
@@ -132,6 +147,7 @@ class Recovery:
                     # It received all it was sent, and it had been sent all it was addressed by
                     # up to `position`: an idle socket's old offset need not be in the history.
                     since = position
+            channels = await rejoin(await self._rooms(pid))
             history = await self._bus.history(since, channels)
         except BusUnavailable:
             raise RecoveryFailed("bus_unavailable") from None
@@ -164,6 +180,21 @@ class Recovery:
         if last is None or position is None:
             return None
         return left_at, last, position
+
+    async def keep_rooms(self, session: Session) -> None:
+        """Write the rooms a session's socket joined itself, for when it resumes."""
+        try:
+            await self._bus.remember(self._key(session.pid) + ":rooms", orjson.dumps(sorted(session.rooms)), ROOMS_TTL)
+        except BusUnavailable as exc:
+            log.warning("could not record the rooms of a recoverable session: %s", exc)
+
+    async def _rooms(self, pid: str) -> list[str]:
+        raw = await self._bus.recall(self._key(pid) + ":rooms")
+        try:
+            rooms = orjson.loads(raw) if raw is not None else []
+        except orjson.JSONDecodeError:
+            return []
+        return [room for room in rooms if isinstance(room, str)] if isinstance(rooms, list) else []
 
     def _key(self, pid: str) -> str:
         return f"{self._prefix}:recovery:{hashlib.sha256(pid.encode()).hexdigest()[:32]}"

@@ -117,10 +117,18 @@ class LeanQueue:
 
 
 class LeanEngine(engineio.AsyncServer):
-    """Engine.IO server whose sockets queue their packets in a `LeanQueue`."""
+    """Engine.IO server whose sockets queue their packets in a `LeanQueue`, and whose session
+    ids start with this instance's tag (`<tag>.<random>`): python-socketio takes its sids from
+    here too, so any instance can tell which one holds a socket from its sid alone."""
+
+    sid_tag = ""
 
     def create_queue(self, *args: Any, **kwargs: Any) -> LeanQueue:
         return LeanQueue()
+
+    def generate_id(self) -> str:
+        random_part: str = super().generate_id()
+        return f"{self.sid_tag}.{random_part}" if self.sid_tag else random_part
 
 
 class LeanSocket(AsyncSocket):

@@ -34,6 +34,7 @@ class MemoryBus:
         self._epoch = uuid.uuid4().hex
         self._records: dict[str, tuple[float, bytes]] = {}
         self._expiring: deque[tuple[float, str]] = deque()  # in the order written: same ttl each time
+        self._sets: dict[str, set[str]] = {}
 
     async def start(self, handler: MessageHandler, on_gap: GapHandler) -> None:
         self._handler = handler
@@ -113,6 +114,25 @@ class MemoryBus:
     async def recall(self, key: str) -> bytes | None:
         expires, value = self._records.get(key, (0.0, b""))
         return value if expires > time.monotonic() else None
+
+    async def add_member(self, key: str, member: str) -> bool:
+        """Add to the set at `key`; True when it was not there."""
+        members = self._sets.setdefault(key, set())
+        added = member not in members
+        members.add(member)
+        return added
+
+    async def remove_member(self, key: str, member: str) -> bool:
+        """Remove from the set at `key`; True when it was there."""
+        members = self._sets.get(key, set())
+        removed = member in members
+        members.discard(member)
+        if not members:
+            self._sets.pop(key, None)
+        return removed
+
+    async def members(self, key: str) -> set[str]:
+        return set(self._sets.get(key, ()))
 
     def status(self) -> dict[str, Any]:
         return {"kind": self.kind, "connected": self.ready, "channels": len(self._channels)}

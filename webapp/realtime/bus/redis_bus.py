@@ -351,6 +351,21 @@ class RedisBus:
             value = await self._require_client().get(key)
         return _bytes(value) if value is not None else None
 
+    async def add_member(self, key: str, member: str) -> bool:
+        """Add to the set at `key`; True when it was not there."""
+        with _answered():
+            return bool(await self._require_client().sadd(key, member))
+
+    async def remove_member(self, key: str, member: str) -> bool:
+        """Remove from the set at `key`; True when it was there."""
+        with _answered():
+            return bool(await self._require_client().srem(key, member))
+
+    async def members(self, key: str) -> set[str]:
+        with _answered():
+            found = await self._require_client().smembers(key)
+        return {_text(member) for member in found}
+
     def _require_client(self) -> Redis:
         if self._client is None:
             raise BusUnavailable("the Redis bus is not running")
