@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -56,13 +57,22 @@ def redis_client() -> Iterator[redis.Redis]:
 
 
 class Cluster:
-    """Two real instances, A and B, sharing one Redis under a prefix of their own."""
+    """Real instances (A and B unless told) sharing one Redis under a prefix of their own."""
 
-    def __init__(self, prefix: str, names: tuple[str, ...] = ("A", "B")) -> None:
+    def __init__(
+        self, prefix: str, names: tuple[str, ...] = ("A", "B"), *, app: str = "webapp.asgi:app", **env: str
+    ) -> None:
         self.prefix = prefix
-        self.instances = [Instance(name, instance_env(prefix)).start() for name in names]
+        self.instances = [Instance(name, instance_env(prefix, **env), app=app).start() for name in names]
         for instance in self.instances:
             instance.wait_serving()
+
+    def restart(self, index: int) -> None:
+        """SIGKILL an instance and start it again on the same port (a new process: a new sid tag)."""
+        old = self.instances[index]
+        old.stop(signal.SIGKILL)
+        self.instances[index] = Instance(old.name, old.env, port=old.port, app=old.app).start()
+        self.instances[index].wait_serving()
 
     @property
     def a(self) -> Instance:
@@ -77,13 +87,21 @@ class Cluster:
             instance.stop()
 
 
+@contextmanager
+def running(redis_client: redis.Redis, cluster: Cluster) -> Iterator[Cluster]:
+    """Yield a started cluster; afterwards stop it and delete every key under its prefix."""
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+        for key in redis_client.scan_iter(f"{cluster.prefix}:*"):
+            redis_client.delete(key)
+
+
 @pytest.fixture(scope="module")
 def cluster(redis_client: redis.Redis) -> Iterator[Cluster]:
-    running = Cluster(unique("cluster"))
-    yield running
-    running.close()
-    for key in redis_client.scan_iter(f"{running.prefix}:*"):
-        redis_client.delete(key)
+    with running(redis_client, Cluster(unique("cluster"))) as started:
+        yield started
 
 
 @pytest.fixture

@@ -14,12 +14,15 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
 import aiohttp
 import socketio
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine
 
 from bench.cluster import procfile_flags  # tests serve the app exactly as the Procfile deploys it
 
@@ -378,6 +381,24 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+    @classmethod
+    @contextmanager
+    def running(cls) -> Iterator[LoopThread]:
+        loop = cls()
+        try:
+            yield loop
+        finally:
+            loop.close()
+
+
+def run_machine(machine: type[RuleBasedStateMachine], *, examples: int, steps: int) -> None:
+    """Run a hypothesis state machine for a bounded number of examples and steps."""
+    case: Any = machine.TestCase
+    case.settings = settings(
+        max_examples=examples, stateful_step_count=steps, deadline=None, suppress_health_check=list(HealthCheck)
+    )
+    case().runTest()
 
 
 def proc_cpu_seconds(pid: int) -> float:

@@ -7,16 +7,14 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from .conftest import Cluster
-from .harness import LoopThread, Probe, api, fence, token_for, unique
+from .conftest import Cluster, running
+from .harness import LoopThread, Probe, api, fence, run_machine, token_for, unique
 
 pytestmark = pytest.mark.cluster
 
@@ -28,11 +26,8 @@ BACKEND_ROOMS = ["public:r1", "team:t1"]  # rooms the backend puts users in (PUT
 
 @pytest.fixture(scope="module")
 def cluster(redis_client: redis.Redis) -> Iterator[Cluster]:
-    running = Cluster(unique("model"), names=("A", "B", "C"))
-    yield running
-    running.close()
-    for key in redis_client.scan_iter(f"{running.prefix}:*"):
-        redis_client.delete(key)
+    with running(redis_client, Cluster(unique("model"), names=("A", "B", "C"))) as started:
+        yield started
 
 
 class Delivery(RuleBasedStateMachine):
@@ -162,14 +157,6 @@ class Delivery(RuleBasedStateMachine):
 
 
 def test_delivery_matches_the_oracle(cluster: Cluster) -> None:
-    loop = LoopThread()
     Delivery.cluster = cluster
-    Delivery.loop = loop
-    try:
-        run: Any = Delivery.TestCase
-        run.settings = settings(
-            max_examples=12, stateful_step_count=15, deadline=None, suppress_health_check=list(HealthCheck)
-        )
-        run().runTest()
-    finally:
-        loop.close()
+    with LoopThread.running() as Delivery.loop:
+        run_machine(Delivery, examples=12, steps=15)

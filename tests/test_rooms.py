@@ -9,10 +9,14 @@ from typing import Any
 
 import pytest
 import redis
+import socketio
 
+from webapp.auth.tokens import TokenSigner
 from webapp.client import RecoveringClient
 
+from .conftest import Cluster, running
 from .harness import (
+    SECRET_KEY,
     WAIT,
     Instance,
     Probe,
@@ -28,31 +32,13 @@ from .harness import (
 pytestmark = pytest.mark.cluster
 
 
-class Fleet:
-    """Three instances serving the app plus test events that call python-socketio's API."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.instances = [
-            Instance(name, instance_env(prefix), app="tests.fleet_app:app").start() for name in ("A", "B", "C")
-        ]
-        for instance in self.instances:
-            instance.wait_serving()
-
-    def close(self) -> None:
-        for instance in self.instances:
-            instance.stop(signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
-def fleet(redis_client: redis.Redis) -> Iterator[Fleet]:
-    running = Fleet(unique("rooms"))
-    yield running
-    running.close()
-    for instance in running.instances:
-        assert "Traceback" not in instance.output(), instance.output()
-    for key in redis_client.scan_iter(f"{running.prefix}:*"):
-        redis_client.delete(key)
+def fleet(redis_client: redis.Redis) -> Iterator[Cluster]:
+    """Three instances serving the app plus test events that call python-socketio's API."""
+    with running(redis_client, Cluster(unique("rooms"), ("A", "B", "C"), app="tests.fleet_app:app")) as started:
+        yield started
+        for instance in started.instances:
+            assert "Traceback" not in instance.output(), instance.output()
 
 
 async def connect(probes: list[Probe], instance: Instance, user: str | None, name: str = "") -> Probe:
@@ -77,7 +63,7 @@ async def emit_room(base: str, room: str, data: Any, event: str = "news") -> Non
 
 
 async def test_a_room_reaches_its_members_on_every_instance_and_only_them(
-    fleet: Fleet, probes: list[Probe], redis_client: redis.Redis
+    fleet: Cluster, probes: list[Probe], redis_client: redis.Redis
 ) -> None:
     a, b, c = fleet.instances
     room = f"public:{unique('lobby')}"
@@ -108,7 +94,7 @@ async def test_a_room_reaches_its_members_on_every_instance_and_only_them(
     await wait_until(lambda: subscribers(redis_client, channel) == 0, "the room's channel to be released")
 
 
-async def test_the_join_policy_decides_and_refusals_are_explained(fleet: Fleet, probes: list[Probe]) -> None:
+async def test_the_join_policy_decides_and_refusals_are_explained(fleet: Cluster, probes: list[Probe]) -> None:
     a = fleet.instances[0]
     user = unique("dora")
     dora = await connect(probes, a, user)
@@ -127,7 +113,7 @@ async def test_the_join_policy_decides_and_refusals_are_explained(fleet: Fleet, 
 
 
 async def test_the_backend_puts_a_user_in_a_room_everywhere_and_for_later_sockets(
-    fleet: Fleet, probes: list[Probe], redis_client: redis.Redis
+    fleet: Cluster, probes: list[Probe], redis_client: redis.Redis
 ) -> None:
     a, b, c = fleet.instances
     user, room = unique("frank"), f"team:{unique('red')}"
@@ -157,7 +143,7 @@ async def test_the_backend_puts_a_user_in_a_room_everywhere_and_for_later_socket
     assert (await api(a.url, f"/api/users/{user}/rooms", method="GET")) == (200, {"user_id": user, "rooms": []})
 
 
-async def test_rest_room_hooks_validate_names_and_keys(fleet: Fleet) -> None:
+async def test_rest_room_hooks_validate_names_and_keys(fleet: Cluster) -> None:
     a = fleet.instances[0]
     for path, method in (
         ("/api/users/bad%20id/rooms/team", "PUT"),
@@ -178,7 +164,7 @@ async def test_rest_room_hooks_validate_names_and_keys(fleet: Fleet) -> None:
 
 
 async def test_python_socketio_api_acts_on_sockets_of_other_instances(
-    fleet: Fleet, probes: list[Probe], redis_client: redis.Redis
+    fleet: Cluster, probes: list[Probe], redis_client: redis.Redis
 ) -> None:
     a, b, c = fleet.instances
     caller = await connect(probes, a, unique("caller"))
@@ -226,7 +212,7 @@ async def test_python_socketio_api_acts_on_sockets_of_other_instances(
 
 
 async def test_the_backend_disconnects_a_user_everywhere_and_clients_stay_away(
-    fleet: Fleet, probes: list[Probe]
+    fleet: Cluster, probes: list[Probe]
 ) -> None:
     a, b, c = fleet.instances
     user = unique("mallory")
@@ -289,3 +275,48 @@ async def test_a_recovering_socket_gets_its_rooms_back_even_from_a_killed_instan
         for key in redis_client.scan_iter(f"{prefix}:*"):
             redis_client.delete(key)
     assert without_fences  # the helpers module stays the one place for fences
+
+
+async def test_revoking_a_user_refuses_older_tokens_everywhere_and_ends_live_sockets(
+    fleet: Cluster, probes: list[Probe]
+) -> None:
+    a, b, c = fleet.instances
+    user = unique("trudy")
+    old_token = await token_for(a.url, user)
+    live = [await connect_with(probes, a, old_token), await connect_with(probes, b, old_token)]
+
+    status, answer = await api(c.url, f"/api/users/{user}/revoke")
+    assert status == 202 and answer["user_id"] == user and answer["not_before"].endswith("Z")
+    for probe in live:
+        await probe.wait_until(lambda p=probe: not p.client.connected, "the revoked socket to end")
+        assert probe.of("disconnect_reason") == [{"reason": "token revoked"}]
+    for instance in (a, b, c):
+        refused = Probe(f"old@{instance.name}")
+        probes.append(refused)
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await refused.connect(instance.url, old_token)
+        assert refused.connect_error["data"]["code"] == "invalid_token"
+        assert "revoked" in refused.connect_error["data"]["message"]
+    fresh = await connect_with(probes, b, await token_for(c.url, user))
+    assert (await call(fresh, "whoami"))["user_id"] == user
+
+
+async def test_sockets_are_warned_then_ended_when_their_token_expires(
+    redis_client: redis.Redis, probes: list[Probe]
+) -> None:
+    with running(redis_client, Cluster(unique("expiry"), ("A",), DISCONNECT_ON_TOKEN_EXPIRY="1")) as started:
+        instance = started.instances[0]
+        user = unique("ivan")
+        short = TokenSigner(SECRET_KEY).mint(user, ttl=3)  # shorter than the 30 s notice: warned at once
+        probe = await connect_with(probes, instance, short.value)
+        lasting = await connect_with(probes, instance, await token_for(instance.url, unique("june")))
+        assert await probe.wait_for("token_expiring") == [{"expires_at": short.expires_at_iso}]
+        await probe.wait_until(lambda: not probe.client.connected, "the socket to end at expiry", timeout=WAIT)
+        assert probe.of("disconnect_reason") == [{"reason": "token_expired"}]
+        assert lasting.client.connected and lasting.of("token_expiring") == []
+
+
+async def connect_with(probes: list[Probe], instance: Instance, token: str) -> Probe:
+    probe = Probe(f"socket@{instance.name}")
+    probes.append(probe)
+    return await probe.connect(instance.url, token)

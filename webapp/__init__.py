@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None, config: Mapping[str, Any] | Non
 
     errors.register(app)
     auth.init_app(app)
-    Realtime(app, join_policy=demo.public_rooms)
+    Realtime(app, join_policy=demo.public_rooms, presence_events=("public:",))
     app.register_blueprint(api.bp)
     app.register_blueprint(demo.bp)
     app.register_blueprint(health.bp)

@@ -49,6 +49,8 @@ class Settings:
     replay_max_len: int = 10_000
     replay_max_age: float = 300.0
     recovery_window: float = 120.0
+    presence_ttl: float = 15.0
+    disconnect_on_token_expiry: bool = False
     ping_interval: int = 25
     ping_timeout: float = 20.0
     # Off for apps run inside a test process, where SIGTERM belongs to the test runner.
@@ -113,6 +115,8 @@ class Settings:
             "replay_max_len": _int(get("REPLAY_MAX_LEN"), "REPLAY_MAX_LEN", 10_000, 0, 10_000_000),
             "replay_max_age": _float(get("REPLAY_MAX_AGE"), "REPLAY_MAX_AGE", 300.0, 1.0, 7 * 24 * 3600),
             "recovery_window": _float(get("RECOVERY_WINDOW"), "RECOVERY_WINDOW", 120.0, 1.0, 7 * 24 * 3600),
+            "disconnect_on_token_expiry": _bool(get("DISCONNECT_ON_TOKEN_EXPIRY"), "DISCONNECT_ON_TOKEN_EXPIRY", False),
+            "presence_ttl": _float(get("PRESENCE_TTL"), "PRESENCE_TTL", 15.0, 1.0, 3600),
             "socket_max_queue": _int(get("SOCKET_MAX_QUEUE"), "SOCKET_MAX_QUEUE", 1000, 10, 10_000_000),
         }
         if values["recovery_window"] > values["replay_max_age"]:  # type: ignore[operator]

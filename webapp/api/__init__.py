@@ -18,8 +18,10 @@ from ..errors import ApiError
 from ..names import is_room_name, is_user_id
 from ..realtime import realtime
 from ..realtime.bus import BusUnavailable
+from ..realtime.control import iso
+from ..realtime.presence import PAGE_MAX
 from ..realtime.propagator import reserved_room
-from .schemas import DisconnectIn, EmitIn, TokenIn
+from .schemas import DisconnectIn, EmitIn, PresenceIn, TokenIn
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -156,6 +158,57 @@ async def disconnect_user(user_id: str) -> Response:
     async with _bus_call("the disconnect was most likely not sent, but may have been"):
         envelope_id = await realtime().propagator.publish_op("disconnect", user_id=user_id, reason=body.reason)
     response = jsonify({"accepted": True, "id": envelope_id, "user_id": user_id})
+    response.status_code = 202
+    return response
+
+
+@bp.get("/users/<user_id>/presence")
+async def user_presence(user_id: str) -> Response:
+    """Whether a user is online anywhere: `{online, sockets, instances, since}`."""
+    _check_user_id(user_id)
+    async with _bus_call("presence could not be read"):
+        (found,) = await realtime().presence.users([user_id])
+    return jsonify(found.as_json())
+
+
+@bp.post("/presence")
+async def many_presences() -> Response:
+    """The presence of up to 1,000 users in one call, in the order asked."""
+    body = await body_as(PresenceIn)
+    async with _bus_call("presence could not be read"):
+        found = await realtime().presence.users(body.user_ids)
+    return jsonify({"users": [entry.as_json() for entry in found]})
+
+
+@bp.get("/rooms/<room>/presence")
+async def room_presence(room: str) -> Response:
+    """The users in a room with their socket counts, in user id order, a page at a time:
+    `?limit=` (at most 1,000) and `?after=<next>` from the previous page."""
+    _check_room(room)
+    after = request.args.get("after") or None
+    if after is not None and not is_user_id(after):
+        raise ApiError(422, "invalid_fields", "after: the `next` of the previous page")
+    try:
+        limit = int(request.args.get("limit", PAGE_MAX))
+    except ValueError:
+        raise ApiError(422, "invalid_fields", f"limit: an integer from 1 to {PAGE_MAX}") from None
+    if not 1 <= limit <= PAGE_MAX:
+        raise ApiError(422, "invalid_fields", f"limit: an integer from 1 to {PAGE_MAX}")
+    async with _bus_call("presence could not be read"):
+        members, cursor = await realtime().presence.room(room, after, limit)
+    return jsonify({"room": room, "members": members, "next": cursor})
+
+
+@bp.post("/users/<user_id>/revoke")
+async def revoke_user(user_id: str) -> Response:
+    """Refuse, on every instance, the user's tokens minted before now, and disconnect the
+    user's live sockets; tokens minted afterwards work."""
+    _check_user_id(user_id)
+    service = realtime()
+    async with _bus_call("the revocation may not be in force; retry (it is idempotent)"):
+        not_before = await service.revocations.revoke(user_id)
+        envelope_id = await service.propagator.publish_op("disconnect", user_id=user_id, reason="token revoked")
+    response = jsonify({"accepted": True, "id": envelope_id, "user_id": user_id, "not_before": iso(not_before)})
     response.status_code = 202
     return response
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,3 +33,11 @@ class DisconnectIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str = Field(default="disconnected by the server", min_length=1, max_length=256)
+
+
+class PresenceIn(BaseModel):
+    """`{"user_ids": [...]}`: up to 1,000 users in one call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_ids: list[Annotated[str, Field(pattern=USER_ID_PATTERN)]] = Field(min_length=1, max_length=1000)

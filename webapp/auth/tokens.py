@@ -18,6 +18,15 @@ class InvalidToken(ValueError):
 
 
 @dataclass(frozen=True)
+class Claims:
+    """What a valid token proves: who, since when (None for tokens minted before `iat`), until when."""
+
+    user_id: str
+    issued_at: float | None
+    expires_at: int
+
+
+@dataclass(frozen=True)
 class Token:
     value: str
     user_id: str
@@ -37,12 +46,18 @@ class TokenSigner:
     def mint(self, user_id: str, ttl: int, now: float | None = None) -> Token:
         if not is_user_id(user_id):
             raise ValueError("invalid user id")
-        expires_at = int((time.time() if now is None else now) + ttl)
-        value = self._serializer.dumps({"sub": user_id, "exp": expires_at})
+        issued_at = time.time() if now is None else now
+        expires_at = int(issued_at + ttl)
+        # `iat` in milliseconds: a revocation refuses the tokens minted before it.
+        value = self._serializer.dumps({"sub": user_id, "exp": expires_at, "iat": int(issued_at * 1000)})
         return Token(value=value, user_id=user_id, expires_at=expires_at)
 
     def verify(self, value: object, now: float | None = None) -> str:
         """Return the token's user id or raise InvalidToken."""
+        return self.claims(value, now).user_id
+
+    def claims(self, value: object, now: float | None = None) -> Claims:
+        """Return what the token proves or raise InvalidToken."""
         if not isinstance(value, str) or not value or len(value) > 1024:
             raise InvalidToken("token is not a string of a sane length")
         try:
@@ -56,4 +71,6 @@ class TokenSigner:
             raise InvalidToken("token payload is malformed")
         if expires_at <= (time.time() if now is None else now):
             raise InvalidToken("token has expired")
-        return user_id  # type: ignore[return-value]
+        issued_ms = claims.get("iat")
+        issued_at = issued_ms / 1000 if isinstance(issued_ms, int) and not isinstance(issued_ms, bool) else None
+        return Claims(user_id, issued_at, expires_at)  # type: ignore[arg-type]

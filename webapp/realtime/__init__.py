@@ -16,13 +16,15 @@ import orjson
 import socketio
 from quart import Quart, current_app
 
-from ..auth.tokens import TokenSigner
+from ..auth.tokens import Claims, TokenSigner
 from ..config import Settings
 from . import gateway, jsoncodec
-from .bus import Bus, MemoryBus, RedisBus
+from .bus import Bus, BusUnavailable, MemoryBus, RedisBus
+from .control import ExpiryWatch, Revocations, iso
 from .limits import RateLimiter
 from .manager import FleetManager
 from .outbox import Outbox
+from .presence import Presence
 from .propagator import NAMESPACE, Propagator
 from .recovery import Recovery
 from .rooms import JoinPolicy, Memberships, allowed, nobody
@@ -36,11 +38,19 @@ log = logging.getLogger(__name__)
 class Realtime:
     """Builds the realtime parts from settings; starts and stops them with the app."""
 
-    def __init__(self, app: Quart | None = None, *, join_policy: JoinPolicy = nobody) -> None:
+    def __init__(
+        self,
+        app: Quart | None = None,
+        *,
+        join_policy: JoinPolicy = nobody,
+        presence_events: tuple[str, ...] = (),
+    ) -> None:
         """`join_policy(user_id, room)` decides which rooms a socket may join with the `join`
-        event; the default lets sockets join nothing by themselves."""
+        event; the default lets sockets join nothing by themselves. Rooms whose names start
+        with one of `presence_events` tell their members who joins and leaves (`presence`)."""
         self.draining = False
         self.join_policy = join_policy
+        self.presence_events = presence_events
         self._drain_task: asyncio.Task[None] | None = None
         if app is not None:
             self.init_app(app)
@@ -91,6 +101,11 @@ class Realtime:
         # instances never share one, even with the same INSTANCE_ID.
         sid_tag = base64.b32encode(secrets.token_bytes(5)).decode().lower()
         self.sio.eio.sid_tag = sid_tag
+        self.presence = Presence(
+            settings.channel_prefix, sid_tag, settings.instance_id,
+            redis_url=settings.redis_url, ttl=settings.presence_ttl, timeout=settings.redis_timeout,
+            announced_prefixes=self.presence_events,
+        )
         self.propagator = Propagator(
             self.bus,
             self.state,
@@ -102,6 +117,14 @@ class Realtime:
             max_queue=settings.socket_max_queue,
             sid_tag=sid_tag,
             backend_rooms=self.memberships.of,
+            presence=self.presence,
+        )
+        self.presence.announce = self._announce_presence
+        self.revocations = Revocations(self.bus, settings.channel_prefix, settings.max_token_ttl)
+        self.expiry = (
+            ExpiryWatch(self._warn_expiring, lambda sid: self.propagator.end_socket(sid, "token_expired"))
+            if settings.disconnect_on_token_expiry
+            else None
         )
         manager.on_connected = self.propagator.connected
         manager.fleet = self.propagator
@@ -130,6 +153,21 @@ class Realtime:
     @property
     def ready(self) -> bool:
         return self.bus.ready and not self.draining
+
+    def _warn_expiring(self, sid: str, expires_at: int) -> None:
+        self.propagator.send([sid], "token_expiring", {"expires_at": iso(expires_at)})
+
+    async def token_allowed(self, claims: Claims) -> bool:
+        """False for a token its user's revocation refuses. While Redis cannot be read, sockets
+        are accepted (the outage mode), so a revocation is enforced again once it is back."""
+        try:
+            return await self.revocations.allows(claims)
+        except BusUnavailable as exc:
+            log.warning("could not check %s's revocation: %s", claims.user_id, exc)
+            return True
+
+    async def _announce_presence(self, room: str, user_id: str, status: str) -> None:
+        await self.propagator.emit_to_room(room, "presence", {"room": room, "user": user_id, "status": status})
 
     async def may_join(self, user_id: str | None, room: str) -> bool:
         """Whether the join policy lets a socket of `user_id` join `room` by itself."""
@@ -192,6 +230,7 @@ class Realtime:
             "draining": self.draining,
             "rate_limited": self.limiter.refused,
             "malformed_packets": self.sio.malformed_packets,
+            "presence": self.presence.status(),
         }
 
 

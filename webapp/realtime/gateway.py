@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 import orjson
 import socketio
 
-from ..auth.tokens import InvalidToken, TokenSigner
+from ..auth.tokens import Claims, InvalidToken, TokenSigner
 from ..names import is_room_name
 from . import recovery
 from .propagator import SubscriptionFailed, reserved_room
@@ -41,17 +41,19 @@ def token_from(environ: dict[str, Any], auth: Any) -> str | None:
     return None
 
 
-def authenticate(signer: TokenSigner, environ: dict[str, Any], auth: Any) -> str | None:
-    """The user a handshake proves, None for an anonymous one; a bad token refuses the connection."""
+def authenticate(signer: TokenSigner, environ: dict[str, Any], auth: Any) -> Claims | None:
+    """What a handshake's token proves, None for an anonymous one; a bad token refuses the connection."""
     token = token_from(environ, auth)
     if token is None:
         return None
     try:
-        return signer.verify(token)
+        return signer.claims(token)
     except InvalidToken as exc:
-        raise socketio.exceptions.ConnectionRefusedError(
-            "invalid token", {"code": "invalid_token", "message": str(exc)}
-        ) from None
+        raise _invalid_token(str(exc)) from None
+
+
+def _invalid_token(message: str) -> socketio.exceptions.ConnectionRefusedError:
+    return socketio.exceptions.ConnectionRefusedError("invalid token", {"code": "invalid_token", "message": message})
 
 
 class GatewayError(ValueError):
@@ -130,18 +132,24 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
             raise socketio.exceptions.ConnectionRefusedError(
                 "shutting down", {"code": "shutting_down", "message": "this instance is shutting down"}
             )
-        user_id = authenticate(signer, environ, auth)
+        claims = authenticate(signer, environ, auth)
+        if claims is not None and not await realtime.token_allowed(claims):
+            raise _invalid_token("token was revoked; ask for a new one")
         try:
-            await realtime.propagator.attach(sid, user_id, recovery.requested(auth))
+            await realtime.propagator.attach(sid, claims.user_id if claims else None, recovery.requested(auth))
         except SubscriptionFailed as exc:
             raise socketio.exceptions.ConnectionRefusedError(
                 "bus unavailable",
                 {"code": "bus_unavailable", "message": "the event bus did not confirm this socket's channel; retry"},
             ) from exc
+        if claims is not None and realtime.expiry is not None:
+            realtime.expiry.watch(sid, claims.expires_at)
 
     @sio.event
     async def disconnect(sid: str, reason: Any = None) -> None:
         realtime.limiter.forget(sid)
+        if realtime.expiry is not None:
+            realtime.expiry.forget(sid)
         await realtime.propagator.detach(sid)
 
     @sio.event

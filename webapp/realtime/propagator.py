@@ -27,6 +27,7 @@ from ..names import is_room_name
 from . import envelope
 from .bus import Bus, BusUnavailable, Offset
 from .outbox import Outbox
+from .presence import Presence
 from .recovery import Recovery, Request, Session
 from .state import SocketState
 
@@ -67,6 +68,7 @@ class Propagator:
         max_queue: int = 1000,
         sid_tag: str = "",
         backend_rooms: Callable[[str], Awaitable[set[str]]] | None = None,
+        presence: Presence | None = None,
     ) -> None:
         self.bus = bus
         self.state = state
@@ -75,6 +77,8 @@ class Propagator:
         self.sid_tag = sid_tag
         # The rooms the backend put a user in (stored in Redis): entered by each new socket.
         self.backend_rooms = backend_rooms
+        self.presence = presence
+        self._in_rooms: dict[str, set[str]] = {}  # sid -> rooms it is counted in by presence
         self.outbox = outbox
         self.recovery = recovery
         self.max_queue = max_queue
@@ -114,6 +118,8 @@ class Propagator:
 
     async def start(self) -> None:
         await self.bus.start(self.on_message, self.on_gap)
+        if self.presence is not None:
+            await self.presence.start()
         self.outbox.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(10.0), name="state-sweeper")
         await self.bus.subscribe(self.channel_all)
@@ -131,6 +137,8 @@ class Propagator:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._sweeper = None
+        if self.presence is not None:
+            await self.presence.close()  # while the bus still runs: its leaves are announced
         await self.outbox.close()
         await self.bus.close()
 
@@ -154,6 +162,8 @@ class Propagator:
                     if not self.state.holds_user(user_id):
                         await self._hold(channel)
                     self.state.add(sid, user_id)
+                if self.presence is not None:
+                    self.presence.socket_connected(user_id)
                 manager.basic_enter_room(sid, NAMESPACE, USER_ROOM_PREFIX + user_id)
                 manager.basic_enter_room(sid, NAMESPACE, AUTHENTICATED_ROOM)
             given = await self._backend_rooms_of(user_id)
@@ -239,6 +249,7 @@ class Propagator:
             if not self._members_here(room):
                 await self._hold(channel)
             self.sio.manager.basic_enter_room(sid, NAMESPACE, room)
+        self._count_in(sid, room)
         session = self.sessions.get(sid)
         if session is not None and not by_backend and room not in session.rooms:
             session.rooms.add(room)
@@ -247,6 +258,7 @@ class Propagator:
     async def leave_room(self, sid: str, room: str, *, by_backend: bool = False) -> None:
         """Take a socket of this instance out of a room; release the channel if it was the last."""
         self.sio.manager.basic_leave_room(sid, NAMESPACE, room)
+        self._count_out(sid, room)
         session = self.sessions.get(sid)
         if session is not None and not by_backend and room in session.rooms:
             session.rooms.discard(room)
@@ -257,6 +269,26 @@ class Propagator:
         """Stop holding a room's channel once no socket here is in it."""
         if not self._members_here(room):
             await self._to_the_end(self._release(self.room_channel(room), lambda: self._members_here(room)))
+
+    def _count_in(self, sid: str, room: str) -> None:
+        """Presence counts a signed-in socket once per room it is in."""
+        user_id = self.state.user_of(sid)
+        if self.presence is None or user_id is None:
+            return
+        rooms = self._in_rooms.setdefault(sid, set())
+        if room not in rooms:
+            rooms.add(room)
+            self.presence.entered(room, user_id)
+
+    def _count_out(self, sid: str, room: str) -> None:
+        rooms = self._in_rooms.get(sid)
+        user_id = self.state.user_of(sid)
+        if self.presence is None or rooms is None or room not in rooms or user_id is None:
+            return
+        rooms.discard(room)
+        if not rooms:
+            del self._in_rooms[sid]
+        self.presence.left(room, user_id)
 
     def _keep_rooms(self, session: Session) -> None:
         if self.recovery is None:
@@ -333,6 +365,10 @@ class Propagator:
         task.add_done_callback(self._records.discard)
 
     async def _forget(self, sid: str) -> None:
+        if self.presence is not None and self.state.user_of(sid) is not None:
+            for room in list(self._in_rooms.get(sid, ())):
+                self._count_out(sid, room)
+            self.presence.socket_disconnected(self.state.user_of(sid) or "")
         user_id, last = self.state.remove(sid)
         if user_id is not None and last:
             await self._to_the_end(
@@ -485,9 +521,7 @@ class Propagator:
         targets = self._recipients(env)
         if env.op == "disconnect":
             for sid in targets:
-                # Not awaited here: a socket's departure syncs with the bus, which waits for
-                # this very consumer.
-                self._spawn(self._disconnect(sid, env.reason))
+                self.end_socket(sid, env.reason or "disconnected by the server")
             return
         for sid in targets:
             try:
@@ -500,13 +534,14 @@ class Propagator:
             except SubscriptionFailed as exc:
                 log.warning("socket %s could not join %s: %s", sid, env.room, exc)
 
-    async def _disconnect(self, sid: str, reason: str | None) -> None:
-        """Tell a socket why, then disconnect it at the Socket.IO level (clients do not retry)."""
-        self.send([sid], "disconnect_reason", {"reason": reason or "disconnected by the server"})
-        await self.sio.disconnect(sid)
+    def end_socket(self, sid: str, reason: str) -> None:
+        """Tell a local socket why (`disconnect_reason`), then disconnect it at the Socket.IO
+        level, after which the official clients do not reconnect by themselves.
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(work)
+        Not awaited by the caller: a socket's departure syncs with the bus, and the caller may be
+        the bus's own consumer."""
+        self.send([sid], "disconnect_reason", {"reason": reason})
+        task = asyncio.ensure_future(self.sio.disconnect(sid))
         self._ops.add(task)
         task.add_done_callback(self._ops.discard)
 

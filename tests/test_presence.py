@@ -1,0 +1,243 @@
+"""Presence across three instances: who is online, who is in a room, join and leave events once
+per user, and answers that forget a SIGKILLed instance within PRESENCE_TTL."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from .conftest import Cluster, running
+from .harness import WAIT, Instance, LoopThread, Probe, api, fence, run_machine, token_for, unique, wait_until
+
+pytestmark = pytest.mark.cluster
+
+TTL = 2.0  # PRESENCE_TTL of these instances: a dead one is forgotten within it
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_client: redis.Redis) -> Iterator[Cluster]:
+    with running(redis_client, Cluster(unique("presence"), ("A", "B", "C"), PRESENCE_TTL=str(TTL))) as started:
+        yield started
+
+
+async def connect(probes: list[Probe], instance: Instance, user: str) -> Probe:
+    probe = Probe(f"{user}@{instance.name}")
+    probes.append(probe)
+    return await probe.connect(instance.url, await token_for(instance.url, user))
+
+
+async def get(base: str, path: str) -> Any:
+    status, answer = await api(base, path, method="GET")
+    assert status == 200, answer
+    return answer
+
+
+async def test_a_user_is_online_with_every_socket_on_every_instance(fleet: Cluster, probes: list[Probe]) -> None:
+    a, b, c = fleet.instances
+    user, absent = unique("uma"), unique("nobody")
+    started = time.time()
+    sockets = [await connect(probes, a, user), await connect(probes, a, user), await connect(probes, b, user)]
+
+    async def presence() -> Any:
+        return await get(c.url, f"/api/users/{user}/presence")
+
+    await wait_until(lambda: _async_true(presence, lambda p: p["sockets"] == 3), "three sockets counted")
+    answer = await presence()
+    assert (answer["online"], answer["sockets"], answer["instances"]) == (True, 3, ["A", "B"])
+    assert answer["since"].endswith("Z") and _epoch(answer["since"]) >= started - 1
+
+    status, many = await api(b.url, "/api/presence", {"user_ids": [user, absent]})
+    assert status == 200
+    assert [(u["user_id"], u["online"], u["sockets"]) for u in many["users"]] == [(user, True, 3), (absent, False, 0)]
+    assert many["users"][1] == {"user_id": absent, "online": False, "sockets": 0, "instances": [], "since": None}
+
+    for probe in sockets:
+        await probe.close()
+    await wait_until(lambda: _async_true(presence, lambda p: not p["online"]), "the user to go offline")
+    for body in ({"user_ids": []}, {"user_ids": ["bad id"]}, {"user_ids": ["u"] * 1001}, {"users": ["u"]}):
+        status, answer = await api(a.url, "/api/presence", body)
+        assert (status, answer["error"]["code"]) == (422, "invalid_fields"), body
+
+
+async def test_room_members_see_each_user_join_and_leave_once(fleet: Cluster, probes: list[Probe]) -> None:
+    a, b, c = fleet.instances
+    room, alice, bob = f"public:{unique('hall')}", unique("alice"), unique("bob")
+    watcher = await connect(probes, c, bob)
+    assert (await watcher.client.call("join", {"room": room}, timeout=WAIT))["ok"]
+    await watcher.wait_for("presence")  # bob's own join
+    tabs = [await connect(probes, a, alice), await connect(probes, b, alice)]
+    for tab in tabs:
+        assert (await tab.client.call("join", {"room": room}, timeout=WAIT))["ok"]
+    await watcher.wait_for("presence", 2)
+
+    members = await get(a.url, f"/api/rooms/{room}/presence")
+    assert members == {
+        "room": room,
+        "members": sorted([{"user_id": alice, "sockets": 2}, {"user_id": bob, "sockets": 1}], key=lambda m: m["user_id"]),
+        "next": None,
+    }
+    await tabs[0].close()  # alice is still in the room on B: nothing to announce
+    await wait_until(
+        lambda: _async_true(lambda: get(a.url, f"/api/rooms/{room}/presence"),
+                            lambda p: {"user_id": alice, "sockets": 1} in p["members"]),
+        "alice's count to drop",
+    )
+    await tabs[1].close()
+    await watcher.wait_for("presence", 3)
+    await fence(c.url, [watcher])
+    assert watcher.of("presence") == [
+        {"room": room, "user": bob, "status": "join"},
+        {"room": room, "user": alice, "status": "join"},
+        {"room": room, "user": alice, "status": "leave"},
+    ]
+    assert (await get(b.url, f"/api/rooms/{room}/presence"))["members"] == [{"user_id": bob, "sockets": 1}]
+
+
+async def test_room_presence_pages_in_user_order(fleet: Cluster, probes: list[Probe]) -> None:
+    a, b, _ = fleet.instances
+    room = f"team:{unique('pages')}"
+    users = sorted(unique(f"p{n}") for n in range(5))
+    for n, user in enumerate(users):
+        assert (await api(a.url, f"/api/users/{user}/rooms/{room}", method="PUT"))[0] == 200
+        await connect(probes, (a, b)[n % 2], user)
+    path = f"/api/rooms/{room}/presence"
+    await wait_until(lambda: _async_true(lambda: get(a.url, path), lambda p: len(p["members"]) == 5), "five members")
+    seen, after = [], None
+    while True:
+        page = await get(b.url, path + "?limit=2" + (f"&after={after}" if after else ""))
+        assert len(page["members"]) <= 2
+        seen += [m["user_id"] for m in page["members"]]
+        after = page["next"]
+        if after is None:
+            break
+    assert seen == users
+    for query in ("?limit=0", "?limit=1001", "?limit=x", "?after=bad%20id"):
+        status, answer = await api(a.url, path + query, method="GET")
+        assert (status, answer["error"]["code"]) == (422, "invalid_fields"), query
+
+
+async def test_a_killed_instance_is_forgotten_within_the_ttl_and_its_leaves_announced(
+    fleet: Cluster, probes: list[Probe]
+) -> None:
+    room, carol, dave = f"public:{unique('crash')}", unique("carol"), unique("dave")
+    watcher = await connect(probes, fleet.instances[0], dave)
+    assert (await watcher.client.call("join", {"room": room}, timeout=WAIT))["ok"]
+    victim = await connect(probes, fleet.instances[1], carol)
+    assert (await victim.client.call("join", {"room": room}, timeout=WAIT))["ok"]
+    await watcher.wait_for("presence", 2)
+
+    killed = time.monotonic()
+    fleet.restart(1)  # SIGKILL: no goodbye from the instance
+    await watcher.wait_for("presence", 3, timeout=TTL * 3 + WAIT)
+    took = time.monotonic() - killed
+    assert watcher.of("presence")[-1] == {"room": room, "user": carol, "status": "leave"}
+    answer = await get(fleet.instances[2].url, f"/api/users/{carol}/presence")
+    assert answer["online"] is False and answer["sockets"] == 0
+    members = (await get(fleet.instances[0].url, f"/api/rooms/{room}/presence"))["members"]
+    assert members == [{"user_id": dave, "sockets": 1}]
+    # The heartbeat runs every TTL/3; the reaper needs one more beat after the expiry.
+    assert took < TTL * 2 + 5, f"the leave came {took:.1f}s after the kill"
+
+
+# --- a model: random connects, disconnects, joins, leaves and kills ---------------------------
+
+USERS = ["u1", "u2", "u3"]
+ROOMS = ["public:m1", "public:m2"]
+
+
+class PresenceModel(RuleBasedStateMachine):
+    fleet: Cluster
+    loop: LoopThread
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.run = unique("pm")
+        self.sockets: list[tuple[Probe, str, int, set[str]]] = []  # probe, user, instance, rooms
+
+    def user(self, name: str) -> str:
+        return f"{self.run}-{name}"
+
+    def room(self, name: str) -> str:
+        return f"{name}-{self.run}"
+
+    @initialize()
+    def tokens(self) -> None:
+        self.tokens_of = {u: self.loop.run(token_for(self.fleet.instances[0].url, self.user(u))) for u in USERS}
+
+    @precondition(lambda self: len(self.sockets) < 7)
+    @rule(user=st.sampled_from(USERS), instance=st.integers(0, 2))
+    def connect(self, user: str, instance: int) -> None:
+        probe = Probe(user)
+        self.loop.run(probe.connect(self.fleet.instances[instance].url, self.tokens_of[user]))
+        self.sockets.append((probe, user, instance, set()))
+
+    @precondition(lambda self: self.sockets)
+    @rule(pick=st.integers(0, 6))
+    def disconnect(self, pick: int) -> None:
+        probe, *_ = self.sockets.pop(pick % len(self.sockets))
+        self.loop.run(probe.close())
+
+    @precondition(lambda self: self.sockets)
+    @rule(pick=st.integers(0, 6), room=st.sampled_from(ROOMS), join=st.booleans())
+    def join_or_leave(self, pick: int, room: str, join: bool) -> None:
+        probe, _, _, rooms = self.sockets[pick % len(self.sockets)]
+        ack = self.loop.run(probe.client.call("join" if join else "leave", {"room": self.room(room)}, timeout=10))
+        assert ack["ok"], ack
+        (rooms.add if join else rooms.discard)(room)
+
+    @rule(instance=st.integers(0, 2))
+    def kill(self, instance: int) -> None:
+        self.fleet.restart(instance)
+        for entry in [s for s in self.sockets if s[2] == instance]:
+            self.sockets.remove(entry)
+            self.loop.run(entry[0].close())
+
+    @invariant()
+    def answers_match_the_model(self) -> None:
+        base = self.fleet.instances[0].url
+        users = Counter(user for _, user, _, _ in self.sockets)
+        rooms = {room: Counter(u for _, u, _, r in self.sockets if room in r) for room in ROOMS}
+
+        async def matches() -> bool:
+            status, many = await api(base, "/api/presence", {"user_ids": [self.user(u) for u in USERS]})
+            assert status == 200
+            if [p["sockets"] for p in many["users"]] != [users[u] for u in USERS]:
+                return False
+            for room, counts in rooms.items():
+                page = await get(base, f"/api/rooms/{self.room(room)}/presence")
+                expected = sorted(
+                    ({"user_id": self.user(u), "sockets": n} for u, n in counts.items() if n),
+                    key=lambda m: str(m["user_id"]),
+                )
+                if page["members"] != expected:
+                    return False
+            return True
+
+        # Writes are asynchronous and a killed instance is forgotten within the TTL.
+        self.loop.run(wait_until(matches, "presence to match the model", timeout=TTL * 3 + WAIT), timeout=60)
+
+    def teardown(self) -> None:
+        for probe, *_ in self.sockets:
+            self.loop.run(probe.close())
+
+
+def test_presence_counts_stay_exact_under_churn_and_kills(fleet: Cluster) -> None:
+    PresenceModel.fleet = fleet
+    with LoopThread.running() as PresenceModel.loop:
+        run_machine(PresenceModel, examples=4, steps=12)
+
+
+async def _async_true(fetch: Any, check: Any) -> bool:
+    return bool(check(await fetch()))
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
