@@ -52,9 +52,10 @@ def create_baseline(settings: Settings) -> socketio.ASGIApp:
 
     @sio.event  # type: ignore[untyped-decorator]
     async def connect(sid: str, environ: dict[str, Any], auth: Any = None) -> None:
-        user_id = authenticate(signer, environ, auth)
-        if user_id is None:
+        claims = authenticate(signer, environ, auth)
+        if claims is None:
             return
+        user_id = claims.user_id
         users[sid] = user_id
         await sio.enter_room(sid, "authenticated")
         await sio.enter_room(sid, f"user:{user_id}")
@@ -62,6 +63,14 @@ def create_baseline(settings: Settings) -> socketio.ASGIApp:
     @sio.event  # type: ignore[untyped-decorator]
     async def disconnect(sid: str, reason: Any = None) -> None:
         users.pop(sid, None)
+
+    @sio.event  # type: ignore[untyped-decorator]
+    async def join(sid: str, data: Any = None) -> dict[str, Any]:
+        # Stock rooms: local membership; every emit still reaches every instance through Redis.
+        if sid not in users or not isinstance(data, dict) or not isinstance(data.get("room"), str):
+            return {"ok": False, "error": "forbidden"}
+        await sio.enter_room(sid, data["room"])
+        return {"ok": True, "room": data["room"]}
 
     @sio.on("events")  # type: ignore[untyped-decorator]
     async def events(sid: str, data: Any = None) -> dict[str, Any]:
@@ -113,6 +122,12 @@ def create_baseline(settings: Settings) -> socketio.ASGIApp:
         body = await body_as(EmitIn)
         await sio.emit(body.event, body.data, room="authenticated")
         return _accepted("authenticated")
+
+    @quart.post("/api/emit/rooms/<room>")
+    async def emit_room(room: str) -> Response:
+        body = await body_as(EmitIn)
+        await sio.emit(body.event, body.data, room=room)
+        return _accepted("room")
 
     @quart.post("/api/emit/users/<user_id>")
     async def emit_user(user_id: str) -> Response:

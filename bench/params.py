@@ -61,6 +61,7 @@ def _suite(
     w3: dict[str, Any],
     w4: dict[str, Any],
     w5: dict[str, Any],
+    w6: dict[str, Any],
     sizes: tuple[int, ...],
 ) -> list[Workload]:
     # W4 first: it reads memory of a fresh instance, before other loads grew its heap.
@@ -72,6 +73,7 @@ def _suite(
         Workload("w2", "W2 broadcast", w2),
         Workload("w2", "W2 broadcast", {**w2, "recover": True}, recover=True),
         Workload("w3", "W3 gateway", w3),
+        Workload("w6", "W6 room fan-out", w6),
         *(Workload("w5", "W5 instances", w5, instances=n) for n in sizes),
     ]
 
@@ -91,6 +93,7 @@ FULL = _suite(
     w3={"users": 160, "seconds": 6, "warmup": 1, "half_seconds": 3},
     w4={"sockets": 1000, "concurrency": 50},
     w5={"users": 50, "rate": 200, "seconds": 5, "warmup": 1},
+    w6={"rooms": 1000, "members": 10, "window": 32, "seconds": 6, "warmup": 1},
     sizes=(2, 4, 8),
 )
 
@@ -100,5 +103,6 @@ QUICK = _suite(
     w3={"users": 4, "seconds": 1, "warmup": 0.2, "half_seconds": 0.5},
     w4={"sockets": 30, "concurrency": 10},
     w5={"users": 5, "rate": 20, "seconds": 1, "warmup": 0.2},
+    w6={"rooms": 4, "members": 3, "window": 4, "seconds": 1, "warmup": 0.2},
     sizes=(2, 4, 8),
 )

@@ -347,6 +347,8 @@ class SioSocket:
         self._auth = auth
         self._closing = False
         self._joined: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._acks: dict[int, asyncio.Future[Any]] = {}
+        self._next_ack = 0
         key = base64.b64encode(os.urandom(16)).decode()
         request = _upgrade_request(host_header, path, key)
         self._ws = _WebSocket(request, key, self._on_open_packet, self._on_end)
@@ -387,6 +389,19 @@ class SioSocket:
 
     async def emit(self, event: str, data: Any) -> None:
         self._ws.send_text(b"42" + orjson.dumps([event, data]))
+
+    async def call(self, event: str, data: Any, timeout: float = 10.0) -> Any:
+        """Emit with an ack id and return the server's answer (its first argument)."""
+        self._next_ack += 1
+        ack_id = self._next_ack
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._acks[ack_id] = answer
+        self._ws.send_text(b"42" + str(ack_id).encode() + orjson.dumps([event, data]))
+        try:
+            async with asyncio.timeout(timeout):
+                return await answer
+        finally:
+            self._acks.pop(ack_id, None)
 
     async def close(self) -> None:
         """Close from our side (a no-op once closed): a closing handshake of at most CLOSE_WAIT."""
@@ -462,6 +477,13 @@ class SioSocket:
     def _on_control(self, text: Payload) -> None:
         if text == b"2":
             self._ws.send_text(b"3")
+        elif text.startswith(b"43"):  # an ack: 43<id>[args]
+            body = bytes(text[2:])
+            start = body.find(b"[")
+            waiter = self._acks.get(int(body[:start])) if start > 0 and body[:start].isdigit() else None
+            if waiter is not None and not waiter.done():
+                args = orjson.loads(body[start:])
+                waiter.set_result(args[0] if args else None)
         elif text.startswith(b"41") or text == b"1":  # namespace disconnect or Engine.IO close
             self.closed_by_server = True
             self._ws.close()

@@ -290,16 +290,23 @@ async def connections(fleet: Fleet, p: Params) -> Metrics:
 
 
 async def instances(fleet: Fleet, p: Params) -> Metrics:
-    """W5: users held by instance 0 only; REST emits to them on instance 0; CPU of every instance."""
+    """W5: users held by instance 0 only, each also alone in a room of its own; REST emits on
+    instance 0 alternate between a user and a room; CPU of every instance."""
     users = [fleet.user("w5", i) for i in range(p["users"])]
     await fleet.open([(0, u) for u in users])
+    first = len(fleet.sockets) - len(users)
+    for i, user in enumerate(users):
+        answer = await fleet.sockets[first + i].call("join", {"room": f"public:{user}"}, WAIT)
+        if not (isinstance(answer, dict) and answer.get("ok")):
+            raise RuntimeError(f"socket {i} could not join its room: {answer!r}")
 
     async def load(deliveries: Deliveries, seconds: float) -> None:
         async def send(seq: int) -> None:
             u = seq % len(users)
             sent_at = time.monotonic()
-            deliveries.expect(seq, (u,), sent_at)
-            await fleet.rest_emit(0, f"/api/emit/users/{users[u]}", "dm", {"s": seq, "t": sent_at})
+            deliveries.expect(seq, (first + u,), sent_at)
+            path = f"/api/emit/users/{users[u]}" if seq % 2 else f"/api/emit/rooms/public:{users[u]}"
+            await fleet.rest_emit(0, path, "dm", {"s": seq, "t": sent_at})
 
         await fixed_rate(p["rate"], seconds, send)
 
@@ -324,10 +331,45 @@ async def instances(fleet: Fleet, p: Params) -> Metrics:
     return metrics
 
 
+async def room_fanout(fleet: Fleet, p: Params) -> Metrics:
+    """W6: `rooms` rooms of `members` sockets each, every room's members split across A and B;
+    REST emits to rooms, alternating A and B. Each socket joins its room with the `join` event."""
+    members = p["members"]
+    rooms = [f"public:{fleet.user('w6', r)}" for r in range(p["rooms"])]
+    await fleet.open([(i % 2, fleet.user("w6m", i)) for i in range(len(rooms) * members)])
+    first = len(fleet.sockets) - len(rooms) * members
+    gate = asyncio.Semaphore(100)
+
+    async def join(i: int) -> None:
+        async with gate:
+            answer = await fleet.sockets[first + i].call("join", {"room": rooms[i // members]}, WAIT)
+        if not (isinstance(answer, dict) and answer.get("ok")):
+            raise RuntimeError(f"socket {i} could not join its room: {answer!r}")
+
+    await asyncio.gather(*(join(i) for i in range(len(rooms) * members)))
+    await asyncio.sleep(SETTLE)
+
+    async def emit(deliveries: Deliveries, seq: int) -> None:
+        r = seq % len(rooms)
+        sent_at = time.monotonic()
+        deliveries.expect(seq, range(first + r * members, first + (r + 1) * members), sent_at)
+        await fleet.rest_emit(seq % 2, f"/api/emit/rooms/{rooms[r]}", "news", {"s": seq, "t": sent_at})
+
+    async def load(deliveries: Deliveries, seconds: float) -> None:
+        await closed_loop(
+            p["window"], seconds, lambda seq: emit(deliveries, seq), lambda seq: deliveries.wait(seq, WAIT)
+        )
+
+    metrics, _, cpu, _ = await _measure(fleet, load, p)
+    _server_cost(metrics, cpu)
+    return metrics
+
+
 WORKLOADS: dict[str, Callable[[Fleet, Params], Awaitable[Metrics]]] = {
     "w1": user_fanout,
     "w2": broadcast,
     "w3": gateway,
     "w4": connections,
     "w5": instances,
+    "w6": room_fanout,
 }

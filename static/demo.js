@@ -68,8 +68,72 @@
   const socket = io({ auth: auth, transports: ["websocket"], reconnectionDelayMax: 3000 });
   window.demoSocket = socket;
 
+  // --- rooms: the ones this page joined, and who is in each (kept live by `presence` events) ---
+  const rooms = new Map(); // room -> Set of user ids
+  const roomList = $("rooms");
+
+  function renderRooms() {
+    if (!roomList) return;
+    roomList.replaceChildren();
+    const target = $("room-target");
+    const chosen = target.value;
+    target.replaceChildren();
+    for (const [room, members] of [...rooms.entries()].sort()) {
+      const item = document.createElement("li");
+      item.className = "room";
+      item.dataset.room = room;
+      const name = document.createElement("span");
+      name.className = "room-name";
+      name.textContent = room;
+      const who = document.createElement("span");
+      who.className = "room-members";
+      who.dataset.testid = "members";
+      who.textContent = [...members].sort().join(", ") || "…";
+      const leave = document.createElement("button");
+      leave.type = "button";
+      leave.className = "secondary";
+      leave.textContent = "Leave";
+      leave.setAttribute("aria-label", "Leave " + room);
+      leave.addEventListener("click", () => {
+        socket.emit("leave", { room: room }, () => { rooms.delete(room); renderRooms(); });
+      });
+      item.append(name, who, leave);
+      roomList.append(item);
+      const option = document.createElement("option");
+      option.value = option.textContent = room;
+      target.append(option);
+    }
+    if (chosen && rooms.has(chosen)) target.value = chosen;
+    $("room-send-form").hidden = rooms.size === 0;
+  }
+
+  function joinRoom(room) {
+    socket.emit("join", { room: room }, (ack) => {
+      if (!ack || !ack.ok) return; // the refusal is shown as an `error` event in the log
+      if (!rooms.has(room)) rooms.set(room, new Set());
+      socket.emit("who", { room: room }, (answer) => {
+        if (!answer || !answer.ok || !rooms.has(room)) return;
+        for (const member of answer.members) rooms.get(room).add(member.user_id);
+        renderRooms();
+      });
+      renderRooms();
+    });
+  }
+
+  socket.on("presence", (data) => {
+    const members = data && rooms.get(data.room);
+    if (!members) return;
+    if (data.status === "join") members.add(data.user);
+    else if (data.status === "leave") members.delete(data.user);
+    renderRooms();
+  });
+  // The token runs out soon: reconnect now with a fresh one (the auth callback fetches it).
+  socket.on("token_expiring", () => socket.disconnect().connect());
+
   socket.on("connect", () => {
     setState("connected");
+    // A fresh (not recovered) connection is in no room: join this page's rooms again.
+    if (!socket.recovered) for (const room of rooms.keys()) joinRoom(room);
     // Recovered: what it missed follows, then `recovered` {missed: N} (none when nothing was missed).
     // Not recovered: a fresh session; a failed recovery is told by `recovery_failed` right after.
     recovering = socket.recovered;
@@ -116,6 +180,24 @@
       socket.emit("events", { text: text, sent_at: new Date().toISOString() });
       input.value = "";
       input.focus();
+    });
+  }
+  const joinForm = $("join-form");
+  if (joinForm) {
+    joinForm.addEventListener("submit", (e) => {
+      e.preventDefault();
+      const input = $("room-name");
+      const name = input.value.trim();
+      if (name) joinRoom("public:" + name);
+      input.value = "";
+    });
+    $("room-send-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      const input = $("room-message");
+      const text = input.value.trim();
+      if (!text) return;
+      socket.emit("room_send", { room: $("room-target").value, text: text });
+      input.value = "";
     });
   }
   const logoutForm = $("logout-form");

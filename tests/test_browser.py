@@ -306,3 +306,61 @@ async def test_a_blink_that_cannot_be_recovered_is_told(cluster: Cluster, browse
         assert page_errors == [], page_errors
     finally:
         await context.close()
+
+
+async def test_two_users_in_a_room_across_instances_see_each_other_come_and_go(
+    cluster: Cluster, browser: Browser
+) -> None:
+    errors: list[str] = []
+    alice, bob, room = unique("alice"), unique("bob"), unique("den")
+    alice_context = await browser.new_context()
+    bob_context = await browser.new_context()
+
+    def members(tab: Tab):  # type: ignore[no-untyped-def]
+        return tab.page.locator(f'#rooms li[data-room="public:{room}"] .room-members')
+
+    async def join(tab: Tab) -> None:
+        await tab.page.get_by_label("Room name").fill(room)
+        await tab.page.get_by_role("button", name="Join").click()
+
+    try:
+        alice_a = await Tab.open("alice-A", alice_context, cluster.a.url, errors)
+        await alice_a.login(alice)
+        await alice_a.connected_to("A")
+        bob_b = await Tab.open("bob-B", bob_context, cluster.b.url, errors)
+        await bob_b.login(bob)
+        await bob_b.connected_to("B")
+
+        await join(alice_a)
+        await expect(members(alice_a)).to_have_text(alice, timeout=WAIT_MS)
+        await join(bob_b)
+        both = ", ".join(sorted([alice, bob]))
+        await expect(members(bob_b)).to_have_text(both, timeout=WAIT_MS)
+        await expect(members(alice_a)).to_have_text(both, timeout=WAIT_MS)
+
+        # alice's second tab, on the other instance, joins too: nobody is told twice
+        alice_b = await Tab.open("alice-B", alice_context, cluster.b.url, errors)
+        await alice_b.connected_to("B")
+        await join(alice_b)
+        await expect(members(alice_b)).to_have_text(both, timeout=WAIT_MS)
+        await bob_b.page.get_by_label("Text for the room").fill("hello room")
+        await bob_b.page.get_by_role("button", name="Send to room").click()
+        for tab in (alice_a, alice_b, bob_b):
+            await tab.shows("room_message", "hello room")
+        await alice_b.page.close()  # one of alice's two tabs goes: she is still in the room
+        await fence(cluster, [alice_a, bob_b])
+        await expect(members(bob_b)).to_have_text(both)
+        # bob came after alice's join; her second tab and its closing announced nothing
+        await expect(bob_b.entries("presence").filter(has_text=alice)).to_have_count(0)
+        await expect(alice_a.entries("presence").filter(has_text=alice)).to_have_count(1)  # her one join
+
+        await alice_a.page.get_by_role("button", name=f"Leave public:{room}").click()
+        await expect(members(bob_b)).to_have_text(bob, timeout=WAIT_MS)
+        await bob_b.shows("presence", '"leave"')
+        await expect(alice_a.page.locator("#rooms li")).to_have_count(0)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        await bob_b.shot(SHOTS / "rooms.png")
+        assert errors == [], errors
+    finally:
+        for context in (alice_context, bob_context):
+            await context.close()

@@ -16,6 +16,7 @@ import socketio
 from ..auth.tokens import Claims, InvalidToken, TokenSigner
 from ..names import is_room_name
 from . import recovery
+from .bus import BusUnavailable
 from .propagator import SubscriptionFailed, reserved_room
 
 if TYPE_CHECKING:
@@ -192,6 +193,36 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
         await sio.leave_room(sid, room)
         return {"ok": True, "room": room}
 
+    @sio.event
+    async def room_send(sid: str, data: Any = None) -> dict[str, Any]:
+        """Send `{"room", "text"}` to everyone in a room the socket is in, on every instance."""
+        room, refused = await _member_room(realtime, sid, "room_send", data)
+        if room is None:
+            return {"ok": False, "error": refused}
+        text = data.get("text") if isinstance(data, dict) else None
+        if not isinstance(text, str) or not 0 < len(text) <= 2000:
+            await _error(realtime, sid, "room_send", "bad_payload", 'room_send expects {"room", "text": 1-2000 characters}')
+            return {"ok": False, "error": "bad_payload"}
+        message = {"room": room, "from": realtime.propagator.state.user_of(sid), "text": text}
+        try:
+            await sio.emit("room_message", message, to=room)
+        except BusUnavailable:
+            await _error(realtime, sid, "room_send", "bus_unavailable", "the event bus did not take the message; retry")
+            return {"ok": False, "error": "bus_unavailable"}
+        return {"ok": True}
+
+    @sio.event
+    async def who(sid: str, data: Any = None) -> dict[str, Any]:
+        """Who is in a room the socket is in: `{"room"}` -> `{"room", "members": [{"user_id", "sockets"}]}`."""
+        room, refused = await _member_room(realtime, sid, "who", data)
+        if room is None:
+            return {"ok": False, "error": refused}
+        try:
+            members, _ = await realtime.presence.room(room)
+        except BusUnavailable:
+            return {"ok": False, "error": "bus_unavailable"}
+        return {"ok": True, "room": room, "members": members}
+
     @sio.on("events")
     @propagate(realtime, "events")
     async def events(sid: str, data: Any) -> list[Any]:
@@ -220,6 +251,17 @@ async def _room_asked(realtime: Realtime, sid: str, event: str, data: Any) -> st
         )
         return None
     return str(room)
+
+
+async def _member_room(realtime: Realtime, sid: str, event: str, data: Any) -> tuple[str | None, str]:
+    """The room an event names if the socket is in it, else None and the error code it was told."""
+    room = await _room_asked(realtime, sid, event, data)
+    if room is None:
+        return None, "bad_payload"
+    if room not in realtime.sio.rooms(sid):
+        await _error(realtime, sid, event, "forbidden", f"join {room!r} first")
+        return None, "forbidden"
+    return room, ""
 
 
 def _stream_count(data: Any) -> int:
