@@ -113,6 +113,15 @@ async def _half_load(
         metrics[key] += half[key]
 
 
+def _closed(emit: Emit, window: int) -> Load:
+    """A closed loop of `window` emits in flight, each waiting for all its deliveries."""
+
+    async def load(deliveries: Deliveries, seconds: float) -> None:
+        await closed_loop(window, seconds, lambda seq: emit(deliveries, seq), lambda seq: deliveries.wait(seq, WAIT))
+
+    return load
+
+
 def _server_cost(metrics: Metrics, cpu: list[float]) -> None:
     delivered = metrics["deliveries"]
     metrics["server_cpu_us_per_delivery"] = sum(cpu) / delivered * 1e6 if delivered else math.nan
@@ -129,12 +138,7 @@ async def user_fanout(fleet: Fleet, p: Params) -> Metrics:
         deliveries.expect(seq, (2 * u, 2 * u + 1), sent_at)
         await fleet.rest_emit(seq % 2, f"/api/emit/users/{users[u]}", "dm", {"s": seq, "t": sent_at})
 
-    async def load(deliveries: Deliveries, seconds: float) -> None:
-        await closed_loop(
-            p["window"], seconds, lambda seq: emit(deliveries, seq), lambda seq: deliveries.wait(seq, WAIT)
-        )
-
-    metrics, _, cpu, _ = await _measure(fleet, load, p)
+    metrics, _, cpu, _ = await _measure(fleet, _closed(emit, p["window"]), p)
     _server_cost(metrics, cpu)
     await _half_load(fleet, emit, metrics, p)
     metrics.update(fleet.offset_checks())
@@ -355,12 +359,7 @@ async def room_fanout(fleet: Fleet, p: Params) -> Metrics:
         deliveries.expect(seq, range(first + r * members, first + (r + 1) * members), sent_at)
         await fleet.rest_emit(seq % 2, f"/api/emit/rooms/{rooms[r]}", "news", {"s": seq, "t": sent_at})
 
-    async def load(deliveries: Deliveries, seconds: float) -> None:
-        await closed_loop(
-            p["window"], seconds, lambda seq: emit(deliveries, seq), lambda seq: deliveries.wait(seq, WAIT)
-        )
-
-    metrics, _, cpu, _ = await _measure(fleet, load, p)
+    metrics, _, cpu, _ = await _measure(fleet, _closed(emit, p["window"]), p)
     _server_cost(metrics, cpu)
     return metrics
 
