@@ -35,3 +35,35 @@ def test_the_managers_room_table_has_the_layout_the_propagator_reads() -> None:
     assert dict(manager.rooms["/"]["lobby"]) == {"sid1": "eio1"}
     manager.basic_leave_room("sid1", "/", "lobby")
     assert "lobby" not in manager.rooms["/"]
+
+
+def test_the_managers_disconnect_leaves_what_the_library_would() -> None:
+    # FleetManager.basic_disconnect replaces the library's scan of every room; whatever state the
+    # library keeps per socket must be what ours clears.
+    import socketio
+
+    from webapp.realtime.manager import FleetManager
+
+    def used(manager: socketio.AsyncManager) -> socketio.AsyncManager:
+        manager.basic_enter_room("s1", "/", None, eio_sid="e1")
+        manager.basic_enter_room("s1", "/", "s1")
+        manager.basic_enter_room("s1", "/", "lobby")
+        manager.basic_enter_room("s2", "/", None, eio_sid="e2")
+        manager.basic_enter_room("s2", "/", "lobby")
+        manager.pending_connect["/"] = ["s1"]
+        manager.pending_disconnect["/"] = ["s1", "s2"]
+        manager._generate_ack_id("s1", lambda: None)
+        manager.basic_disconnect("s1", "/")
+        return manager
+
+    stock, ours = used(socketio.AsyncManager()), used(FleetManager())
+    assert vars(stock).keys() <= vars(ours).keys()
+    for name in ("rooms", "pending_connect", "pending_disconnect", "callbacks"):
+        assert _plain(getattr(ours, name)) == _plain(getattr(stock, name)), name
+    assert ours.get_rooms("s2", "/") == stock.get_rooms("s2", "/") == ["lobby"]
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {k: _plain(v) for k, v in value.items()}  # type: ignore[attr-defined]
+    return value

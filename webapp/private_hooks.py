@@ -49,6 +49,12 @@ HOOKS: tuple[Hook, ...] = (
          "python-socketio 5.18.1", "propagator.Propagator: local room membership"),
     Hook("socketio.base_manager:BaseManager.basic_leave_room", ("self", "sid", "namespace", "room"),
          "python-socketio 5.18.1", "propagator.Propagator: local room membership"),
+    # Overridden with a per-socket index; the override also clears the library's `callbacks`,
+    # `pending_connect` and `pending_disconnect` (checked in tests/test_private_hooks.py).
+    Hook("socketio.base_manager:BaseManager.basic_disconnect", ("self", "sid", "namespace", "kwargs"),
+         "python-socketio 5.18.1", "manager.FleetManager: O(its rooms) per disconnect"),
+    Hook("socketio.base_manager:BaseManager.get_rooms", ("self", "sid", "namespace"),
+         "python-socketio 5.18.1", "manager.FleetManager: O(its rooms)"),
     Hook("engineio:AsyncServer.generate_id", ("self",), "python-engineio 4.15.1",
          "transport.LeanEngine: sids carry their instance's tag"),
     Hook("engineio:AsyncServer.create_queue", ("self", "args", "kwargs"), "python-engineio 4.15.1",

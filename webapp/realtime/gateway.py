@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -134,8 +135,9 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
                 "shutting down", {"code": "shutting_down", "message": "this instance is shutting down"}
             )
         claims = authenticate(signer, environ, auth)
-        if claims is not None and not await realtime.token_allowed(claims):
-            raise _invalid_token("token was revoked; ask for a new one")
+        # The revocation check runs while the socket is attached (both wait on Redis); a revoked
+        # token, rare, is detached again.
+        allowed = asyncio.ensure_future(realtime.token_allowed(claims)) if claims is not None else None
         try:
             await realtime.propagator.attach(sid, claims.user_id if claims else None, recovery.requested(auth))
         except SubscriptionFailed as exc:
@@ -143,6 +145,12 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
                 "bus unavailable",
                 {"code": "bus_unavailable", "message": "the event bus did not confirm this socket's channel; retry"},
             ) from exc
+        finally:
+            if allowed is not None and not allowed.done():
+                await asyncio.wait([allowed])
+        if allowed is not None and not allowed.result():
+            await realtime.propagator.detach(sid)
+            raise _invalid_token("token was revoked; ask for a new one")
         if claims is not None and realtime.expiry is not None:
             realtime.expiry.watch(sid, claims.expires_at)
 

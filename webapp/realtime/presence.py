@@ -224,8 +224,8 @@ class Presence:
                 self._wake.set()
                 continue
             backoff = 0.1
-            for room, user_id, status in transitions:
-                await self._announce(room, user_id, status)
+            # Together: the bus sends concurrent publishes in one round trip.
+            await asyncio.gather(*(self._announce(room, user_id, status) for room, user_id, status in transitions))
 
     async def _write(self, users: set[str], rooms: set[tuple[str, str]]) -> list[tuple[str, str, str]]:
         """Write the current counts of what changed; the fleet-wide room joins and leaves."""
@@ -342,9 +342,11 @@ class Presence:
             pipe.hdel(self._names_key, tag)
             results = await pipe.execute()
         if announce:
-            for (room, user_id), result in zip(rooms, results[: len(rooms)], strict=True):
-                if result == -1:
-                    await self._announce(room, user_id, "leave")
+            await asyncio.gather(*(
+                self._announce(room, user_id, "leave")
+                for (room, user_id), result in zip(rooms, results[: len(rooms)], strict=True)
+                if result == -1
+            ))
 
     # --- answers ---------------------------------------------------------------------------------
 

@@ -153,6 +153,8 @@ class Propagator:
     async def _attach(self, sid: str, user_id: str | None, request: Request | None) -> None:
         self._connecting[sid] = []
         manager = self.sio.manager
+        # Read while the user's channel is being subscribed: two round trips overlap.
+        reading = asyncio.ensure_future(self._backend_rooms_of(user_id))
         try:
             if user_id is None:
                 self.state.add(sid, None)
@@ -166,12 +168,13 @@ class Propagator:
                     self.presence.socket_connected(user_id)
                 manager.basic_enter_room(sid, NAMESPACE, USER_ROOM_PREFIX + user_id)
                 manager.basic_enter_room(sid, NAMESPACE, AUTHENTICATED_ROOM)
-            given = await self._backend_rooms_of(user_id)
+            given = await reading
             for room in given:
                 await self.enter_room(sid, room, by_backend=True)
             if request is not None and self.recovery is not None:
                 self.sessions[sid] = await self._open_session(sid, user_id, request, given)
         except BaseException:
+            reading.cancel()
             self._connecting.pop(sid, None)
             if sid in self.state:
                 await self._forget(sid)
