@@ -120,7 +120,7 @@ async def user_rooms(user_id: str) -> Response:
     """The rooms the backend put a user in."""
     _check_user_id(user_id)
     async with _bus_call("the rooms could not be read"):
-        rooms = await realtime().memberships.of(user_id)
+        rooms = await realtime().users.rooms(user_id)
     return jsonify({"user_id": user_id, "rooms": sorted(rooms)})
 
 
@@ -143,7 +143,7 @@ async def _membership(user_id: str, room: str, *, member: bool) -> Response:
     _check_room(room)
     service = realtime()
     async with _bus_call("the membership may not be stored or applied; retry (it is idempotent)"):
-        store = service.memberships.add if member else service.memberships.remove
+        store = service.users.add_room if member else service.users.remove_room
         changed = await store(user_id, room)
         await service.propagator.publish_op("join" if member else "leave", user_id=user_id, room=room)
     return jsonify({"user_id": user_id, "room": room, "member": member, "changed": changed})
@@ -206,7 +206,7 @@ async def revoke_user(user_id: str) -> Response:
     _check_user_id(user_id)
     service = realtime()
     async with _bus_call("the revocation may not be in force; retry (it is idempotent)"):
-        not_before = await service.revocations.revoke(user_id)
+        not_before = await service.users.revoke(user_id)
         envelope_id = await service.propagator.publish_op("disconnect", user_id=user_id, reason="token revoked")
     response = jsonify({"accepted": True, "id": envelope_id, "user_id": user_id, "not_before": iso(not_before)})
     response.status_code = 202

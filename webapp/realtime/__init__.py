@@ -16,18 +16,19 @@ import orjson
 import socketio
 from quart import Quart, current_app
 
-from ..auth.tokens import Claims, TokenSigner
+from ..auth.tokens import TokenSigner
 from ..config import Settings
 from . import gateway, jsoncodec
-from .bus import Bus, BusUnavailable, MemoryBus, RedisBus
-from .control import ExpiryWatch, Revocations, iso
+from .bus import Bus, MemoryBus, RedisBus
+from .control import ExpiryWatch, iso
+from .directory import UserDirectory
 from .limits import RateLimiter
 from .manager import FleetManager
 from .outbox import Outbox
 from .presence import Presence
 from .propagator import NAMESPACE, Propagator
 from .recovery import Recovery
-from .rooms import JoinPolicy, Memberships, allowed, nobody
+from .rooms import JoinPolicy, allowed, nobody
 from .server import GuardedServer, engineio_logger
 from .state import SocketState
 
@@ -95,7 +96,7 @@ class Realtime:
         )
         self.state = SocketState()
         self.limiter = RateLimiter(settings.socket_rate, settings.socket_burst)
-        self.memberships = Memberships(self.bus, settings.channel_prefix)
+        self.users = UserDirectory(self.bus, settings.channel_prefix)
         # Every sid this process mints starts with its tag: `emit(to=sid)` anywhere in the fleet
         # finds the instance holding the socket from the sid alone. Random per process, so two
         # instances never share one, even with the same INSTANCE_ID.
@@ -116,11 +117,9 @@ class Realtime:
             recovery=self.recovery,
             max_queue=settings.socket_max_queue,
             sid_tag=sid_tag,
-            backend_rooms=self.memberships.of,
             presence=self.presence,
         )
         self.presence.announce = self._announce_presence
-        self.revocations = Revocations(self.bus, settings.channel_prefix, settings.max_token_ttl)
         self.expiry = (
             ExpiryWatch(self._warn_expiring, lambda sid: self.propagator.end_socket(sid, "token_expired"))
             if settings.disconnect_on_token_expiry
@@ -156,15 +155,6 @@ class Realtime:
 
     def _warn_expiring(self, sid: str, expires_at: int) -> None:
         self.propagator.send([sid], "token_expiring", {"expires_at": iso(expires_at)})
-
-    async def token_allowed(self, claims: Claims) -> bool:
-        """False for a token its user's revocation refuses. While Redis cannot be read, sockets
-        are accepted (the outage mode), so a revocation is enforced again once it is back."""
-        try:
-            return await self.revocations.allows(claims)
-        except BusUnavailable as exc:
-            log.warning("could not check %s's revocation: %s", claims.user_id, exc)
-            return True
 
     async def _announce_presence(self, room: str, user_id: str, status: str) -> None:
         await self.propagator.emit_to_room(room, "presence", {"room": room, "user": user_id, "status": status})

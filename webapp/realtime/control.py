@@ -1,4 +1,4 @@
-"""User control: revoking a user's tokens fleet-wide, and ending sockets whose token expired."""
+"""Ending sockets whose token expired, after a warning."""
 
 from __future__ import annotations
 
@@ -7,38 +7,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from ..auth.tokens import Claims
-from .bus import Bus
-
 EXPIRY_NOTICE = 30.0  # seconds of warning (`token_expiring`) before an expired token's socket is closed
-
-
-class Revocations:
-    """A per-user "not before" in the bus's store: tokens of that user minted earlier are refused
-    at handshake by every instance. Kept as long as a token can live, after which every token
-    minted before it has expired anyway."""
-
-    def __init__(self, bus: Bus, prefix: str, max_token_ttl: float) -> None:
-        self._bus = bus
-        self._prefix = f"{prefix}:revoked:"
-        self._ttl = max_token_ttl
-
-    async def revoke(self, user_id: str) -> float:
-        """Refuse from now on the tokens of `user_id` minted before now; returns that moment."""
-        now = time.time()
-        await self._bus.remember(self._prefix + user_id, repr(now).encode(), self._ttl)
-        return now
-
-    async def allows(self, claims: Claims) -> bool:
-        """False for a token minted before its user's revocation (BusUnavailable if unreadable)."""
-        raw = await self._bus.recall(self._prefix + claims.user_id)
-        if raw is None:
-            return True
-        try:
-            not_before = float(raw)
-        except ValueError:
-            return True
-        return claims.issued_at is not None and claims.issued_at >= not_before
 
 
 class ExpiryWatch:

@@ -135,20 +135,25 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
                 "shutting down", {"code": "shutting_down", "message": "this instance is shutting down"}
             )
         claims = authenticate(signer, environ, auth)
-        # The revocation check runs while the socket is attached (both wait on Redis); a revoked
-        # token, rare, is detached again.
-        allowed = asyncio.ensure_future(realtime.token_allowed(claims)) if claims is not None else None
+        # The user's record (backend rooms, revocation) is read while the user's channel is
+        # subscribed: one round trip overlaps the other. A revoked token, rare, is detached again.
+        record = asyncio.ensure_future(realtime.users.record_or_empty(claims.user_id)) if claims else None
+
+        async def rooms() -> set[str]:
+            return (await record).rooms if record is not None else set()
+
+        given = asyncio.ensure_future(rooms())  # a task: fine to leave unawaited if attach fails first
         try:
-            await realtime.propagator.attach(sid, claims.user_id if claims else None, recovery.requested(auth))
+            await realtime.propagator.attach(sid, claims.user_id if claims else None, recovery.requested(auth), given)
         except SubscriptionFailed as exc:
             raise socketio.exceptions.ConnectionRefusedError(
                 "bus unavailable",
                 {"code": "bus_unavailable", "message": "the event bus did not confirm this socket's channel; retry"},
             ) from exc
         finally:
-            if allowed is not None and not allowed.done():
-                await asyncio.wait([allowed])
-        if allowed is not None and not allowed.result():
+            if record is not None and not record.done():
+                await asyncio.wait([record])
+        if claims is not None and record is not None and not record.result().allows(claims):
             await realtime.propagator.detach(sid)
             raise _invalid_token("token was revoked; ask for a new one")
         if claims is not None and realtime.expiry is not None:

@@ -67,7 +67,6 @@ class Propagator:
         recovery: Recovery | None = None,
         max_queue: int = 1000,
         sid_tag: str = "",
-        backend_rooms: Callable[[str], Awaitable[set[str]]] | None = None,
         presence: Presence | None = None,
     ) -> None:
         self.bus = bus
@@ -75,8 +74,6 @@ class Propagator:
         self.sio = sio
         self.instance_id = instance_id
         self.sid_tag = sid_tag
-        # The rooms the backend put a user in (stored in Redis): entered by each new socket.
-        self.backend_rooms = backend_rooms
         self.presence = presence
         self._in_rooms: dict[str, set[str]] = {}  # sid -> rooms it is counted in by presence
         self.outbox = outbox
@@ -144,17 +141,24 @@ class Propagator:
 
     # --- sockets coming and going -------------------------------------------------------
 
-    async def attach(self, sid: str, user_id: str | None, recovery: Request | None = None) -> None:
+    async def attach(
+        self,
+        sid: str,
+        user_id: str | None,
+        recovery: Request | None = None,
+        rooms: Awaitable[set[str]] | None = None,
+    ) -> None:
         """Register a socket during its handshake; for a user's first socket here, hold its
-        channel first (SubscriptionFailed when Redis does not confirm it). Its deliveries wait
-        until `connected` says its CONNECT reply is out."""
-        await self._to_the_end(self._attach(sid, user_id, recovery))
+        channel first (SubscriptionFailed when Redis does not confirm it), then enter `rooms`
+        (the ones the backend gave its user, read meanwhile). Its deliveries wait until
+        `connected` says its CONNECT reply is out."""
+        await self._to_the_end(self._attach(sid, user_id, recovery, rooms))
 
-    async def _attach(self, sid: str, user_id: str | None, request: Request | None) -> None:
+    async def _attach(
+        self, sid: str, user_id: str | None, request: Request | None, rooms: Awaitable[set[str]] | None
+    ) -> None:
         self._connecting[sid] = []
         manager = self.sio.manager
-        # Read while the user's channel is being subscribed: two round trips overlap.
-        reading = asyncio.ensure_future(self._backend_rooms_of(user_id))
         try:
             if user_id is None:
                 self.state.add(sid, None)
@@ -168,27 +172,16 @@ class Propagator:
                     self.presence.socket_connected(user_id)
                 manager.basic_enter_room(sid, NAMESPACE, USER_ROOM_PREFIX + user_id)
                 manager.basic_enter_room(sid, NAMESPACE, AUTHENTICATED_ROOM)
-            given = await reading
+            given = {room for room in await rooms if is_room_name(room)} if rooms is not None else set()
             for room in given:
                 await self.enter_room(sid, room, by_backend=True)
             if request is not None and self.recovery is not None:
                 self.sessions[sid] = await self._open_session(sid, user_id, request, given)
         except BaseException:
-            reading.cancel()
             self._connecting.pop(sid, None)
             if sid in self.state:
                 await self._forget(sid)
             raise
-
-    async def _backend_rooms_of(self, user_id: str | None) -> set[str]:
-        if user_id is None or self.backend_rooms is None:
-            return set()
-        try:
-            return {room for room in await self.backend_rooms(user_id) if is_room_name(room)}
-        except BusUnavailable as exc:
-            # The outage mode accepts sockets; their stored rooms cannot be read until Redis is back.
-            log.warning("could not read the rooms of %s: %s", user_id, exc)
-            return set()
 
     async def _open_session(self, sid: str, user_id: str | None, request: Request, given: set[str]) -> Session:
         """Open a recoverable session; a resumed one gets the rooms its socket had joined back

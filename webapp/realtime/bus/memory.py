@@ -34,7 +34,7 @@ class MemoryBus:
         self._epoch = uuid.uuid4().hex
         self._records: dict[str, tuple[float, bytes]] = {}
         self._expiring: deque[tuple[float, str]] = deque()  # in the order written: same ttl each time
-        self._sets: dict[str, set[str]] = {}
+        self._hashes: dict[str, dict[str, str]] = {}
 
     async def start(self, handler: MessageHandler, on_gap: GapHandler) -> None:
         self._handler = handler
@@ -115,24 +115,23 @@ class MemoryBus:
         expires, value = self._records.get(key, (0.0, b""))
         return value if expires > time.monotonic() else None
 
-    async def add_member(self, key: str, member: str) -> bool:
-        """Add to the set at `key`; True when it was not there."""
-        members = self._sets.setdefault(key, set())
-        added = member not in members
-        members.add(member)
-        return added
+    async def set_field(self, key: str, field: str, value: str) -> bool:
+        """Set a field of the hash at `key`; True when the field is new."""
+        fields = self._hashes.setdefault(key, {})
+        new = field not in fields
+        fields[field] = value
+        return new
 
-    async def remove_member(self, key: str, member: str) -> bool:
-        """Remove from the set at `key`; True when it was there."""
-        members = self._sets.get(key, set())
-        removed = member in members
-        members.discard(member)
-        if not members:
-            self._sets.pop(key, None)
+    async def delete_field(self, key: str, field: str) -> bool:
+        """Delete a field of the hash at `key`; True when it was there."""
+        fields = self._hashes.get(key, {})
+        removed = fields.pop(field, None) is not None
+        if not fields:
+            self._hashes.pop(key, None)
         return removed
 
-    async def members(self, key: str) -> set[str]:
-        return set(self._sets.get(key, ()))
+    async def fields(self, key: str) -> dict[str, str]:
+        return dict(self._hashes.get(key, {}))
 
     def status(self) -> dict[str, Any]:
         return {"kind": self.kind, "connected": self.ready, "channels": len(self._channels)}

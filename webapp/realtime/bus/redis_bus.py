@@ -351,20 +351,20 @@ class RedisBus:
             value = await self._require_client().get(key)
         return _bytes(value) if value is not None else None
 
-    async def add_member(self, key: str, member: str) -> bool:
-        """Add to the set at `key`; True when it was not there."""
+    async def set_field(self, key: str, field: str, value: str) -> bool:
+        """Set a field of the hash at `key`; True when the field is new."""
         with _answered():
-            return bool(await self._require_client().sadd(key, member))
+            return bool(await self._require_client().hset(key, field, value))
 
-    async def remove_member(self, key: str, member: str) -> bool:
-        """Remove from the set at `key`; True when it was there."""
+    async def delete_field(self, key: str, field: str) -> bool:
+        """Delete a field of the hash at `key`; True when it was there."""
         with _answered():
-            return bool(await self._require_client().srem(key, member))
+            return bool(await self._require_client().hdel(key, field))
 
-    async def members(self, key: str) -> set[str]:
+    async def fields(self, key: str) -> dict[str, str]:
         with _answered():
-            found = await self._require_client().smembers(key)
-        return {_text(member) for member in found}
+            found = await self._require_client().hgetall(key)
+        return {_text(field): _text(value) for field, value in found.items()}
 
     def _require_client(self) -> Redis:
         if self._client is None:
