@@ -233,16 +233,22 @@ class Presence:
             return self._memory_transitions(rooms)
         share = self._share_key(self._tag)
         async with self._redis.pipeline(transaction=False) as pipe:
-            now = time.time()
+            # One command per user (`<count>|<since>` under this instance's tag), and the share
+            # in one command for all of them: a connect storm costs few commands.
+            shared: dict[str, int] = {}
+            gone: list[str] = []
             for user_id in users:
                 count, key = self._users[user_id], self._user_key(user_id)
                 if count:
-                    pipe.hset(key, self._tag, count)
-                    pipe.hsetnx(key, f"{self._tag}:since", self._since.get(user_id, now))
-                    pipe.hset(share, f"u|{user_id}", count)
+                    pipe.hset(key, self._tag, f"{count}|{self._since.get(user_id, time.time())!r}")
+                    shared[f"u|{user_id}"] = count
                 else:
-                    pipe.hdel(key, self._tag, f"{self._tag}:since")
-                    pipe.hdel(share, f"u|{user_id}")
+                    pipe.hdel(key, self._tag)
+                    gone.append(f"u|{user_id}")
+            if shared:
+                pipe.hset(share, mapping=shared)  # type: ignore[arg-type]
+            if gone:
+                pipe.hdel(share, *gone)
             ordered = sorted(rooms)
             for room, user_id in ordered:
                 await self._room_script(
@@ -336,7 +342,7 @@ class Presence:
             for raw_field in share:
                 kind, _, user_id = _text(raw_field).partition("|")
                 if kind == "u":
-                    pipe.hdel(self._user_key(user_id), tag, f"{tag}:since")
+                    pipe.hdel(self._user_key(user_id), tag)
             pipe.delete(self._share_key(tag))
             pipe.zrem(self._instances_key, tag)
             pipe.hdel(self._names_key, tag)
@@ -388,12 +394,11 @@ class Presence:
         }
         sockets, instances, since = 0, [], None
         for tag, name in alive.items():
-            count = int(values.get(tag, "0"))
-            if count > 0:
-                sockets += count
+            count, _, started = values.get(tag, "0|0").partition("|")
+            if int(count) > 0:
+                sockets += int(count)
                 instances.append(name)
-                started = float(values.get(f"{tag}:since", "0") or 0)
-                since = started if since is None else min(since, started)
+                since = float(started) if since is None else min(since, float(started))
         return UserPresence(user_id, sockets, sorted(instances), since)
 
     async def room(self, room: str, after: str | None = None, limit: int = PAGE_MAX) -> tuple[list[dict[str, Any]], str | None]:
