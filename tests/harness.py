@@ -59,10 +59,17 @@ class Instance:
     """One `hypercorn webapp.asgi:app` process on its own port."""
 
     def __init__(
-        self, name: str, env: dict[str, str], port: int | None = None, *, app: str = "webapp.asgi:app"
+        self,
+        name: str,
+        env: dict[str, str],
+        port: int | None = None,
+        *,
+        app: str = "webapp.asgi:app",
+        args: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.app = app
+        self.args = args  # hypercorn flags besides the Procfile's
         self.port = port or free_port()
         inherited = {k: v for k, v in os.environ.items() if k not in _OUR_VARIABLES}
         self.env = {**inherited, **env, "INSTANCE_ID": name, "PORT": str(self.port)}
@@ -77,7 +84,10 @@ class Instance:
     def start(self) -> Instance:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hypercorn", self.app, "--bind", f"127.0.0.1:{self.port}", *procfile_flags()],
+                [
+                    sys.executable, "-m", "hypercorn", self.app, "--bind", f"127.0.0.1:{self.port}",
+                    *procfile_flags(), *self.args,
+                ],
                 cwd=ROOT,
                 env=self.env,
                 stdout=log,

@@ -104,3 +104,28 @@ async def test_cors_origins_are_explicit() -> None:
         await allowed.close()
         await refused.close()
         instance.stop()
+
+
+async def test_query_tokens_can_be_refused_and_never_reach_a_log() -> None:
+    """With hypercorn's access log on and logging query strings (its default format does not), a
+    handshake URL's token is redacted; ALLOW_QUERY_TOKEN=0 makes a query token count for nothing
+    (the socket is anonymous)."""
+    strict = Instance(
+        "strict", instance_env(unique("query"), redis_url=None, ALLOW_QUERY_TOKEN="0"),
+        args=("--access-logfile", "-", "--access-logformat", '%(h)s "%(m)s %(U)s?%(q)s" %(s)s'),
+    ).start()
+    probes = [Probe("query"), Probe("auth")]
+    try:
+        strict.wait_serving()
+        token = await token_for(strict.url, "alice")
+        await probes[0].connect(strict.url, token, how="query", transports=("polling", "websocket"))
+        assert (await probes[0].client.call("whoami", timeout=10))["user_id"] is None
+        await probes[1].connect(strict.url, token)  # auth.token is not a URL: still accepted
+        assert (await probes[1].client.call("whoami", timeout=10))["user_id"] == "alice"
+        log = strict.output()
+        assert "GET /socket.io/?" in log and "token=[redacted]" in log, log
+        assert token not in log
+    finally:
+        for probe in probes:
+            await probe.close()
+        strict.stop()

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import logging
 
 import orjson
 import pytest
+from itsdangerous import URLSafeSerializer
 
 from webapp.auth.tokens import InvalidToken, TokenSigner
 from webapp.config import ConfigError, Settings
+from webapp.logs import RedactTokens, redact
 from webapp.realtime import envelope
 from webapp.realtime.bus import ZERO, BusUnavailable, MemoryBus, Offset
 from webapp.realtime.bus.redis_bus import offset_of
@@ -72,6 +78,26 @@ class TestTokens:
         with pytest.raises(ValueError):
             self.signer.mint("not valid!", ttl=60)
 
+    def test_signed_with_hmac_sha256(self) -> None:
+        value = self.signer.mint("alice", ttl=60).value
+        payload, _, signature = value.rpartition(".")
+        salted = hashlib.sha256(b"webapp.socket-token.v1" + b"signer" + b"key-one").digest()
+        expected = hmac.new(salted, payload.encode(), hashlib.sha256).digest()
+        assert base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)) == expected
+
+    def test_rotation_first_key_signs_every_key_verifies(self) -> None:
+        rotated = TokenSigner(["key-new", "key-one"])
+        old = self.signer.mint("alice", ttl=60).value
+        new = rotated.mint("bob", ttl=60).value
+        assert rotated.verify(old) == "alice" and rotated.verify(new) == "bob"
+        assert TokenSigner("key-new").verify(new) == "bob"
+        with pytest.raises(InvalidToken):
+            self.signer.verify(new)  # a key that is no longer configured does not verify
+
+    def test_tokens_signed_before_the_upgrade_still_verify(self) -> None:
+        sha1 = URLSafeSerializer("key-one", salt="webapp.socket-token.v1")  # itsdangerous's default, HMAC-SHA1
+        assert self.signer.verify(sha1.dumps({"sub": "alice", "exp": 2**40})) == "alice"
+
 
 class TestEnvelope:
     def test_round_trip(self) -> None:
@@ -105,6 +131,19 @@ class TestEnvelope:
 
 
 class TestConfig:
+    def test_a_default_ttl_above_the_maximum_is_refused_at_start(self) -> None:
+        with pytest.raises(ConfigError, match="TOKEN_TTL must be between 10 and 604800"):
+            Settings.from_env({"TOKEN_TTL": str(8 * 24 * 3600)})
+        assert Settings.from_env({"TOKEN_TTL": str(7 * 24 * 3600)}).token_ttl == 604800
+
+    def test_secret_keys_rotate_and_secret_key_still_works(self) -> None:
+        rotated = Settings.from_env({"SECRET_KEYS": "new-key, old-key", "SECRET_KEY": "ignored"})
+        assert (rotated.secret_key, rotated.secret_keys) == ("new-key", ("new-key", "old-key"))
+        single = Settings.from_env({"SECRET_KEY": "only-key"})
+        assert (single.secret_key, single.secret_keys) == ("only-key", ("only-key",))
+        with pytest.raises(ConfigError, match="at least 16 characters"):
+            Settings.from_env({"WEBAPP_ENV": "production", "SECRET_KEYS": "long-enough-key-1234,short"})
+
     def test_defaults(self) -> None:
         settings = Settings.from_env({})
         assert settings.redis_url is None and settings.port == 5000 and settings.channel_prefix == "webapp"
@@ -340,3 +379,14 @@ def test_the_server_entry_point_settles_the_garbage_collector() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["20000", "True"]
+
+
+def test_tokens_in_urls_are_redacted_from_hypercorn_log_lines() -> None:
+    record = logging.LogRecord(
+        "hypercorn.access", logging.INFO, __file__, 1, '%(h)s "%(r)s" %(s)s',
+        ({"h": "127.0.0.1", "r": "GET /socket.io/?EIO=4&token=abc.def-ghi&transport=polling", "s": 200},), None,
+    )
+    assert RedactTokens().filter(record)
+    assert record.getMessage() == '127.0.0.1 "GET /socket.io/?EIO=4&token=[redacted]&transport=polling" 200'
+    assert redact("GET /x?token=secret") == "GET /x?token=[redacted]"
+    assert redact("no credentials here; mytoken=1") == "no credentials here; mytoken=1"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from quart.sessions import SessionInterface, SessionMixin
 from quart.wrappers import BaseRequestWebsocket
 from werkzeug.wrappers.response import Response as WerkzeugResponse
 
+from . import logs
 from .config import ConfigError, Settings
 
 __all__ = ["ConfigError", "Settings", "create_app"]
@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None, config: Mapping[str, Any] | Non
     if config:
         app.config.update(config)
     app.session_interface = NoSessions()  # type: ignore[assignment]
-    _log_to_stderr()
+    logs.install()
     settings.warn_about_defaults()
 
     from . import api, auth, demo, errors, health
@@ -65,14 +65,3 @@ class NoSessions(SessionInterface):
         self, app: Quart, session: SessionMixin, response: Response | WerkzeugResponse | None
     ) -> None:
         return None
-
-
-def _log_to_stderr() -> None:
-    """Show our INFO logs when nobody configured logging (hypercorn configures only its own)."""
-    root, ours = logging.getLogger(), logging.getLogger("webapp")
-    if root.handlers or ours.handlers:
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    ours.addHandler(handler)
-    ours.setLevel(logging.INFO)

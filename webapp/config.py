@@ -29,6 +29,7 @@ class Settings:
     env: str = "development"
     redis_url: str | None = None
     secret_key: str = DEV_SECRET_KEY
+    secret_keys: tuple[str, ...] = (DEV_SECRET_KEY,)  # the first signs, every one verifies
     api_keys: tuple[str, ...] = ()
     port: int = 5000
     channel_prefix: str = "webapp"
@@ -51,6 +52,7 @@ class Settings:
     recovery_window: float = 120.0
     presence_ttl: float = 15.0
     disconnect_on_token_expiry: bool = False
+    allow_query_token: bool = True
     ping_interval: int = 25
     ping_timeout: float = 20.0
     # Off for apps run inside a test process, where SIGTERM belongs to the test runner.
@@ -77,13 +79,15 @@ class Settings:
         if redis_url is not None:
             _check_redis_url(redis_url)
 
-        secret_key = get("SECRET_KEY")
-        if secret_key is None:
+        # SECRET_KEYS (comma-separated, the first signs, all verify) rotates keys; SECRET_KEY is one.
+        secret_keys = _split(get("SECRET_KEYS")) or _split(get("SECRET_KEY"))
+        if not secret_keys:
             if app_env == "production":
-                raise ConfigError("SECRET_KEY must be set when WEBAPP_ENV=production")
-            secret_key = DEV_SECRET_KEY
-        elif app_env == "production" and len(secret_key) < 16:
-            raise ConfigError("SECRET_KEY must be at least 16 characters in production")
+                raise ConfigError("SECRET_KEY must be set (or SECRET_KEYS) when WEBAPP_ENV=production")
+            secret_keys = (DEV_SECRET_KEY,)
+        elif app_env == "production" and any(len(key) < 16 for key in secret_keys):
+            raise ConfigError("every key of SECRET_KEY / SECRET_KEYS must be at least 16 characters in production")
+        secret_key = secret_keys[0]
 
         prefix = get("CHANNEL_PREFIX") or "webapp"
         if not _PREFIX_RE.match(prefix):
@@ -93,12 +97,14 @@ class Settings:
             "env": app_env,
             "redis_url": redis_url,
             "secret_key": secret_key,
+            "secret_keys": secret_keys,
             "api_keys": _split(get("API_KEYS")),
             "port": _int(get("PORT"), "PORT", 5000, 1, 65535),
             "channel_prefix": prefix,
             "cors_origins": _split(get("CORS_ORIGINS")),
             "demo_login": _bool(get("DEMO_LOGIN"), "DEMO_LOGIN", True),
-            "token_ttl": _int(get("TOKEN_TTL"), "TOKEN_TTL", 3600, 10, 30 * 24 * 3600),
+            # At most the longest ttl /api/tokens grants: a default it would refuse is a config error.
+            "token_ttl": _int(get("TOKEN_TTL"), "TOKEN_TTL", 3600, 10, cls.max_token_ttl),
             "max_payload_bytes": _int(
                 get("MAX_PAYLOAD_BYTES"), "MAX_PAYLOAD_BYTES", 64 * 1024, 1024, 16 * 1024 * 1024
             ),
@@ -115,6 +121,7 @@ class Settings:
             "replay_max_len": _int(get("REPLAY_MAX_LEN"), "REPLAY_MAX_LEN", 10_000, 0, 10_000_000),
             "replay_max_age": _float(get("REPLAY_MAX_AGE"), "REPLAY_MAX_AGE", 300.0, 1.0, 7 * 24 * 3600),
             "recovery_window": _float(get("RECOVERY_WINDOW"), "RECOVERY_WINDOW", 120.0, 1.0, 7 * 24 * 3600),
+            "allow_query_token": _bool(get("ALLOW_QUERY_TOKEN"), "ALLOW_QUERY_TOKEN", True),
             "disconnect_on_token_expiry": _bool(get("DISCONNECT_ON_TOKEN_EXPIRY"), "DISCONNECT_ON_TOKEN_EXPIRY", False),
             "presence_ttl": _float(get("PRESENCE_TTL"), "PRESENCE_TTL", 15.0, 1.0, 3600),
             "socket_max_queue": _int(get("SOCKET_MAX_QUEUE"), "SOCKET_MAX_QUEUE", 1000, 10, 10_000_000),

@@ -22,7 +22,7 @@ def init_app(app: Quart) -> None:
     app.config.setdefault("QUART_AUTH_COOKIE_SECURE", settings.production)
     app.config.setdefault("QUART_AUTH_DURATION", 7 * 24 * 3600)
     QuartAuth(app)
-    app.extensions["tokens"] = TokenSigner(settings.secret_key)
+    app.extensions["tokens"] = TokenSigner(settings.secret_keys)
     app.register_blueprint(bp)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -11,6 +13,19 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from ..names import is_user_id
 
 _SALT = "webapp.socket-token.v1"
+
+
+def signed_serializer(keys: str | Sequence[str], salt: str) -> URLSafeSerializer:
+    """An HMAC-SHA256 serializer. With several keys the first signs and every one verifies
+    (SECRET_KEYS, for rotation); values signed before the upgrade with itsdangerous's default,
+    HMAC-SHA1, still verify, so live tokens and sessions survive it."""
+    ordered = [keys] if isinstance(keys, str) else list(keys)
+    return URLSafeSerializer(
+        list(reversed(ordered)),  # itsdangerous signs with the last key of its list
+        salt=salt,
+        signer_kwargs={"digest_method": hashlib.sha256},
+        fallback_signers=[{"digest_method": hashlib.sha1}],
+    )
 
 
 class InvalidToken(ValueError):
@@ -40,8 +55,8 @@ class Token:
 class TokenSigner:
     """Mints and verifies tokens; the signature check is constant-time (HMAC)."""
 
-    def __init__(self, secret_key: str) -> None:
-        self._serializer = URLSafeSerializer(secret_key, salt=_SALT)
+    def __init__(self, secret_keys: str | Sequence[str]) -> None:
+        self._serializer = signed_serializer(secret_keys, _SALT)
 
     def mint(self, user_id: str, ttl: int, now: float | None = None) -> Token:
         if not is_user_id(user_id):

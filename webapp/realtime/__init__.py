@@ -88,7 +88,7 @@ class Realtime:
         # Recovery needs the history: with REPLAY_MAX_LEN=0 the opt-in is ignored.
         self.recovery = (
             Recovery(
-                self.bus, settings.secret_key, settings.channel_prefix, settings.recovery_window,
+                self.bus, settings.secret_keys, settings.channel_prefix, settings.recovery_window,
                 settings.replay_max_age,
             )
             if settings.replay_max_len

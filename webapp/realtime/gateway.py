@@ -29,11 +29,12 @@ Handler = Callable[[str, Any], Any]
 Gateway = Callable[[str, Any], Awaitable[Any]]
 
 
-def token_from(environ: dict[str, Any], auth: Any) -> str | None:
-    """The handshake token: `auth.token`, else query `token`, else a Bearer header."""
+def token_from(environ: dict[str, Any], auth: Any, *, allow_query: bool = True) -> str | None:
+    """The handshake token: `auth.token`, else query `token` (unless ALLOW_QUERY_TOKEN is off:
+    URLs end up in proxy logs), else a Bearer header."""
     if isinstance(auth, dict) and auth.get("token"):
         return str(auth["token"])
-    query = parse_qs(str(environ.get("QUERY_STRING", "")))
+    query = parse_qs(str(environ.get("QUERY_STRING", ""))) if allow_query else {}
     if query.get("token"):
         return query["token"][0]
     header = str(environ.get("HTTP_AUTHORIZATION", ""))
@@ -43,9 +44,11 @@ def token_from(environ: dict[str, Any], auth: Any) -> str | None:
     return None
 
 
-def authenticate(signer: TokenSigner, environ: dict[str, Any], auth: Any) -> Claims | None:
+def authenticate(
+    signer: TokenSigner, environ: dict[str, Any], auth: Any, *, allow_query: bool = True
+) -> Claims | None:
     """What a handshake's token proves, None for an anonymous one; a bad token refuses the connection."""
-    token = token_from(environ, auth)
+    token = token_from(environ, auth, allow_query=allow_query)
     if token is None:
         return None
     try:
@@ -134,7 +137,7 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
             raise socketio.exceptions.ConnectionRefusedError(
                 "shutting down", {"code": "shutting_down", "message": "this instance is shutting down"}
             )
-        claims = authenticate(signer, environ, auth)
+        claims = authenticate(signer, environ, auth, allow_query=realtime.settings.allow_query_token)
         # The user's record (backend rooms, revocation) is read while the user's channel is
         # subscribed: one round trip overlaps the other. A revoked token, rare, is detached again.
         record = asyncio.ensure_future(realtime.users.record_or_empty(claims.user_id)) if claims else None

@@ -22,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import orjson
-from itsdangerous import BadSignature, URLSafeSerializer
+from itsdangerous import BadSignature
 
+from ..auth.tokens import signed_serializer
 from .bus import ZERO, Bus, BusUnavailable, Entry, Offset
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,14 @@ class RecoveryFailed(Exception):
 class Recovery:
     """Opens sessions, resumes them from the history, and remembers how they ended."""
 
-    def __init__(self, bus: Bus, secret_key: str, prefix: str, window: float, history_age: float) -> None:
+    def __init__(
+        self, bus: Bus, secret_keys: str | Sequence[str], prefix: str, window: float, history_age: float
+    ) -> None:
         self._bus = bus
         # How a session ended is kept as long as the history it refers to, so "too late" is
         # told apart from "never said" (a SIGKILLed instance) for all that time.
         self._record_ttl = max(window, history_age)
-        self._signer = URLSafeSerializer(secret_key, salt=_SALT)
+        self._signer = signed_serializer(secret_keys, _SALT)
         self._prefix = prefix
         self.window = window
         self.recovered = 0
