@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the project with its test and bench extras; quick when nothing changed.
+# Creates .venv and installs the project with its test, bench and run extras; quick when nothing changed.
 # Sourced by run.sh and test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -23,9 +23,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.installed-$(cat pyproject.toml | cksum | cut -d' ' -f1)
 if [ ! -f "$stamp" ]; then
-  echo "webapp: installing the project with its test and bench dependencies into .venv"
+  echo "webapp: installing the project with its test, bench and run (honcho) dependencies into .venv"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[test,bench]'
+  .venv/bin/python -m pip install --quiet -e '.[test,bench,run]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -47,9 +47,9 @@ def unique(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
+def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as response:
             return response.status, json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
@@ -114,6 +114,10 @@ class Instance:
 
     def readyz(self) -> tuple[int, dict[str, Any]]:
         return http_get(self.url + "/readyz")
+
+    def status(self) -> tuple[int, dict[str, Any]]:
+        """GET /api/status: the details /readyz keeps behind the API key."""
+        return http_get(self.url + "/api/status", headers={"Authorization": f"Bearer {API_KEY}"})
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

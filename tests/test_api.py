@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 from quart import Quart
@@ -101,12 +102,19 @@ async def test_api_token_verifies_everywhere(client: Client) -> None:
     assert body["expires_at"].endswith("Z")
 
 
+def form_token(page: str) -> str:
+    """The CSRF token a page's forms carry."""
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match, page
+    return match[1]
+
+
 async def test_page_login_token_logout(client: Client) -> None:
     page = await (await client.get("/")).get_data(as_text=True)
     assert 'name="username"' in page and "unit" in page
     assert (await client.get("/auth/token")).status_code == 401
 
-    response = await client.post("/login", form={"username": "alice"})
+    response = await client.post("/login", form={"username": "alice", "csrf_token": form_token(page)})
     assert response.status_code == 302
     page = await (await client.get("/")).get_data(as_text=True)
     assert "alice" in page and 'id="message"' in page
@@ -115,16 +123,36 @@ async def test_page_login_token_logout(client: Client) -> None:
     assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
     assert TokenSigner(SECRET_KEY).verify((await response.get_json())["token"]) == "alice"
 
-    await client.post("/logout")
+    assert (await client.post("/logout")).status_code == 403  # no token: the session stays
+    assert (await client.get("/auth/token")).status_code == 200
+    await client.post("/logout", form={"csrf_token": form_token(page)})
     assert (await client.get("/auth/token")).status_code == 401
 
 
 async def test_login_refuses_bad_names_and_cross_origin(client: Client) -> None:
-    response = await client.post("/login", form={"username": "bad name!"})
+    token = form_token(await (await client.get("/")).get_data(as_text=True))
+    response = await client.post("/login", form={"username": "bad name!", "csrf_token": token})
     assert response.status_code == 302 and "error=" in response.headers["Location"]
     assert (await client.get("/auth/token")).status_code == 401
-    response = await client.post("/login", form={"username": "alice"}, headers={"Origin": "https://evil.test"})
+    response = await client.post(
+        "/login", form={"username": "alice", "csrf_token": token}, headers={"Origin": "https://evil.test"}
+    )
     assert response.status_code == 403
+
+
+async def test_a_cross_site_form_post_cannot_log_a_browser_in(app: Quart) -> None:
+    """Login CSRF: another site's page posts our login form in the victim's browser. Browsers
+    send no Origin for some such posts, and the attacker cannot read our cookie: the
+    double-submit token stops it."""
+    victim = app.test_client()
+    await victim.get("/")  # the victim visited us once: the browser holds our CSRF cookie
+    for form in ({"username": "mallory"}, {"username": "mallory", "csrf_token": "guessed"}):
+        response = await victim.post("/login", form=form)  # no Origin, no Referer
+        assert response.status_code == 403
+        assert (await response.get_json())["error"]["code"] == "forbidden"
+    assert (await victim.get("/auth/token")).status_code == 401
+    stranger = app.test_client()  # never saw our page: no cookie at all
+    assert (await stranger.post("/login", form={"username": "mallory", "csrf_token": ""})).status_code == 403
 
 
 async def test_demo_login_can_be_disabled(settings: Settings) -> None:
@@ -140,7 +168,12 @@ async def test_probes_on_memory_bus(client: Client) -> None:
     response = await client.get("/readyz")
     assert response.status_code == 200
     body = await response.get_json()
-    assert body["ready"] is True and body["bus"]["kind"] == "memory" and body["instance"] == "unit"
+    # what a load balancer needs, nothing more: no errors, no counters
+    assert body == {"ready": True, "bus": {"kind": "memory", "connected": True}}
+    assert (await client.get("/api/status")).status_code == 401
+    details = await (await client.get("/api/status", headers=AUTH)).get_json()
+    assert details["ready"] is True and details["instance"] == "unit" and details["bus"]["kind"] == "memory"
+    assert "sockets" in details and "outbox" in details
 
 
 async def test_bus_unavailable_is_503_never_202(settings: Settings) -> None:

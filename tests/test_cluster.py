@@ -189,7 +189,7 @@ async def test_garbage_on_our_channels_is_dropped_and_consumption_goes_on(
 ) -> None:
     c = await cast(cluster, probes)
     alice = c["alice_a"].user  # type: ignore[attr-defined]
-    before = sum(i.readyz()[1]["dropped_invalid"] for i in cluster.instances)
+    before = sum(i.status()[1]["dropped_invalid"] for i in cluster.instances)
     prefix = cluster.prefix
     wrong_user = {"v": 1, "id": "x", "scope": "user", "user_id": "mallory", "event": "e", "ts": 1}
     garbage = [
@@ -208,7 +208,7 @@ async def test_garbage_on_our_channels_is_dropped_and_consumption_goes_on(
     await fence(cluster.b.url, c.values())
     for probe in c.values():
         assert without_fences(probe) == [("after", "still alive")], probe.name
-    after = sum(i.readyz()[1]["dropped_invalid"] for i in cluster.instances)
+    after = sum(i.status()[1]["dropped_invalid"] for i in cluster.instances)
     # every instance drops the five broadcast ones; the two on alice's channel on both (alice on A and B)
     assert after - before == 2 * len(garbage)
 
@@ -248,14 +248,14 @@ async def test_last_socket_leaving_releases_the_users_channel(
     await first.close()
     await second.close()
     await wait_until(lambda: subscribers() == 1, "A to release the channel")
-    users_on_a = cluster.a.readyz()[1]
+    users_on_a = cluster.a.status()[1]
     assert users_on_a["users"] == 0 and users_on_a["sockets"] == 0
     await third.close()
     await wait_until(lambda: subscribers() == 0, "B to release the channel")
     for instance in cluster.instances:
 
         def empty(instance: Instance = instance) -> bool:
-            state = instance.readyz()[1]
+            state = instance.status()[1]
             return (state["sockets"], state["users"], state["bus"]["channels"]) == (0, 0, 4)
 
         await wait_until(empty, f"{instance.name} to hold nothing but its four fixed channels (all, authenticated, its own sync and node channels)")

@@ -103,7 +103,7 @@ async def test_rolling_deploy_and_a_crash_lose_nothing_for_recovering_clients(in
             for instance, other, how in ((a, b, signal.SIGTERM), (b, a, signal.SIGTERM), (a, b, signal.SIGKILL)):
                 assert instance.stop(how) in (0, -signal.SIGKILL)
                 # all five clients are back, on the instance still up, before the restart
-                await wait_until(lambda o=other: o.readyz()[1].get("sockets") == 5, f"all sockets on {other.name}")
+                await wait_until(lambda o=other: o.status()[1].get("sockets") == 5, f"all sockets on {other.name}")
                 instance.start()
                 instance.wait_serving()
                 await wait_until(lambda: py.connected, "the Python client back")
@@ -183,6 +183,6 @@ async def test_an_instance_cut_off_from_redis_for_seconds_loses_nothing(instance
             await probe.wait_for("fence")
             assert probe.of("tick") == sent  # every one, once, in order
             assert len(sent) > 60
-            assert a.readyz()[1]["bus"]["gaps"] == 0
+            assert a.status()[1]["bus"]["gaps"] == 0
         finally:
             await probe.close()

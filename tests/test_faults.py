@@ -121,7 +121,7 @@ async def test_redis_restart_under_traffic(
         assert set(acknowledged) <= set(ticks), f"{probe.name} lost {sorted(set(acknowledged) - set(ticks))}"
         assert not set(ticks) & set(refused), "a refused (503) event was delivered"
     assert alice_a.of("dm") == alice_b.of("dm") == ["hi alice"]
-    status, body = a.readyz()
+    status, body = a.status()
     assert status == 200 and body["bus"]["reconnects"] >= 1 and body["outbox"]["delivered_late"] == 1
 
 
@@ -160,7 +160,7 @@ async def test_outbox_is_bounded_and_counts_what_it_drops(
     await on_b.wait_for("events", 3)
     await fence(a.url, [on_a, on_b])
     assert on_b.of("events") == [0, 1, 2]  # what fitted, in order; the rest is counted, not silent
-    body = a.readyz()[1]
+    body = a.status()[1]
     assert body["outbox"] == {"waiting": 0, "delivered_late": 3, "dropped": 2}
 
 
@@ -225,7 +225,7 @@ async def test_slow_consumer_delays_nobody_and_is_bounded(instances: list[Instan
             assert (await api(instance.url, "/api/emit/all", {"event": "bulk", "data": [n, blob]}))[0] == 202
         got = await reader.wait_for("bulk", total, timeout=30)
         assert [item[0] for item in got] == list(range(total))
-        body = instance.readyz()[1]
+        body = instance.status()[1]
         assert body["slow_consumers_evicted"] == 1
         assert body["sockets"] == 1  # the stalled socket is gone from the state
     finally:

@@ -54,7 +54,7 @@ async def test_flooding_socket_is_throttled_and_slows_nobody(strict: Instance, p
     assert answered == list(range(len(answered)))  # the burst, in order
     assert {e["code"] for e in errors} == {"rate_limited"}
     assert flooder.client.connected
-    assert strict.readyz()[1]["rate_limited"] >= 85
+    assert strict.status()[1]["rate_limited"] >= 85
 
 
 async def test_oversized_socket_payloads_are_refused(strict: Instance, probes: list[Probe]) -> None:
@@ -92,7 +92,7 @@ async def test_bad_tokens_are_cheap_to_refuse(strict: Instance) -> None:
         codes += await asyncio.gather(*(attempt(n) for n in range(start, start + 30)))
     cpu = proc_cpu_seconds(strict.proc.pid) - cpu_before  # type: ignore[union-attr]
     assert codes == ["invalid_token"] * attempts
-    body = strict.readyz()[1]
+    body = strict.status()[1]
     assert body["sockets"] == 0 and body["users"] == 0
     # The whole handshake, refused, costs the server about a millisecond of CPU here; the bound
     # only catches an accidental expensive path (a Redis round trip, a slow hash) per attempt.
@@ -152,7 +152,7 @@ async def test_reserved_event_names_cannot_detach_a_socket(strict: Instance) -> 
         assert await raw_event(raw) == ("dm", 7)
     finally:
         await raw.close()
-    assert strict.readyz()[1]["malformed_packets"] >= 1
+    assert strict.status()[1]["malformed_packets"] >= 1
 
 
 async def test_sockets_from_other_origins_are_refused(strict: Instance) -> None:

@@ -49,7 +49,7 @@ async def test_connect_disconnect_cycles_leak_nothing(redis_client: redis.Redis)
         pid = instance.proc.pid  # type: ignore[union-attr]
 
         await cycles(instance.url, WARM_UP, tokens)
-        await wait_until(lambda: instance.readyz()[1]["sockets"] == 0, "warm-up sockets to go")
+        await wait_until(lambda: instance.status()[1]["sockets"] == 0, "warm-up sockets to go")
         await asyncio.sleep(PING_INTERVAL + 1)  # not a synchronisation: lets closed sockets expire
         before = rss_kib(pid)
         started = time.monotonic()
@@ -57,7 +57,7 @@ async def test_connect_disconnect_cycles_leak_nothing(redis_client: redis.Redis)
         took = time.monotonic() - started
 
         def settled() -> bool:
-            body = instance.readyz()[1]
+            body = instance.status()[1]
             # wanted: what the instance means to hold; channels: what Redis confirmed it holds
             # (all, authenticated, and its own sync and node channels)
             held = (body["bus"]["wanted"], body["bus"]["channels"])

@@ -101,14 +101,14 @@ async def test_a_malformed_post_is_answered_at_once_and_leaves_nothing_open(
 ) -> None:
     session = Polling(http, server.url)
     await session.open()
-    assert server.readyz()[1]["sockets"] >= 1
+    assert server.status()[1]["sockets"] >= 1
 
     # No GET is pending: nothing drains the session's queue while the POST is handled.
     status, body = await asyncio.wait_for(session.post(payload), ANSWER_WITHIN)
     assert (status, body) == (200, "ok")
     # The session is over: the next GET is refused instead of being held open.
     assert await asyncio.wait_for(session.get_status(), ANSWER_WITHIN) == 400
-    await wait_until(lambda: server.readyz()[1]["sockets"] == 0, "the refused socket to be forgotten")
+    await wait_until(lambda: server.status()[1]["sockets"] == 0, "the refused socket to be forgotten")
     await wait_until(lambda: open_connections(server.port) == 0, "every connection to be closed")
 
 
@@ -123,7 +123,7 @@ async def test_a_client_close_answers_the_pending_get_with_a_valid_payload(
     assert await asyncio.wait_for(session.post("1"), ANSWER_WITHIN) == (200, "ok")
     packets = await asyncio.wait_for(pending, ANSWER_WITHIN)
     assert packets in (["6"], ["1"]), packets  # a NOOP or a CLOSE: never an empty body
-    await wait_until(lambda: server.readyz()[1]["sockets"] == 0, "the closed socket to be forgotten")
+    await wait_until(lambda: server.status()[1]["sockets"] == 0, "the closed socket to be forgotten")
 
 
 async def test_a_drain_answers_a_pending_get_with_a_valid_payload(http: aiohttp.ClientSession) -> None:

@@ -184,7 +184,7 @@ async def test_an_idle_socket_older_than_the_history_still_recovers(
 
     await wait_until(trimmed_after_one_more, "the history to trim past dave's start", timeout=20)
     await idle.close()
-    await wait_until(lambda: a.readyz()[1].get("recoverable_sockets") == 0, "A to notice dave left")
+    await wait_until(lambda: a.status()[1].get("recoverable_sockets") == 0, "A to notice dave left")
     await emit(b.url, f"/api/emit/users/{dave}", "dm", "while away")
     back = await Wire.connect(b.url, {"token": token, "recover": True, "pid": pid})
     wires.append(back)
@@ -263,7 +263,7 @@ async def test_a_session_from_before_redis_lost_its_data_is_not_recovered(
         wires.append(back)
         assert back.reply["pid"] != wire.reply["pid"]
         assert (await back.event())[:2] == ["recovery_failed", {"reason": "history_lost"}]
-        assert a.readyz()[1]["bus"]["epoch_changes"] == 1
+        assert a.status()[1]["bus"]["epoch_changes"] == 1
     finally:
         server.stop(signal.SIGKILL)
 
@@ -314,4 +314,4 @@ async def test_an_instance_that_missed_more_than_the_history_tells_its_recoverin
         assert failed[-1][:2] == ["recovery_failed", {"reason": "gap"}]
         numbers = [e[1] for e in failed[:-1]]
         assert numbers == sorted(set(numbers)) and numbers[-1] == 299 and len(numbers) < 300
-        assert a.readyz()[1]["bus"]["gaps"] == 1
+        assert a.status()[1]["bus"]["gaps"] == 1

@@ -229,7 +229,7 @@ async def test_the_backend_disconnects_a_user_everywhere_and_clients_stay_away(
     await fence(c.url, [other])
     assert other.client.connected and other.of("disconnect_reason") == []
     for instance in (a, b):
-        await wait_until(lambda i=instance: i.readyz()[1]["users"] == 0, "the user to be gone")
+        await wait_until(lambda i=instance: i.status()[1]["users"] == 0, "the user to be gone")
     assert not any(probe.client.connected for probe in sockets)
 
     status, answer = await api(c.url, f"/api/users/{user}/disconnect", {"reason": 5})

@@ -75,6 +75,13 @@ async def body_as(model: type[Model]) -> Model:
         raise ApiError(422, "invalid_fields", problems) from None
 
 
+@bp.get("/status")
+async def status() -> Response:
+    """This instance's details: readiness, the bus (errors included), sockets, counters."""
+    service = realtime()
+    return jsonify({"ready": service.ready, "instance": _settings().instance_id, **service.status()})
+
+
 @bp.post("/tokens")
 async def create_token() -> Response:
     """Mint a socket token for any user (for your own backend to hand out)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hmac
+import secrets
 from urllib.parse import urlsplit
 
-from quart import Blueprint, Quart, Response, current_app, jsonify, redirect, request, url_for
+from quart import Blueprint, Quart, Response, current_app, g, jsonify, redirect, request, url_for
 from quart.typing import ResponseReturnValue
 from quart_auth import AuthUser, QuartAuth, current_user, login_user, logout_user
 
@@ -23,7 +25,42 @@ def init_app(app: Quart) -> None:
     app.config.setdefault("QUART_AUTH_DURATION", 7 * 24 * 3600)
     QuartAuth(app)
     app.extensions["tokens"] = TokenSigner(settings.secret_keys)
+    app.jinja_env.globals["csrf_token"] = csrf_token
+    app.after_request(_set_csrf_cookie)
     app.register_blueprint(bp)
+
+
+CSRF_COOKIE = "webapp_csrf"
+CSRF_FIELD = "csrf_token"
+
+
+def csrf_token() -> str:
+    """The double-submit token for this browser: its cookie's value, or a new one set with the
+    response. A cross-site page can make a browser post our forms, but cannot read the cookie
+    (SameSite=Strict: it is not even sent), so it cannot fill the field."""
+    token = request.cookies.get(CSRF_COOKIE) or getattr(g, "new_csrf", None)
+    if not token:
+        token = g.new_csrf = secrets.token_urlsafe(32)
+    return token
+
+
+async def _set_csrf_cookie(response: Response) -> Response:
+    new = getattr(g, "new_csrf", None)
+    if new:
+        response.set_cookie(
+            CSRF_COOKIE, new, httponly=True, samesite="Strict", secure=_settings().production, max_age=7 * 24 * 3600
+        )
+    return response
+
+
+async def _check_csrf() -> None:
+    """A demo form POST must come from our own page: same origin, and the double-submit token."""
+    if not _same_origin():
+        raise ApiError(403, "forbidden", "cross-origin form post refused")
+    form = await request.form
+    cookie, field = request.cookies.get(CSRF_COOKIE, ""), str(form.get(CSRF_FIELD, ""))
+    if not cookie or not hmac.compare_digest(cookie.encode(), field.encode()):
+        raise ApiError(403, "forbidden", "missing or wrong CSRF token: reload the page and try again")
 
 
 def signer() -> TokenSigner:
@@ -47,8 +84,7 @@ async def login() -> ResponseReturnValue:
     """Log in to the demo with just a name."""
     if not _settings().demo_login:
         raise ApiError(404, "not_found", "demo login is disabled")
-    if not _same_origin():
-        raise ApiError(403, "forbidden", "cross-origin login refused")
+    await _check_csrf()
     form = await request.form
     username = (form.get("username") or "").strip()
     if not is_user_id(username):
@@ -60,8 +96,7 @@ async def login() -> ResponseReturnValue:
 @bp.post("/logout")
 async def logout() -> ResponseReturnValue:
     """End the demo session."""
-    if not _same_origin():
-        raise ApiError(403, "forbidden", "cross-origin logout refused")
+    await _check_csrf()
     logout_user()
     return redirect(url_for("demo.index"))
 

@@ -17,15 +17,11 @@ async def healthz() -> Response:
 
 @bp.get("/readyz")
 async def readyz() -> Response:
-    """200 when the bus is connected and subscribed, else 503; details either way."""
+    """200 when the bus is connected and subscribed (and the instance is not draining), else 503.
+
+    Only what a load balancer needs: errors and counters are behind the API key (/api/status)."""
     service = realtime()
     ready = service.ready
-    response = jsonify(
-        {
-            "ready": ready,
-            "instance": current_app.config["SETTINGS"].instance_id,
-            **service.status(),
-        }
-    )
+    response = jsonify({"ready": ready, "bus": {"kind": service.bus.kind, "connected": service.bus.ready}})
     response.status_code = 200 if ready else 503
     return response
