@@ -129,6 +129,14 @@ def create_baseline(settings: Settings) -> socketio.ASGIApp:
         await sio.emit(body.event, body.data, room=room)
         return _accepted("room")
 
+    @quart.post("/api/emit/users")
+    async def emit_users() -> Response:
+        # The stock way to reach many users: one emit per user's room.
+        body = await request.get_json()
+        for user_id in dict.fromkeys(body["user_ids"]):
+            await sio.emit(body["event"], body.get("data"), room=f"user:{user_id}")
+        return _accepted("user")
+
     @quart.post("/api/emit/users/<user_id>")
     async def emit_user(user_id: str) -> Response:
         if not is_user_id(user_id):

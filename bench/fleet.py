@@ -140,10 +140,10 @@ class Fleet:
         sockets, self.sockets = self.sockets, []
         await asyncio.gather(*(sock.close() for sock in sockets), return_exceptions=True)
 
-    async def rest_emit(self, target: int, path: str, event: str, data: Any) -> None:
-        """POST an emit; a non-202 is counted (its deliveries will show as lost)."""
+    async def rest_emit(self, target: int, path: str, event: str, data: Any, **fields: Any) -> None:
+        """POST an emit (`fields` join the body); a non-202 is counted (its deliveries will show as lost)."""
         url = self.targets[target].url + path
-        body = orjson.dumps({"event": event, "data": data})
+        body = orjson.dumps({**fields, "event": event, "data": data})
         try:
             async with self.session.post(url, data=body, headers=self._headers) as resp:
                 await resp.read()

@@ -70,6 +70,7 @@ def _suite(
         Workload("w4", "W4 connections", w4),
         Workload("w1", "W1 user fan-out", w1),
         Workload("w1", "W1 user fan-out", {**w1, "recover": True}, recover=True),
+        Workload("w1b", "W1b user fan-out, 100 users per call", {**w1, "per_call": 100, "window": 4}),
         Workload("w2", "W2 broadcast", w2),
         Workload("w2", "W2 broadcast", {**w2, "recover": True}, recover=True),
         Workload("w3", "W3 gateway", w3),

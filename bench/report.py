@@ -54,6 +54,7 @@ SHOWN: dict[str, list[Metric]] = {
         Metric("server_cpu_us_per_delivery", "server CPU µs/delivery", "lower", 0),
     ],
     "w3": _DELIVERY + _HALF_LOAD,
+    "w1b": _DELIVERY + _HALF_LOAD,
     "w6": _DELIVERY,
     "w4": [
         Metric("connects_per_s", "connects/s", "higher", 0),

@@ -128,13 +128,24 @@ def _server_cost(metrics: Metrics, cpu: list[float]) -> None:
 
 
 async def user_fanout(fleet: Fleet, p: Params) -> Metrics:
-    """W1: each user has a socket on A and one on B; REST emits to users, alternating A and B."""
+    """W1: each user has a socket on A and one on B; REST emits to users, alternating A and B.
+
+    W1b (`per_call` > 1): each call is `POST /api/emit/users` to that many users at once.
+    """
     users = [fleet.user("w1", i) for i in range(p["users"])]
     await fleet.open([(t, u) for u in users for t in (0, 1)], recover=p.get("recover", False))
+    per_call = min(p.get("per_call", 1), len(users))
 
     async def emit(deliveries: Deliveries, seq: int) -> None:
-        u = seq % len(users)
         sent_at = time.monotonic()
+        if per_call > 1:
+            chosen = [(seq * per_call + k) % len(users) for k in range(per_call)]
+            deliveries.expect(seq, [2 * u + t for u in chosen for t in (0, 1)], sent_at)
+            await fleet.rest_emit(
+                seq % 2, "/api/emit/users", "dm", {"s": seq, "t": sent_at}, user_ids=[users[u] for u in chosen]
+            )
+            return
+        u = seq % len(users)
         deliveries.expect(seq, (2 * u, 2 * u + 1), sent_at)
         await fleet.rest_emit(seq % 2, f"/api/emit/users/{users[u]}", "dm", {"s": seq, "t": sent_at})
 
@@ -366,6 +377,7 @@ async def room_fanout(fleet: Fleet, p: Params) -> Metrics:
 
 WORKLOADS: dict[str, Callable[[Fleet, Params], Awaitable[Metrics]]] = {
     "w1": user_fanout,
+    "w1b": user_fanout,
     "w2": broadcast,
     "w3": gateway,
     "w4": connections,

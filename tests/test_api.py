@@ -197,3 +197,44 @@ async def test_deeply_nested_data_is_422_not_500(client: Client) -> None:
     too_deep = b'{"event": "x", "data": ' + b"[" * 2000 + b"]" * 2000 + b"}"
     response = await client.post("/api/emit/all", data=too_deep, headers={**AUTH, "Content-Type": "application/json"})
     assert response.status_code == 400
+
+
+async def test_batches_are_validated_whole_and_name_the_bad_indexes(client: Client) -> None:
+    good = {"scope": "all", "event": "news", "data": 1}
+    cases = [
+        ({"events": [good, {"scope": "user", "event": "dm"}, good, {"scope": "room", "room": "user:x", "event": "e"}]},
+         ["events.1", "events.3"]),
+        ({"events": [good, {"scope": "all", "event": "connect"}]}, ["events.1.event"]),
+        ({"events": [good, {"scope": "everyone", "event": "e"}]}, ["events.1.scope"]),
+        ({"events": []}, ["events"]),
+        ({"events": [{"scope": "all", "event": "e"}] * 101}, ["events: at most 100"]),
+        ({"user_ids": ["ok", "bad id"], "event": "e"}, None),
+    ]
+    for body, named in cases:
+        path = "/api/emit/users" if "user_ids" in body else "/api/emit/batch"
+        response = await client.post(path, json=body, headers=AUTH)
+        assert response.status_code == 422, body
+        message = (await response.get_json())["error"]["message"]
+        for part in named or ["user_ids.1"]:
+            assert part in message, (part, message)
+    nested: object = 1
+    for _ in range(300):
+        nested = [nested]
+    response = await client.post("/api/emit/batch", json={"events": [good, {**good, "data": nested}]}, headers=AUTH)
+    assert response.status_code in (400, 422)  # too deep for the JSON parser or the encoder: nothing sent
+    assert (await client.post("/api/emit/batch", json={"events": [good]})).status_code == 401
+
+
+async def test_a_batch_is_answered_with_one_id_per_event(client: Client) -> None:
+    events = [
+        {"scope": "all", "event": "a"},
+        {"scope": "authenticated", "event": "b", "data": [1]},
+        {"scope": "user", "user_id": "alice", "event": "c"},
+        {"scope": "room", "room": "team:red", "event": "d"},
+    ]
+    response = await client.post("/api/emit/batch", json={"events": events}, headers=AUTH)
+    assert response.status_code == 202
+    body = await response.get_json()
+    assert body["accepted"] is True and len(body["ids"]) == 4 and len(set(body["ids"])) == 4
+    response = await client.post("/api/emit/users", json={"user_ids": ["a", "b", "a"], "event": "e"}, headers=AUTH)
+    assert response.status_code == 202 and len((await response.get_json())["ids"]) == 2  # once per user

@@ -320,3 +320,29 @@ async def connect_with(probes: list[Probe], instance: Instance, token: str) -> P
     probe = Probe(f"socket@{instance.name}")
     probes.append(probe)
     return await probe.connect(instance.url, token)
+
+
+async def test_batches_and_multi_user_emits_reach_exactly_their_sockets(fleet: Cluster, probes: list[Probe]) -> None:
+    a, b, c = fleet.instances
+    room = f"team:{unique('batch')}"
+    alice, bob, carol = unique("alice"), unique("bob"), unique("carol")
+    on = {name: await connect(probes, instance, name) for name, instance in ((alice, a), (bob, b), (carol, c))}
+    anonymous = await connect(probes, b, None, "anon@B")
+    assert (await api(a.url, f"/api/users/{carol}/rooms/{room}", method="PUT"))[0] == 200
+
+    events = [
+        {"scope": "user", "user_id": alice, "event": "m", "data": 1},
+        {"scope": "room", "room": room, "event": "m", "data": 2},
+        {"scope": "authenticated", "event": "m", "data": 3},
+        {"scope": "all", "event": "m", "data": 4},
+        {"scope": "user", "user_id": bob, "event": "m", "data": 5},
+    ]
+    status, answer = await api(c.url, "/api/emit/batch", {"events": events})
+    assert status == 202 and len(answer["ids"]) == 5
+    status, answer = await api(b.url, "/api/emit/users", {"user_ids": [alice, carol], "event": "m", "data": 6})
+    assert status == 202 and len(answer["ids"]) == 2
+    await fence(a.url, [*on.values(), anonymous])
+    assert on[alice].of("m") == [1, 3, 4, 6]
+    assert on[bob].of("m") == [3, 4, 5]
+    assert on[carol].of("m") == [2, 3, 4, 6]
+    assert anonymous.of("m") == [4]

@@ -53,6 +53,7 @@ class Settings:
     presence_ttl: float = 15.0
     disconnect_on_token_expiry: bool = False
     allow_query_token: bool = True
+    max_batch: int = 100
     ping_interval: int = 25
     ping_timeout: float = 20.0
     # Off for apps run inside a test process, where SIGTERM belongs to the test runner.
@@ -121,6 +122,7 @@ class Settings:
             "replay_max_len": _int(get("REPLAY_MAX_LEN"), "REPLAY_MAX_LEN", 10_000, 0, 10_000_000),
             "replay_max_age": _float(get("REPLAY_MAX_AGE"), "REPLAY_MAX_AGE", 300.0, 1.0, 7 * 24 * 3600),
             "recovery_window": _float(get("RECOVERY_WINDOW"), "RECOVERY_WINDOW", 120.0, 1.0, 7 * 24 * 3600),
+            "max_batch": _int(get("MAX_BATCH"), "MAX_BATCH", 100, 1, 10_000),
             "allow_query_token": _bool(get("ALLOW_QUERY_TOKEN"), "ALLOW_QUERY_TOKEN", True),
             "disconnect_on_token_expiry": _bool(get("DISCONNECT_ON_TOKEN_EXPIRY"), "DISCONNECT_ON_TOKEN_EXPIRY", False),
             "presence_ttl": _float(get("PRESENCE_TTL"), "PRESENCE_TTL", 15.0, 1.0, 3600),

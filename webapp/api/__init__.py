@@ -21,7 +21,7 @@ from ..realtime.bus import BusUnavailable
 from ..realtime.control import iso
 from ..realtime.presence import PAGE_MAX
 from ..realtime.propagator import reserved_room
-from .schemas import DisconnectIn, EmitIn, PresenceIn, TokenIn
+from .schemas import BatchIn, DisconnectIn, EmitIn, PresenceIn, TokenIn, UsersEmitIn
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -240,6 +240,56 @@ async def _bus_call(consequence: str) -> AsyncIterator[None]:
     except BusUnavailable as exc:
         current_app.logger.warning("bus unavailable: %s", exc)
         raise ApiError(503, "bus_unavailable", f"the event bus did not answer: {consequence}", {"Retry-After": "1"}) from None
+
+
+@bp.post("/emit/batch")
+async def emit_batch() -> Response:
+    """Up to MAX_BATCH events of any scopes in one call: all validated first (a 422 names the bad
+    indexes), then published together; 202 with one id per event, in order."""
+    body = await body_as(BatchIn)
+    _check_batch_size("events", len(body.events))
+    propagator = realtime().propagator
+    outgoing = []
+    for index, item in enumerate(body.events):
+        try:
+            outgoing.append(propagator.addressed(item.scope, item.event, item.data, user_id=item.user_id, room=item.room))
+        except TypeError as exc:
+            raise ApiError(422, "invalid_fields", f"events.{index}.data: cannot be encoded ({exc})") from None
+    return await _publish_many(outgoing, "batch")
+
+
+@bp.post("/emit/users")
+async def emit_users() -> Response:
+    """One event to every socket of each of many users (up to MAX_BATCH), in one call."""
+    body = await body_as(UsersEmitIn)
+    _check_batch_size("user_ids", len(body.user_ids))
+    propagator = realtime().propagator
+    try:
+        outgoing = [propagator.addressed("user", body.event, body.data, user_id=u) for u in dict.fromkeys(body.user_ids)]
+    except TypeError as exc:
+        raise ApiError(422, "invalid_fields", f"data: cannot be encoded ({exc})") from None
+    return await _publish_many(outgoing, "user")
+
+
+def _check_batch_size(field: str, size: int) -> None:
+    limit = _settings().max_batch
+    if size > limit:
+        raise ApiError(422, "invalid_fields", f"{field}: at most {limit} (MAX_BATCH) per call, got {size}")
+
+
+async def _publish_many(outgoing: list[Any], scope: str) -> Response:
+    try:
+        await realtime().propagator.publish_many(outgoing)
+    except BusUnavailable as exc:
+        current_app.logger.warning("batch refused, bus unavailable: %s", exc)
+        raise ApiError(
+            503, "bus_unavailable",
+            "the event bus did not confirm every event: some may have been sent; a retry may duplicate those",
+            {"Retry-After": "1"},
+        ) from None
+    response = jsonify({"accepted": True, "ids": [item.envelope_id for item in outgoing], "scope": scope})
+    response.status_code = 202
+    return response
 
 
 async def _emit(scope: str, publish: Callable[[str, Any], Awaitable[str]]) -> Response:

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import socketio
 from engineio import packet as eio_packet
@@ -43,6 +43,14 @@ def reserved_room(room: str) -> bool:
     """Rooms the scopes own: every socket of a user is in `user:<id>`, and every socket with a
     user in `authenticated`. Nobody joins or leaves them by hand."""
     return room == AUTHENTICATED_ROOM or room.startswith(USER_ROOM_PREFIX)
+
+
+class Outgoing(NamedTuple):
+    """An event encoded for the bus, not yet published."""
+
+    envelope_id: str
+    channel: str
+    raw: bytes
 
 
 class SubscriptionFailed(Exception):
@@ -434,6 +442,29 @@ class Propagator:
         )
         await self.bus.publish(self.channel_authenticated, raw)
         return envelope_id
+
+    def addressed(
+        self, scope: envelope.Scope, event: str, data: Any, *, user_id: str | None = None, room: str | None = None
+    ) -> Outgoing:
+        """Encode an event for a scope (raises TypeError for data JSON cannot carry)."""
+        if scope == "user":
+            channel = self.user_channel(user_id or "")
+        elif scope == "room":
+            channel = self.room_channel(room or "")
+        else:
+            channel = self.channel_all if scope == "all" else self.channel_authenticated
+        envelope_id, raw = envelope.make(scope, event, data, user_id=user_id, room=room, instance=self.instance_id)
+        return Outgoing(envelope_id, channel, raw)
+
+    async def publish_many(self, outgoing: list[Outgoing]) -> None:
+        """Publish encoded events together (the bus sends concurrent publishes in one round
+        trip); BusUnavailable if the bus did not confirm every one of them."""
+        results = await asyncio.gather(
+            *(self.bus.publish(item.channel, item.raw) for item in outgoing), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def emit_to_room(self, room: str, event: str, data: Any, *, skip: Iterable[str] = ()) -> str:
         """Send to every socket in `room` on every instance; only instances holding one wake."""
