@@ -72,6 +72,14 @@ async def test_redis_unreachable_gives_503_and_the_process_keeps_serving() -> No
     [
         ({"REDIS_URL": "http://nope"}, "REDIS_URL must start with"),
         ({"WEBAPP_ENV": "production", "SECRET_KEY": ""}, "SECRET_KEY must be set"),
+        ({"WEBAPP_ENV": "production", "SECRET_KEY": "short"}, "every key of SECRET_KEY / SECRET_KEYS must be at least 16"),
+        ({"WEBAPP_ENV": "production", "SECRET_KEY": "k" * 32, "API_KEYS": ""}, "API_KEYS must be set"),
+        ({"WEBAPP_ENV": "production", "SECRET_KEY": "k" * 32, "API_KEYS": "a" * 20 + ",short"},
+         "every key of API_KEYS must be at least 16 characters"),
+        ({"WEBAPP_ENV": "production", "SECRET_KEYS": "k" * 32 + ",tiny", "API_KEYS": "a" * 20},
+         "every key of SECRET_KEY / SECRET_KEYS must be at least 16"),
+        ({"TOKEN_TTL": "999999"}, "TOKEN_TTL must be between 10 and 604800"),
+        ({"PING_INTERVAL": "1.5"}, "PING_INTERVAL must be an integer"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(env: dict[str, str], message: str) -> None:

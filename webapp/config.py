@@ -89,6 +89,13 @@ class Settings:
         elif app_env == "production" and any(len(key) < 16 for key in secret_keys):
             raise ConfigError("every key of SECRET_KEY / SECRET_KEYS must be at least 16 characters in production")
         secret_key = secret_keys[0]
+        api_keys = _split(get("API_KEYS"))
+        if app_env == "production":
+            # Production takes its secrets from the platform's config vars, never a default.
+            if not api_keys:
+                raise ConfigError("API_KEYS must be set when WEBAPP_ENV=production (comma-separated, 16+ characters each)")
+            if any(len(key) < 16 for key in api_keys):
+                raise ConfigError("every key of API_KEYS must be at least 16 characters in production")
 
         prefix = get("CHANNEL_PREFIX") or "webapp"
         if not _PREFIX_RE.match(prefix):
@@ -99,7 +106,7 @@ class Settings:
             "redis_url": redis_url,
             "secret_key": secret_key,
             "secret_keys": secret_keys,
-            "api_keys": _split(get("API_KEYS")),
+            "api_keys": api_keys,
             "port": _int(get("PORT"), "PORT", 5000, 1, 65535),
             "channel_prefix": prefix,
             "cors_origins": _split(get("CORS_ORIGINS")),
