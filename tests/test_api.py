@@ -238,3 +238,18 @@ async def test_a_batch_is_answered_with_one_id_per_event(client: Client) -> None
     assert body["accepted"] is True and len(body["ids"]) == 4 and len(set(body["ids"])) == 4
     response = await client.post("/api/emit/users", json={"user_ids": ["a", "b", "a"], "event": "e"}, headers=AUTH)
     assert response.status_code == 202 and len((await response.get_json())["ids"]) == 2  # once per user
+
+
+async def test_metrics_are_prometheus_text_with_bounded_labels(client: Client) -> None:
+    for path, body in (("/api/emit/users/alice-secret-id", {"event": "dm"}), ("/api/emit/all", {"event": "news"})):
+        assert (await client.post(path, json=body, headers=AUTH)).status_code == 202
+    response = await client.get("/metrics")
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
+    text = await response.get_data(as_text=True)
+    for name in (
+        "webapp_sockets 0.0", "webapp_ready 1.0", 'webapp_publishes_total{outcome="ok"} 2.0',
+        "webapp_publish_seconds_bucket", "webapp_delivery_lag_seconds_count", "webapp_outbox_depth",
+        "webapp_malformed_packets_total", 'webapp_recoveries_total{outcome="recovered"} 0.0',
+    ):
+        assert name in text, name
+    assert "alice-secret-id" not in text  # no user ids (or room names) as labels

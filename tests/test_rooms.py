@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import signal
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -346,3 +347,27 @@ async def test_batches_and_multi_user_emits_reach_exactly_their_sockets(fleet: C
     assert on[bob].of("m") == [3, 4, 5]
     assert on[carol].of("m") == [2, 3, 4, 6]
     assert anonymous.of("m") == [4]
+
+
+async def test_each_instance_exposes_its_own_metrics(fleet: Cluster, probes: list[Probe]) -> None:
+    a, b, _ = fleet.instances
+
+    def metric(instance: Instance, line_start: str) -> float:
+        text = urllib.request.urlopen(instance.url + "/metrics", timeout=5).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+    before = metric(a, 'webapp_deliveries_total{scope="room"}'), metric(a, 'webapp_connects_total{outcome="invalid_token"}')
+    user, room = unique("mia"), unique("metrics-room")
+    probe = await connect(probes, a, user)
+    assert (await call(probe, "api_enter", {"room": room}))["ok"]
+    await emit_room(b.url, room, "counted")
+    await probe.wait_for("news")
+    refused = Probe("bad-token")
+    probes.append(refused)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await refused.connect(a.url, "not-a-token")
+    assert metric(a, 'webapp_deliveries_total{scope="room"}') == before[0] + 1
+    assert metric(a, 'webapp_connects_total{outcome="invalid_token"}') == before[1] + 1
+    assert metric(a, 'webapp_connects_total{outcome="accepted"}') >= 1
+    assert metric(b, 'webapp_publishes_total{outcome="ok"}') >= 1
+    assert metric(a, "webapp_delivery_lag_seconds_count") >= 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from quart import Blueprint, Response, current_app, jsonify
 
+from ..metrics import CONTENT_TYPE
 from ..realtime import realtime
 
 bp = Blueprint("health", __name__)
@@ -13,6 +14,13 @@ bp = Blueprint("health", __name__)
 async def healthz() -> Response:
     """200 while the process serves requests."""
     return jsonify({"status": "ok", "instance": current_app.config["SETTINGS"].instance_id})
+
+
+@bp.get("/metrics")
+async def metrics() -> Response:
+    """This instance's metrics in Prometheus's text format (counters, no secrets, no user ids)."""
+    service = realtime()
+    return Response(service.metrics.render(), content_type=CONTENT_TYPE)
 
 
 @bp.get("/readyz")

@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import threading
+from collections import Counter
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -18,6 +19,7 @@ from quart import Quart, current_app
 
 from ..auth.tokens import TokenSigner
 from ..config import Settings
+from ..metrics import Metrics
 from . import gateway, jsoncodec
 from .bus import Bus, MemoryBus, RedisBus
 from .control import ExpiryWatch, iso
@@ -50,6 +52,8 @@ class Realtime:
         event; the default lets sockets join nothing by themselves. Rooms whose names start
         with one of `presence_events` tell their members who joins and leaves (`presence`)."""
         self.draining = False
+        self.connects: Counter[str] = Counter()  # handshakes by outcome: accepted, or why refused
+        self.disconnects: Counter[str] = Counter()  # by python-socketio's reason
         self.join_policy = join_policy
         self.presence_events = presence_events
         self._drain_task: asyncio.Task[None] | None = None
@@ -126,6 +130,7 @@ class Realtime:
             else None
         )
         manager.on_connected = self.propagator.connected
+        self.metrics = Metrics(self)  # reads this service: built once the service is
         manager.fleet = self.propagator
         self.sio.connect_reply = self._connect_reply
         signer: TokenSigner = app.extensions["tokens"]

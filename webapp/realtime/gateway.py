@@ -133,6 +133,15 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
 
     @sio.event
     async def connect(sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        try:
+            await accept(sid, environ, auth)
+        except socketio.exceptions.ConnectionRefusedError as exc:
+            data = exc.error_args.get("data") if isinstance(exc.error_args, dict) else None
+            realtime.connects[data.get("code", "refused") if isinstance(data, dict) else "refused"] += 1
+            raise
+        realtime.connects["accepted"] += 1
+
+    async def accept(sid: str, environ: dict[str, Any], auth: Any) -> None:
         if realtime.draining:
             raise socketio.exceptions.ConnectionRefusedError(
                 "shutting down", {"code": "shutting_down", "message": "this instance is shutting down"}
@@ -164,6 +173,7 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
 
     @sio.event
     async def disconnect(sid: str, reason: Any = None) -> None:
+        realtime.disconnects[reason if isinstance(reason, str) and len(reason) < 40 else "other"] += 1
         realtime.limiter.forget(sid)
         if realtime.expiry is not None:
             realtime.expiry.forget(sid)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
@@ -109,6 +109,12 @@ class Propagator:
         self._ops: set[asyncio.Task[None]] = set()
         self.delivered = 0
         self.dropped = 0
+        # For metrics: outcomes of publishes, deliveries by scope, and optional timers
+        # (webapp/metrics.py sets them; None costs nothing).
+        self.publishes: Counter[str] = Counter()
+        self.deliveries_by_scope: Counter[str] = Counter()
+        self.observe_publish: Callable[[float], None] | None = None
+        self.observe_lag: Callable[[float], None] | None = None
         self._last_drop_log = 0.0
 
     def user_channel(self, user_id: str) -> str:
@@ -415,7 +421,7 @@ class Propagator:
         envelope_id, raw = envelope.make(
             "user", event, data, user_id=user_id, instance=self.instance_id, sid=origin_sid, skip=list(skip)
         )
-        await self.bus.publish(self.user_channel(user_id), raw)
+        await self._publish(self.user_channel(user_id), raw)
         return envelope_id
 
     async def propagate_answer(self, user_id: str, raw: bytes) -> bool:
@@ -432,7 +438,7 @@ class Propagator:
     async def emit_to_all(self, event: str, data: Any, *, skip: Iterable[str] = ()) -> str:
         """Send to every connected socket on every instance, anonymous ones included."""
         envelope_id, raw = envelope.make("all", event, data, instance=self.instance_id, skip=list(skip))
-        await self.bus.publish(self.channel_all, raw)
+        await self._publish(self.channel_all, raw)
         return envelope_id
 
     async def emit_to_authenticated(self, event: str, data: Any, *, skip: Iterable[str] = ()) -> str:
@@ -440,7 +446,7 @@ class Propagator:
         envelope_id, raw = envelope.make(
             "authenticated", event, data, instance=self.instance_id, skip=list(skip)
         )
-        await self.bus.publish(self.channel_authenticated, raw)
+        await self._publish(self.channel_authenticated, raw)
         return envelope_id
 
     def addressed(
@@ -460,24 +466,36 @@ class Propagator:
         """Publish encoded events together (the bus sends concurrent publishes in one round
         trip); BusUnavailable if the bus did not confirm every one of them."""
         results = await asyncio.gather(
-            *(self.bus.publish(item.channel, item.raw) for item in outgoing), return_exceptions=True
+            *(self._publish(item.channel, item.raw) for item in outgoing), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    async def _publish(self, channel: str, raw: bytes) -> None:
+        """Hand one message to the bus, counting the outcome and timing it."""
+        started = time.perf_counter()
+        try:
+            await self.bus.publish(channel, raw)
+        except BusUnavailable:
+            self.publishes["unavailable"] += 1
+            raise
+        self.publishes["ok"] += 1
+        if self.observe_publish is not None:
+            self.observe_publish(time.perf_counter() - started)
 
     async def emit_to_room(self, room: str, event: str, data: Any, *, skip: Iterable[str] = ()) -> str:
         """Send to every socket in `room` on every instance; only instances holding one wake."""
         envelope_id, raw = envelope.make(
             "room", event, data, room=room, instance=self.instance_id, skip=list(skip)
         )
-        await self.bus.publish(self.room_channel(room), raw)
+        await self._publish(self.room_channel(room), raw)
         return envelope_id
 
     async def emit_to_sid(self, sid: str, event: str, data: Any) -> str:
         """Send to one socket held by another instance, through that instance's own channel."""
         envelope_id, raw = envelope.make("sid", event, data, to=sid, instance=self.instance_id)
-        await self.bus.publish(self.node_channel_of(sid), raw)
+        await self._publish(self.node_channel_of(sid), raw)
         return envelope_id
 
     async def publish_op(
@@ -504,7 +522,7 @@ class Propagator:
             scope, None, None, user_id=user_id, instance=self.instance_id,
             op=op, room=room, to=to, reason=reason,
         )
-        await self.bus.publish(channel, raw)
+        await self._publish(channel, raw)
         return envelope_id
 
     # --- consuming ----------------------------------------------------------------------
@@ -520,7 +538,11 @@ class Propagator:
         if env.op != "emit":
             await self._apply(env)
             return
-        self.deliver(self._recipients(env), env.event or "", env.data, offset)
+        sids = self._recipients(env)
+        self.deliveries_by_scope[env.scope] += len(sids)
+        if self.observe_lag is not None:
+            self.observe_lag(max(0.0, time.time() - env.ts))
+        self.deliver(sids, env.event or "", env.data, offset)
 
     def _recipients(self, env: envelope.Envelope) -> list[str]:
         """The local sockets an envelope addresses."""
