@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import aiohttp
 import pytest
 import socketio
 
 from .harness import (
+    API_KEY,
     ROOT,
     Instance,
     Probe,
@@ -19,6 +22,7 @@ from .harness import (
     instance_env,
     token_for,
     unique,
+    wait_until,
     without_fences,
 )
 
@@ -137,3 +141,31 @@ async def test_query_tokens_can_be_refused_and_never_reach_a_log() -> None:
         for probe in probes:
             await probe.close()
         strict.stop()
+
+
+async def test_json_logs_carry_the_instance_and_the_request_id() -> None:
+    instance = Instance(
+        "jsonlog", instance_env(unique("jsonlog"), redis_url=None, LOG_FORMAT="json", ACCESS_LOG="1")
+    ).start()
+    try:
+        instance.wait_serving()
+        async with aiohttp.ClientSession() as session:
+            headers = {"Authorization": f"Bearer {API_KEY}", "X-Request-Id": "req-42"}
+            async with session.post(instance.url + "/api/emit/all", json={"event": "news"}, headers=headers) as reply:
+                assert reply.status == 202 and reply.headers["X-Request-Id"] == "req-42"
+            async with session.post(
+                instance.url + "/api/tokens", json={"user_id": "alice"}, headers={"Authorization": f"Bearer {API_KEY}"}
+            ) as reply:
+                minted = (await reply.json())["token"]
+                generated = reply.headers["X-Request-Id"]
+        assert len(generated) == 32  # none given: one is made
+        await wait_until(lambda: '"req-42"' in instance.output(), "the access line")
+        ours = [json.loads(line) for line in instance.output().splitlines() if line.startswith("{")]
+        access = [line for line in ours if line["logger"] == "webapp.access"]
+        assert {"request_id": "req-42", "path": "/api/emit/all", "status": 202, "instance": "jsonlog"}.items() <= access[0].items()
+        assert any(line.get("request_id") == generated for line in access)
+        assert all({"ts", "level", "logger", "message", "instance"} <= line.keys() for line in ours)
+        assert any(line["logger"] == "webapp.config" for line in ours)  # the start-up warnings too
+        assert minted not in instance.output()
+    finally:
+        instance.stop()

@@ -39,7 +39,8 @@ def create_app(settings: Settings | None = None, config: Mapping[str, Any] | Non
     if config:
         app.config.update(config)
     app.session_interface = NoSessions()  # type: ignore[assignment]
-    logs.install()
+    logs.install(settings.instance_id, json_lines=settings.log_format == "json")
+    logs.track_requests(app, access=settings.access_log)
     settings.warn_about_defaults()
 
     from . import api, auth, demo, errors, health

@@ -54,6 +54,8 @@ class Settings:
     disconnect_on_token_expiry: bool = False
     allow_query_token: bool = True
     max_batch: int = 100
+    log_format: str = "text"
+    access_log: bool = False
     ping_interval: int = 25
     ping_timeout: float = 20.0
     # Off for apps run inside a test process, where SIGTERM belongs to the test runner.
@@ -129,6 +131,8 @@ class Settings:
             "replay_max_len": _int(get("REPLAY_MAX_LEN"), "REPLAY_MAX_LEN", 10_000, 0, 10_000_000),
             "replay_max_age": _float(get("REPLAY_MAX_AGE"), "REPLAY_MAX_AGE", 300.0, 1.0, 7 * 24 * 3600),
             "recovery_window": _float(get("RECOVERY_WINDOW"), "RECOVERY_WINDOW", 120.0, 1.0, 7 * 24 * 3600),
+            "log_format": _choice(get("LOG_FORMAT"), "LOG_FORMAT", "text", ("text", "json")),
+            "access_log": _bool(get("ACCESS_LOG"), "ACCESS_LOG", False),
             "max_batch": _int(get("MAX_BATCH"), "MAX_BATCH", 100, 1, 10_000),
             "allow_query_token": _bool(get("ALLOW_QUERY_TOKEN"), "ALLOW_QUERY_TOKEN", True),
             "disconnect_on_token_expiry": _bool(get("DISCONNECT_ON_TOKEN_EXPIRY"), "DISCONNECT_ON_TOKEN_EXPIRY", False),
@@ -198,6 +202,14 @@ def _number(value: str | None, name: str, default: N, low: N, high: N, cast: Cal
     if not low <= number <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
     return number
+
+
+def _choice(value: str | None, name: str, default: str, choices: tuple[str, ...]) -> str:
+    if value is None:
+        return default
+    if value.lower() not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value.lower()
 
 
 def _bool(value: str | None, name: str, default: bool) -> bool:
