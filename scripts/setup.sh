@@ -21,11 +21,14 @@ if [ ! -x .venv/bin/python ]; then
   echo "webapp: creating .venv with $($python --version)"
   "$python" -m venv .venv
 fi
-stamp=.venv/.installed-$(cat pyproject.toml | cksum | cut -d' ' -f1)
+stamp=.venv/.installed-$(cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 if [ ! -f "$stamp" ]; then
-  echo "webapp: installing the project with its test, bench and run (honcho) dependencies into .venv"
+  # The tested set from the lock file, then the project itself: a fresh machine gets exactly
+  # what the suite last passed with (scripts/lock.sh regenerates the lock).
+  echo "webapp: installing the locked test, bench and run (honcho) dependencies and the project into .venv"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[test,bench,run]'
+  .venv/bin/python -m pip install --quiet -r requirements.lock
+  .venv/bin/python -m pip install --quiet --no-deps -e '.[test,bench,run]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
