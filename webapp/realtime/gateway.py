@@ -18,6 +18,7 @@ from ..auth.tokens import Claims, InvalidToken, TokenSigner
 from ..names import is_room_name
 from . import recovery
 from .bus import BusUnavailable
+from .directory import UserRecord
 from .propagator import SubscriptionFailed, reserved_room
 
 if TYPE_CHECKING:
@@ -151,10 +152,11 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
         # subscribed: one round trip overlaps the other. A revoked token, rare, is detached again.
         record = asyncio.ensure_future(realtime.users.record_or_empty(claims.user_id)) if claims else None
 
-        async def rooms() -> set[str]:
-            return (await record).rooms if record is not None else set()
+        async def rooms(record: asyncio.Future[UserRecord]) -> set[str]:
+            return (await record).rooms
 
-        given = asyncio.ensure_future(rooms())  # a task: fine to leave unawaited if attach fails first
+        # A task, not a coroutine: fine to leave unawaited if attach fails before it needs it.
+        given = asyncio.ensure_future(rooms(record)) if record is not None else None
         try:
             await realtime.propagator.attach(sid, claims.user_id if claims else None, recovery.requested(auth), given)
         except SubscriptionFailed as exc:
