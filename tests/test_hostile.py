@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import Iterator
 
+import aiohttp
 import pytest
 import socketio
 
@@ -65,7 +67,7 @@ async def test_oversized_socket_payloads_are_refused(strict: Instance, probes: l
     assert ack["ok"] is False and ack["error"] == "payload_too_large"
     assert (await probe.wait_for("error"))[0]["code"] == "payload_too_large"
     assert probe.client.connected
-    # past the hard frame cap (2x) Engine.IO itself closes the connection; the instance goes on
+    # past the hard frame cap (2x) the server closes the connection; the instance goes on
     lost = asyncio.Event()
     probe.client.on("disconnect", lambda *_: lost.set())
     await probe.client.emit("events", "x" * 200_000)
@@ -170,3 +172,17 @@ async def test_sockets_from_other_origins_are_refused(strict: Instance) -> None:
         assert neighbour.client.connected
     finally:
         await neighbour.close()
+
+
+async def test_a_frame_past_the_cap_is_refused_by_hypercorn_before_it_is_buffered(strict: Instance) -> None:
+    """hypercorn's own WebSocket limit is the app's frame cap (the Procfile's --config), not its
+    16 MiB default: the frame is refused with close code 1009 (message too big)."""
+    raw = await RawSocket.open(strict.url)
+    try:
+        assert "sid" in await raw.connected()
+        await raw.ws.send_str("42" + json.dumps(["events", "x" * (2 * 65536)]))
+        closing = await raw.ws.receive(timeout=10)
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+        assert raw.ws.close_code == 1009, (closing, raw.ws.close_code)
+    finally:
+        await raw.close()

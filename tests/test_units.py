@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import logging
+from pathlib import Path
 
 import orjson
 import pytest
@@ -390,3 +391,15 @@ def test_tokens_in_urls_are_redacted_from_hypercorn_log_lines() -> None:
     assert record.getMessage() == '127.0.0.1 "GET /socket.io/?EIO=4&token=[redacted]&transport=polling" 200'
     assert redact("GET /x?token=secret") == "GET /x?token=[redacted]"
     assert redact("no credentials here; mytoken=1") == "no credentials here; mytoken=1"
+
+
+def test_hypercorn_refuses_frames_past_the_apps_own_cap() -> None:
+    from hypercorn.config import Config
+
+    from webapp.serving import frame_cap
+
+    assert frame_cap({"MAX_PAYLOAD_BYTES": "1024"}) == 2048 == Settings(max_payload_bytes=1024).frame_cap
+    assert frame_cap({"MAX_PAYLOAD_BYTES": "nonsense"}) == frame_cap({}) == 2 * 64 * 1024
+    # what the Procfile's --config loads (16 MiB is hypercorn's own default)
+    assert Config.from_object("webapp.serving.hypercorn").websocket_max_message_size == frame_cap()
+    assert "--config python:webapp.serving.hypercorn" in (Path(__file__).parent.parent / "Procfile").read_text()

@@ -62,6 +62,12 @@ class Settings:
     drain_on_sigterm: bool = True
 
     @property
+    def frame_cap(self) -> int:
+        """The largest WebSocket frame taken (Engine.IO's and hypercorn's limit): twice the
+        payload limit, so a payload just over it gets a polite refusal, not a closed socket."""
+        return 2 * self.max_payload_bytes
+
+    @property
     def production(self) -> bool:
         return self.env == "production"
 

@@ -69,7 +69,7 @@ class Realtime:
             client_manager=manager,
             cors_allowed_origins=list(settings.cors_origins) or None,
             # The hard cap per frame; gateways refuse smaller oversized payloads politely.
-            max_http_buffer_size=settings.max_payload_bytes * 2,
+            max_http_buffer_size=settings.frame_cap,
             ping_interval=settings.ping_interval,
             ping_timeout=settings.ping_timeout,
             logger=False,
