@@ -67,10 +67,11 @@ class Cluster:
         for instance in self.instances:
             instance.wait_serving()
 
-    def restart(self, index: int) -> None:
-        """SIGKILL an instance and start it again on the same port (a new process: a new sid tag)."""
+    def restart(self, index: int, sig: int = signal.SIGKILL) -> None:
+        """Stop an instance (SIGKILL unless told) and start it again on the same port (a new
+        process: a new sid tag)."""
         old = self.instances[index]
-        old.stop(signal.SIGKILL)
+        old.stop(sig)
         self.instances[index] = Instance(old.name, old.env, port=old.port, app=old.app).start()
         self.instances[index].wait_serving()
 

@@ -3,6 +3,7 @@ per user, and answers that forget a SIGKILLed instance within PRESENCE_TTL."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -145,6 +146,19 @@ async def test_a_killed_instance_is_forgotten_within_the_ttl_and_its_leaves_anno
     assert members == [{"user_id": dave, "sockets": 1}]
     # The heartbeat runs every TTL/3; the reaper needs one more beat after the expiry.
     assert took < TTL * 2 + 5, f"the leave came {took:.1f}s after the kill"
+
+
+async def test_a_drained_instance_announces_its_users_leaving(fleet: Cluster, probes: list[Probe]) -> None:
+    room, erin, fred = f"public:{unique('drain')}", unique("erin"), unique("fred")
+    watcher = await connect(probes, fleet.instances[0], fred)
+    assert (await watcher.client.call("join", {"room": room}, timeout=WAIT))["ok"]
+    leaving = await connect(probes, fleet.instances[2], erin)
+    assert (await leaving.client.call("join", {"room": room}, timeout=WAIT))["ok"]
+    await watcher.wait_for("presence", 2)
+    fleet.restart(2, signal.SIGTERM)  # a drain: the client is told to go elsewhere, and does not
+    await watcher.wait_for("presence", 3)
+    assert watcher.of("presence")[-1] == {"room": room, "user": erin, "status": "leave"}
+    assert (await get(fleet.instances[1].url, f"/api/users/{erin}/presence"))["online"] is False
 
 
 # --- a model: random connects, disconnects, joins, leaves and kills ---------------------------

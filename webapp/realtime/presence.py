@@ -163,7 +163,9 @@ class Presence:
         if self._redis is not None:
             try:  # leave at once instead of after the TTL: a drained instance's users are gone now
                 await self._redis.zrem(self._instances_key, self._tag)
-                await self._reap(self._tag, announce=False)
+                # Announced: the bus still runs (the propagator closes presence first). Users
+                # who reconnect elsewhere are announced again when their new instance writes.
+                await self._reap(self._tag)
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("presence: could not withdraw this instance's share: %s", exc)
             await self._redis.aclose()
@@ -320,10 +322,10 @@ class Presence:
                 continue
             # One reaper per dead instance; the lock outlives a slow reap.
             if await self._redis.set(f"{self._prefix}:reaping:{tag}", self._tag, nx=True, px=60_000):
-                await self._reap(tag, announce=True)
+                await self._reap(tag)
                 self.reaped += 1
 
-    async def _reap(self, tag: str, *, announce: bool) -> None:
+    async def _reap(self, tag: str) -> None:
         """Remove an instance's share from every answer; announce the leaves it causes."""
         assert self._redis is not None
         share = await self._redis.hgetall(self._share_key(tag))
@@ -347,12 +349,11 @@ class Presence:
             pipe.zrem(self._instances_key, tag)
             pipe.hdel(self._names_key, tag)
             results = await pipe.execute()
-        if announce:
-            await asyncio.gather(*(
-                self._announce(room, user_id, "leave")
-                for (room, user_id), result in zip(rooms, results[: len(rooms)], strict=True)
-                if result == -1
-            ))
+        await asyncio.gather(*(
+            self._announce(room, user_id, "leave")
+            for (room, user_id), result in zip(rooms, results[: len(rooms)], strict=True)
+            if result == -1
+        ))
 
     # --- answers ---------------------------------------------------------------------------------
 
