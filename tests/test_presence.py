@@ -125,15 +125,22 @@ async def test_room_presence_pages_in_user_order(fleet: Cluster, probes: list[Pr
         assert (status, answer["error"]["code"]) == (422, "invalid_fields"), query
 
 
+async def two_in_a_room(fleet: Cluster, probes: list[Probe], at: int) -> tuple[str, Probe, str, str]:
+    """A watcher on instance A and another user on instance `at`, both in a new public room:
+    the room, the watcher (who has seen both joins), the watcher's user and the other user."""
+    room, watching, other = f"public:{unique('room')}", unique("watcher"), unique("other")
+    watcher = await connect(probes, fleet.instances[0], watching)
+    assert (await watcher.client.call("join", {"room": room}, timeout=WAIT))["ok"]
+    elsewhere = await connect(probes, fleet.instances[at], other)
+    assert (await elsewhere.client.call("join", {"room": room}, timeout=WAIT))["ok"]
+    await watcher.wait_for("presence", 2)
+    return room, watcher, watching, other
+
+
 async def test_a_killed_instance_is_forgotten_within_the_ttl_and_its_leaves_announced(
     fleet: Cluster, probes: list[Probe]
 ) -> None:
-    room, carol, dave = f"public:{unique('crash')}", unique("carol"), unique("dave")
-    watcher = await connect(probes, fleet.instances[0], dave)
-    assert (await watcher.client.call("join", {"room": room}, timeout=WAIT))["ok"]
-    victim = await connect(probes, fleet.instances[1], carol)
-    assert (await victim.client.call("join", {"room": room}, timeout=WAIT))["ok"]
-    await watcher.wait_for("presence", 2)
+    room, watcher, dave, carol = await two_in_a_room(fleet, probes, at=1)
 
     killed = time.monotonic()
     fleet.restart(1)  # SIGKILL: no goodbye from the instance
@@ -149,12 +156,7 @@ async def test_a_killed_instance_is_forgotten_within_the_ttl_and_its_leaves_anno
 
 
 async def test_a_drained_instance_announces_its_users_leaving(fleet: Cluster, probes: list[Probe]) -> None:
-    room, erin, fred = f"public:{unique('drain')}", unique("erin"), unique("fred")
-    watcher = await connect(probes, fleet.instances[0], fred)
-    assert (await watcher.client.call("join", {"room": room}, timeout=WAIT))["ok"]
-    leaving = await connect(probes, fleet.instances[2], erin)
-    assert (await leaving.client.call("join", {"room": room}, timeout=WAIT))["ok"]
-    await watcher.wait_for("presence", 2)
+    room, watcher, _, erin = await two_in_a_room(fleet, probes, at=2)
     fleet.restart(2, signal.SIGTERM)  # a drain: the client is told to go elsewhere, and does not
     await watcher.wait_for("presence", 3)
     assert watcher.of("presence")[-1] == {"room": room, "user": erin, "status": "leave"}
