@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -208,6 +209,31 @@ async def test_sigterm_drains_tells_clients_and_exits_zero(
     assert "drained; 0 sockets left" in a.output()
     assert (await api(b.url, f"/api/emit/users/{gina}", {"event": "dm", "data": "still here"}))[0] == 202
     assert await on_b.wait_for("dm") == ["still here"]
+
+
+async def test_sigterm_turns_unready_first_and_drains_after_the_delay(
+    instances: list[Instance], probes: list[Probe]
+) -> None:
+    """Behind a load balancer: /readyz is 503 at once, new sockets are still accepted while it
+    notices, and only after DRAIN_DELAY are sockets told to go and the listener closed."""
+    instance = launch(instances, "D", unique("delay"), REDIS_URL, DRAIN_DELAY="2", SHUTDOWN_TIMEOUT="5")
+    instance.wait_serving()
+    early = Probe("early")
+    probes.append(early)
+    await early.connect(instance.url)
+    assert instance.proc is not None
+    signalled = time.monotonic()
+    instance.proc.send_signal(signal.SIGTERM)
+    await wait_until(lambda: instance.readyz()[0] == 503, "/readyz to turn 503", timeout=1)
+    late = Probe("late")
+    probes.append(late)
+    await late.connect(instance.url)  # still accepted while the load balancer catches up
+    assert early.of("server_shutdown") == []
+    await early.wait_for("server_shutdown")
+    assert time.monotonic() - signalled >= 1.8  # not before DRAIN_DELAY
+    assert await late.wait_for("server_shutdown")
+    await wait_until(lambda: instance.proc.poll() is not None, "the exit", timeout=10)  # type: ignore[union-attr]
+    assert instance.proc.returncode == 0
 
 
 async def test_slow_consumer_delays_nobody_and_is_bounded(instances: list[Instance], probes: list[Probe]) -> None:

@@ -44,6 +44,7 @@ class Settings:
     outbox_max_messages: int = 1000
     outbox_max_age: float = 30.0
     shutdown_timeout: float = 10.0
+    drain_delay: float = 0.0
     socket_rate: float = 20.0
     socket_burst: int = 40
     socket_max_queue: int = 1000
@@ -128,6 +129,7 @@ class Settings:
             "redis_backoff_max": _float(get("REDIS_BACKOFF_MAX"), "REDIS_BACKOFF_MAX", 5.0, 0.1, 300),
             "outbox_max_messages": _int(get("OUTBOX_MAX_MESSAGES"), "OUTBOX_MAX_MESSAGES", 1000, 0, 1_000_000),
             "outbox_max_age": _float(get("OUTBOX_MAX_AGE"), "OUTBOX_MAX_AGE", 30.0, 0.1, 3600),
+            "drain_delay": _float(get("DRAIN_DELAY"), "DRAIN_DELAY", 0.0, 0.0, 300),
             "shutdown_timeout": _float(get("SHUTDOWN_TIMEOUT"), "SHUTDOWN_TIMEOUT", 10.0, 0.0, 600),
             "socket_rate": _float(get("SOCKET_RATE"), "SOCKET_RATE", 20.0, 0.1, 100_000),
             "socket_burst": _int(get("SOCKET_BURST"), "SOCKET_BURST", 40, 1, 1_000_000),

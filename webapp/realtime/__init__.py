@@ -51,7 +51,8 @@ class Realtime:
         """`join_policy(user_id, room)` decides which rooms a socket may join with the `join`
         event; the default lets sockets join nothing by themselves. Rooms whose names start
         with one of `presence_events` tell their members who joins and leaves (`presence`)."""
-        self.draining = False
+        self.draining = False  # refusing new sockets and closing the held ones
+        self.unready = False  # /readyz answers 503 (from SIGTERM on, DRAIN_DELAY before the drain)
         self.connects: Counter[str] = Counter()  # handshakes by outcome: accepted, or why refused
         self.disconnects: Counter[str] = Counter()  # by python-socketio's reason
         self.join_policy = join_policy
@@ -156,7 +157,7 @@ class Realtime:
 
     @property
     def ready(self) -> bool:
-        return self.bus.ready and not self.draining
+        return self.bus.ready and not self.draining and not self.unready
 
     def _warn_expiring(self, sid: str, expires_at: int) -> None:
         self.propagator.send([sid], "token_expiring", {"expires_at": iso(expires_at)})
@@ -191,11 +192,21 @@ class Realtime:
     def _on_sigterm(self) -> None:
         if self._drain_task is not None:
             return
-        log.info("SIGTERM: draining %d sockets within %.1fs", len(self.state), self.settings.shutdown_timeout)
-        self.draining = True
+        delay = self.settings.drain_delay
+        log.info(
+            "SIGTERM: not ready now; draining %d sockets in %.1fs, within %.1fs",
+            len(self.state), delay, self.settings.shutdown_timeout,
+        )
+        self.unready = True
+        self._drain_task = asyncio.create_task(self._drain_after(delay), name="drain")
+
+    async def _drain_after(self, delay: float) -> None:
+        """A load balancer polling /readyz stops sending new connections during `delay`; they
+        are still accepted meanwhile. Then the listener closes and the sockets are told."""
+        await asyncio.sleep(delay)
         # The server's own SIGINT handling stops it listening and later runs our shutdown hooks.
         os.kill(os.getpid(), signal.SIGINT)
-        self._drain_task = asyncio.create_task(self.drain(), name="drain")
+        await self.drain()
 
     async def drain(self) -> None:
         """Tell every socket why it goes, close it (clients reconnect elsewhere), release channels."""
