@@ -20,7 +20,7 @@ from ..realtime import realtime
 from ..realtime.bus import BusUnavailable
 from ..realtime.control import iso
 from ..realtime.presence import PAGE_MAX
-from ..realtime.propagator import reserved_room
+from ..realtime.propagator import Outgoing, reserved_room
 from .schemas import BatchIn, DisconnectIn, EmitIn, PresenceIn, TokenIn, UsersEmitIn
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -126,7 +126,7 @@ async def emit_room(room: str) -> Response:
 async def user_rooms(user_id: str) -> Response:
     """The rooms the backend put a user in."""
     _check_user_id(user_id)
-    async with _bus_call("the rooms could not be read"):
+    async with _bus_call(_NO_ANSWER + "the rooms could not be read"):
         rooms = await realtime().users.rooms(user_id)
     return jsonify({"user_id": user_id, "rooms": sorted(rooms)})
 
@@ -149,7 +149,7 @@ async def _membership(user_id: str, room: str, *, member: bool) -> Response:
     _check_user_id(user_id)
     _check_room(room)
     service = realtime()
-    async with _bus_call("the membership may not be stored or applied; retry (it is idempotent)"):
+    async with _bus_call(_NO_ANSWER + "the membership may not be stored or applied; retry (it is idempotent)"):
         store = service.users.add_room if member else service.users.remove_room
         changed = await store(user_id, room)
         await service.propagator.publish_op("join" if member else "leave", user_id=user_id, room=room)
@@ -162,18 +162,16 @@ async def disconnect_user(user_id: str) -> Response:
     official clients do not reconnect by themselves after it."""
     _check_user_id(user_id)
     body = await body_as(DisconnectIn)
-    async with _bus_call("the disconnect was most likely not sent, but may have been"):
+    async with _bus_call(_NO_ANSWER + "the disconnect was most likely not sent, but may have been"):
         envelope_id = await realtime().propagator.publish_op("disconnect", user_id=user_id, reason=body.reason)
-    response = jsonify({"accepted": True, "id": envelope_id, "user_id": user_id})
-    response.status_code = 202
-    return response
+    return _accepted({"id": envelope_id, "user_id": user_id})
 
 
 @bp.get("/users/<user_id>/presence")
 async def user_presence(user_id: str) -> Response:
     """Whether a user is online anywhere: `{online, sockets, instances, since}`."""
     _check_user_id(user_id)
-    async with _bus_call("presence could not be read"):
+    async with _bus_call(_NO_ANSWER + "presence could not be read"):
         (found,) = await realtime().presence.users([user_id])
     return jsonify(found.as_json())
 
@@ -182,7 +180,7 @@ async def user_presence(user_id: str) -> Response:
 async def many_presences() -> Response:
     """The presence of up to 1,000 users in one call, in the order asked."""
     body = await body_as(PresenceIn)
-    async with _bus_call("presence could not be read"):
+    async with _bus_call(_NO_ANSWER + "presence could not be read"):
         found = await realtime().presence.users(body.user_ids)
     return jsonify({"users": [entry.as_json() for entry in found]})
 
@@ -201,7 +199,7 @@ async def room_presence(room: str) -> Response:
         raise ApiError(422, "invalid_fields", f"limit: an integer from 1 to {PAGE_MAX}") from None
     if not 1 <= limit <= PAGE_MAX:
         raise ApiError(422, "invalid_fields", f"limit: an integer from 1 to {PAGE_MAX}")
-    async with _bus_call("presence could not be read"):
+    async with _bus_call(_NO_ANSWER + "presence could not be read"):
         members, cursor = await realtime().presence.room(room, after, limit)
     return jsonify({"room": room, "members": members, "next": cursor})
 
@@ -212,12 +210,10 @@ async def revoke_user(user_id: str) -> Response:
     user's live sockets; tokens minted afterwards work."""
     _check_user_id(user_id)
     service = realtime()
-    async with _bus_call("the revocation may not be in force; retry (it is idempotent)"):
+    async with _bus_call(_NO_ANSWER + "the revocation may not be in force; retry (it is idempotent)"):
         not_before = await service.users.revoke(user_id)
         envelope_id = await service.propagator.publish_op("disconnect", user_id=user_id, reason="token revoked")
-    response = jsonify({"accepted": True, "id": envelope_id, "user_id": user_id, "not_before": iso(not_before)})
-    response.status_code = 202
-    return response
+    return _accepted({"id": envelope_id, "user_id": user_id, "not_before": iso(not_before)})
 
 
 def _check_user_id(user_id: str) -> None:
@@ -232,14 +228,23 @@ def _check_room(room: str) -> None:
         raise ApiError(422, "invalid_fields", f"room: {room!r} belongs to a delivery scope; use its emit hook")
 
 
+_NO_ANSWER = "the event bus did not answer: "
+
+
 @asynccontextmanager
-async def _bus_call(consequence: str) -> AsyncIterator[None]:
-    """A 503 with Retry-After when the bus did not answer."""
+async def _bus_call(message: str) -> AsyncIterator[None]:
+    """The one way the REST hooks answer a bus that did not confirm: 503, Retry-After, `message`."""
     try:
         yield
     except BusUnavailable as exc:
         current_app.logger.warning("bus unavailable: %s", exc)
-        raise ApiError(503, "bus_unavailable", f"the event bus did not answer: {consequence}", {"Retry-After": "1"}) from None
+        raise ApiError(503, "bus_unavailable", message, {"Retry-After": "1"}) from None
+
+
+def _accepted(body: dict[str, Any]) -> Response:
+    response = jsonify({"accepted": True, **body})
+    response.status_code = 202
+    return response
 
 
 @bp.post("/emit/batch")
@@ -277,33 +282,20 @@ def _check_batch_size(field: str, size: int) -> None:
         raise ApiError(422, "invalid_fields", f"{field}: at most {limit} (MAX_BATCH) per call, got {size}")
 
 
-async def _publish_many(outgoing: list[Any], scope: str) -> Response:
-    try:
+async def _publish_many(outgoing: list[Outgoing], scope: str) -> Response:
+    async with _bus_call("the event bus did not confirm every event: some may have been sent; a retry may duplicate those"):
         await realtime().propagator.publish_many(outgoing)
-    except BusUnavailable as exc:
-        current_app.logger.warning("batch refused, bus unavailable: %s", exc)
-        raise ApiError(
-            503, "bus_unavailable",
-            "the event bus did not confirm every event: some may have been sent; a retry may duplicate those",
-            {"Retry-After": "1"},
-        ) from None
-    response = jsonify({"accepted": True, "ids": [item.envelope_id for item in outgoing], "scope": scope})
-    response.status_code = 202
-    return response
+    return _accepted({"ids": [item.envelope_id for item in outgoing], "scope": scope})
 
 
 async def _emit(scope: str, publish: Callable[[str, Any], Awaitable[str]]) -> Response:
     """Validate the body and hand the event to the bus: 202 only once the bus took it."""
     body = await body_as(EmitIn)
     try:
-        envelope_id = await publish(body.event, body.data)
+        async with _bus_call(
+            "the event bus did not confirm the event: it was most likely not sent, but may have been (a lost reply)"
+        ):
+            envelope_id = await publish(body.event, body.data)
     except TypeError as exc:  # orjson refuses what JSON parsing accepted: nesting over 254
         raise ApiError(422, "invalid_fields", f"data: cannot be encoded ({exc})") from None
-    except BusUnavailable as exc:
-        current_app.logger.warning("emit refused, bus unavailable: %s", exc)
-        raise ApiError(
-            503, "bus_unavailable", "the event bus did not confirm the event: it was most likely not sent, but may have been (a lost reply)", {"Retry-After": "1"}
-        ) from None
-    response = jsonify({"accepted": True, "id": envelope_id, "scope": scope})
-    response.status_code = 202
-    return response
+    return _accepted({"id": envelope_id, "scope": scope})
