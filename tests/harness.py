@@ -378,6 +378,68 @@ class RawSocket:
         await self.session.close()
 
 
+class StalledSocket:
+    """A Socket.IO client over a bare TCP socket that connects and then never reads again.
+
+    Its receive buffer is tiny, so the server's writes stop making progress after a few frames:
+    the peer a load test, a frozen tab or a hostile client presents."""
+
+    def __init__(self, base: str, timeout: float = WAIT) -> None:
+        host, port = base.removeprefix("http://").split(":")
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        self.sock.settimeout(timeout)
+        self.sock.connect((host, int(port)))
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        self.sock.sendall(
+            f"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(1)  # byte by byte: nothing past the handshake is read
+            if not chunk:
+                raise ConnectionError("the server closed during the handshake")
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head
+        self.send_text("40")  # the namespace CONNECT; the answer is never read
+
+    @property
+    def local_port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def send_text(self, text: str) -> None:
+        payload = text.encode()
+        assert len(payload) < 126
+        mask = os.urandom(4)
+        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        self.sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def tcp_peers(port: int) -> set[int]:
+    """The client ports of this machine's TCP connections to `port`, in any state (from
+    /proc/net/tcp, as the kernel sees them)."""
+    peers = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            local, remote = line.split()[1:3]
+            if int(local.rsplit(":", 1)[1], 16) == port:
+                peers.add(int(remote.rsplit(":", 1)[1], 16))
+    return peers
+
+
 class LoopThread:
     """An event loop on a thread of its own, for synchronous tests (hypothesis) driving async clients."""
 

@@ -5,21 +5,27 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
+import aiohttp
 import pytest
 import redis
 
 from .harness import (
+    API_KEY,
     REDIS_URL,
     Instance,
     Probe,
     RawSocket,
     RedisServer,
+    StalledSocket,
     api,
     fence,
     http_get,
     instance_env,
+    open_fds,
+    tcp_peers,
     token_for,
     unique,
     wait_until,
@@ -236,26 +242,69 @@ async def test_sigterm_turns_unready_first_and_drains_after_the_delay(
     assert instance.proc.returncode == 0
 
 
-async def test_slow_consumer_delays_nobody_and_is_bounded(instances: list[Instance], probes: list[Probe]) -> None:
-    instance = launch(instances, "S", unique("slow"), REDIS_URL, SOCKET_MAX_QUEUE="50")
+async def test_slow_consumer_delays_nobody_and_its_connection_is_freed(
+    instances: list[Instance], probes: list[Probe]
+) -> None:
+    """A socket that never reads is evicted at SOCKET_MAX_QUEUE, and its TCP connection, file
+    descriptor and tasks are gone within SOCKET_WRITE_TIMEOUT, though the server's last writes
+    to it can never complete."""
+    instance = launch(instances, "S", unique("slow"), REDIS_URL, SOCKET_MAX_QUEUE="50", SOCKET_WRITE_TIMEOUT="2")
     instance.wait_serving()
+    assert instance.proc is not None
+    pid = instance.proc.pid
     reader = Probe("reader")
     probes.append(reader)
     await reader.connect(instance.url)
-    stalled = await RawSocket.open(instance.url)  # connects, then never reads again
+    # Every REST call goes over one kept-alive connection, opened (with Redis's publishing
+    # connection) before the counts: hypercorn 0.18 keeps a task, and a descriptor in
+    # CLOSE-WAIT, for each connection a client closed, until --keep-alive expires.
+    rest = aiohttp.ClientSession(base_url=instance.url, headers={"Authorization": f"Bearer {API_KEY}"})
+
+    async def emit(event: str, data: object) -> int:
+        async with rest.post("/api/emit/all", json={"event": event, "data": data}) as response:
+            await response.read()  # read in full, so aiohttp keeps the connection
+            return response.status
+
+    async def status() -> dict[str, Any]:
+        async with rest.get("/api/status") as response:
+            return dict(await response.json())
+
+    stalled: StalledSocket | None = None
     try:
-        assert "sid" in await stalled.connected()
+        assert await emit("warm", 0) == 202
+        await reader.wait_for("warm")
+        fds, tasks = open_fds(pid), (await status())["tasks"]
+        stalled = StalledSocket(instance.url)
+        await wait_until(lambda: _sockets_held(status, 2), "the stalled socket to be held")
+        assert stalled.local_port in tcp_peers(instance.port)
         blob = "x" * 30_000
         total = 300
         for n in range(total):
-            assert (await api(instance.url, "/api/emit/all", {"event": "bulk", "data": [n, blob]}))[0] == 202
+            assert await emit("bulk", [n, blob]) == 202
         got = await reader.wait_for("bulk", total, timeout=30)
         assert [item[0] for item in got] == list(range(total))
-        body = instance.status()[1]
+        body = await status()
         assert body["slow_consumers_evicted"] == 1
-        assert body["sockets"] == 1  # the stalled socket is gone from the state
+        assert body["sockets"] == 1  # the stalled socket is gone from the state at once
+        # The server's writes to it are stuck in a shut window: only the write timeout frees it.
+        port = stalled.local_port
+        await wait_until(lambda: port not in tcp_peers(instance.port), "the stalled connection to be dropped", timeout=2 + 5)
+        await wait_until(lambda: open_fds(pid) <= fds, f"file descriptors back to {fds}", timeout=5)
+        await wait_until(lambda: _tasks_at_most(status, tasks), f"tasks back to {tasks}", timeout=5)
+        assert await emit("after", 1) == 202
+        assert await reader.wait_for("after") == [1]  # the instance serves on, undisturbed
     finally:
-        await stalled.close()
+        if stalled is not None:
+            stalled.close()
+        await rest.close()
+
+
+async def _sockets_held(status: Callable[[], Awaitable[dict[str, Any]]], count: int) -> bool:
+    return bool((await status())["sockets"] == count)
+
+
+async def _tasks_at_most(status: Callable[[], Awaitable[dict[str, Any]]], count: int) -> bool:
+    return bool((await status())["tasks"] <= count)
 
 
 async def test_a_socket_whose_channel_redis_does_not_confirm_is_refused(

@@ -48,6 +48,7 @@ class Settings:
     socket_rate: float = 20.0
     socket_burst: int = 40
     socket_max_queue: int = 1000
+    socket_write_timeout: float = 10.0
     replay_max_len: int = 10_000
     replay_max_age: float = 300.0
     recovery_window: float = 120.0
@@ -146,6 +147,7 @@ class Settings:
             "disconnect_on_token_expiry": _bool(get("DISCONNECT_ON_TOKEN_EXPIRY"), "DISCONNECT_ON_TOKEN_EXPIRY", False),
             "presence_ttl": _float(get("PRESENCE_TTL"), "PRESENCE_TTL", 15.0, 1.0, 3600),
             "socket_max_queue": _int(get("SOCKET_MAX_QUEUE"), "SOCKET_MAX_QUEUE", 1000, 10, 10_000_000),
+            "socket_write_timeout": _float(get("SOCKET_WRITE_TIMEOUT"), "SOCKET_WRITE_TIMEOUT", 10.0, 0.5, 600),
         }
         if values["recovery_window"] > values["replay_max_age"]:  # type: ignore[operator]
             raise ConfigError(

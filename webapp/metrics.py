@@ -67,6 +67,7 @@ class _RealtimeCollector(Collector):
         yield _counter("webapp_slow_consumers_evicted", "Sockets disconnected for not reading", status["slow_consumers_evicted"])
         yield _counter("webapp_rate_limited_events", "Socket events refused by the rate limit", status["rate_limited"])
         yield _counter("webapp_malformed_packets", "Clients disconnected for malformed packets", status["malformed_packets"])
+        yield _gauge("webapp_asyncio_tasks", "Tasks alive in this process's event loop", status["tasks"])
         outbox = status["outbox"]
         yield _gauge("webapp_outbox_depth", "Gateway answers waiting for the bus", outbox.get("waiting", 0))
         yield _counter("webapp_outbox_dropped", "Gateway answers the outbox had to drop", outbox.get("dropped", 0))

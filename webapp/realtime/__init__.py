@@ -17,6 +17,7 @@ import orjson
 import socketio
 from quart import Quart, current_app
 
+from .. import serving
 from ..auth.tokens import TokenSigner
 from ..config import Settings
 from ..metrics import Metrics
@@ -140,6 +141,8 @@ class Realtime:
         app.while_serving(self._serve)
 
     async def _serve(self) -> AsyncGenerator[None, None]:
+        # A peer that stops reading must not hold its connection past SOCKET_WRITE_TIMEOUT.
+        serving.bound_writes(self.settings.socket_write_timeout)
         await self.propagator.start()
         if self.settings.drain_on_sigterm:
             self._install_sigterm_drain()
@@ -237,7 +240,17 @@ class Realtime:
             "rate_limited": self.limiter.refused,
             "malformed_packets": self.sio.malformed_packets,
             "presence": self.presence.status(),
+            "tasks": _live_tasks(),
         }
+
+
+def _live_tasks() -> int:
+    """Tasks alive in the serving loop: a leak shows here first (a task per connection that
+    never ends). 0 when no loop runs (the metrics registry asks once, at start-up)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
 
 
 def realtime() -> Realtime:
