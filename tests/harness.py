@@ -32,7 +32,7 @@ SECRET_KEY = "test-secret-key-0123456789"
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 _OUR_VARIABLES = frozenset(
     {"REDIS_URL", "SECRET_KEY", "API_KEYS", "CHANNEL_PREFIX", "CORS_ORIGINS", "WEBAPP_ENV", "DEMO_LOGIN",
-     "MAX_PAYLOAD_BYTES", "TOKEN_TTL", "INSTANCE_ID", "PORT"}
+     "MAX_PAYLOAD_BYTES", "TOKEN_TTL", "INSTANCE_ID", "PORT", "REDIS_TLS_VERIFY", "REDIS_TLS_CA"}
 )
 WAIT = 10.0  # upper bound of every wait on an event, in seconds
 

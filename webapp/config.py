@@ -6,14 +6,18 @@ import logging
 import os
 import re
 import socket
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from redis.asyncio.connection import parse_url
+
 log = logging.getLogger(__name__)
 
 DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"
+MAX_TOKEN_TTL = 7 * 24 * 3600  # the longest ttl /api/tokens grants
 N = TypeVar("N", int, float)
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
@@ -28,6 +32,10 @@ class Settings:
 
     env: str = "development"
     redis_url: str | None = None
+    # None: REDIS_TLS_VERIFY is not set, so a rediss:// URL's own ssl_* options apply (redis-py
+    # verifies the chain and the host name unless the URL says otherwise).
+    redis_tls_verify: bool | None = None
+    redis_tls_ca: str | None = None  # a PEM bundle to verify Redis's certificate against
     secret_key: str = DEV_SECRET_KEY
     secret_keys: tuple[str, ...] = (DEV_SECRET_KEY,)  # the first signs, every one verifies
     api_keys: tuple[str, ...] = ()
@@ -37,7 +45,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     demo_login: bool = True
     token_ttl: int = 3600
-    max_token_ttl: int = 7 * 24 * 3600
+    max_token_ttl: int = MAX_TOKEN_TTL
     max_payload_bytes: int = 64 * 1024
     redis_timeout: float = 2.0
     redis_backoff_max: float = 5.0
@@ -87,8 +95,15 @@ class Settings:
             raise ConfigError(f"WEBAPP_ENV must be development, production or test, not {app_env!r}")
 
         redis_url = get("REDIS_URL")
+        redis_tls_verify = _tls_verify(get("REDIS_TLS_VERIFY"))
+        redis_tls_ca = get("REDIS_TLS_CA")
+        if redis_tls_ca is not None:
+            _check_ca_file(redis_tls_ca)
+            if redis_tls_verify is False:
+                raise ConfigError("REDIS_TLS_CA is set but REDIS_TLS_VERIFY=none: nothing would be verified against it")
         if redis_url is not None:
             _check_redis_url(redis_url)
+            _check_redis_tls(redis_url, redis_tls_verify, redis_tls_ca)
 
         # SECRET_KEYS (comma-separated, the first signs, all verify) rotates keys; SECRET_KEY is one.
         secret_keys = _split(get("SECRET_KEYS")) or _split(get("SECRET_KEY"))
@@ -114,6 +129,8 @@ class Settings:
         values: dict[str, object] = {
             "env": app_env,
             "redis_url": redis_url,
+            "redis_tls_verify": redis_tls_verify,
+            "redis_tls_ca": redis_tls_ca,
             "secret_key": secret_key,
             "secret_keys": secret_keys,
             "api_keys": api_keys,
@@ -172,6 +189,12 @@ class Settings:
             )
         if not self.api_keys:
             log.warning("API_KEYS is not set: every /api/* call will answer 401.")
+        if self.redis_url is not None and _unverified_tls(self.redis_url, self.redis_tls_verify):
+            log.warning(
+                "Redis's TLS certificate is not verified (REDIS_TLS_VERIFY=none, or ssl_cert_reqs=none "
+                "in REDIS_URL): the connection is encrypted, but a man in the middle can read and "
+                "forge every event. Prefer REDIS_TLS_CA with the CA that signed Redis's certificate."
+            )
 
 
 def _check_redis_url(url: str) -> None:
@@ -186,6 +209,64 @@ def _check_redis_url(url: str) -> None:
         raise ConfigError("REDIS_URL has no host")
     if port is not None and not 0 < port < 65536:
         raise ConfigError("REDIS_URL port must be between 1 and 65535")
+
+
+def _check_redis_tls(url: str, verify: bool | None, ca: str | None) -> None:
+    """Refuse TLS settings a URL would ignore or overrule: redis-py lets the URL's own ssl_*
+    options win over the arguments we pass, so a disagreement must stop the start."""
+    scheme = urlsplit(url).scheme
+    if scheme != "rediss":
+        if verify is not None or ca is not None:
+            raise ConfigError(f"REDIS_TLS_VERIFY and REDIS_TLS_CA need a rediss:// REDIS_URL; {scheme}:// is not encrypted")
+        return
+    options = _url_options(url)
+    cert_reqs, check_hostname = options.get("ssl_cert_reqs"), options.get("ssl_check_hostname")
+    if cert_reqs is not None and cert_reqs not in ("none", "optional", "required"):
+        raise ConfigError(f"REDIS_URL's ssl_cert_reqs must be none, optional or required, got {cert_reqs!r}")
+    # A client treats "optional" as "required": the server always presents a certificate.
+    if verify is True and (cert_reqs == "none" or check_hostname is False):
+        raise ConfigError("REDIS_TLS_VERIFY=full contradicts REDIS_URL's ssl_cert_reqs=none / ssl_check_hostname=false: drop one")
+    if verify is False and (cert_reqs in ("optional", "required") or check_hostname is True):
+        raise ConfigError("REDIS_TLS_VERIFY=none contradicts REDIS_URL's ssl_cert_reqs / ssl_check_hostname: drop one")
+    url_ca = options.get("ssl_ca_certs")
+    if ca is not None and url_ca is not None and url_ca != ca:
+        raise ConfigError("REDIS_TLS_CA and REDIS_URL's ssl_ca_certs name different files: drop one")
+
+
+def _url_options(url: str) -> dict[str, object]:
+    """The URL's options exactly as redis-py's `from_url` will read them."""
+    try:
+        return dict(parse_url(url))
+    except ValueError as exc:
+        raise ConfigError(f"REDIS_URL: {exc}") from None
+
+
+def _unverified_tls(url: str, verify: bool | None) -> bool:
+    if urlsplit(url).scheme != "rediss":
+        return False
+    return verify is False or (verify is None and _url_options(url).get("ssl_cert_reqs") == "none")
+
+
+def _check_ca_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise ConfigError(f"REDIS_TLS_CA must name a CA bundle file; {path!r} is not a file")
+    try:
+        ssl.create_default_context(cafile=path)
+    except OSError as exc:  # ssl.SSLError included: not PEM, or no certificate in it
+        raise ConfigError(f"REDIS_TLS_CA {path!r} could not be loaded as a PEM CA bundle: {exc}") from None
+
+
+def _tls_verify(value: str | None) -> bool | None:
+    """REDIS_TLS_VERIFY: full (or on) verifies, none (or off) does not; None when not set."""
+    if value is None:
+        return None
+    lowered = value.lower()
+    if lowered in ("full", "none"):
+        return lowered == "full"
+    try:
+        return _bool(value, "REDIS_TLS_VERIFY", True)
+    except ConfigError:
+        raise ConfigError(f"REDIS_TLS_VERIFY must be full (or on) or none (or off), got {value!r}") from None
 
 
 def _split(value: str | None) -> tuple[str, ...]:

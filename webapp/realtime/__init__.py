@@ -23,6 +23,7 @@ from ..config import Settings
 from ..metrics import Metrics
 from . import gateway, jsoncodec
 from .bus import Bus, MemoryBus, RedisBus
+from .bus.tls import tls_options
 from .control import ExpiryWatch, iso
 from .directory import UserDirectory
 from .limits import RateLimiter
@@ -79,6 +80,8 @@ class Realtime:
             json=jsoncodec,
         )
         self.bus: Bus = MemoryBus(settings.replay_max_len, settings.replay_max_age)
+        # Every Redis client built from the URL takes these: one TLS policy for all of them.
+        tls = tls_options(settings.redis_url, settings.redis_tls_verify, settings.redis_tls_ca)
         if settings.redis_url:
             self.bus = RedisBus(
                 settings.redis_url,
@@ -90,6 +93,7 @@ class Realtime:
                 epoch_key=f"{settings.channel_prefix}:epoch",
                 sync_channel=f"{settings.channel_prefix}:sync:{settings.instance_id}",
                 name=f"{settings.channel_prefix}:{settings.instance_id}",
+                tls=tls,
             )
         # Recovery needs the history: with REPLAY_MAX_LEN=0 the opt-in is ignored.
         self.recovery = (
@@ -111,7 +115,7 @@ class Realtime:
         self.presence = Presence(
             settings.channel_prefix, sid_tag, settings.instance_id,
             redis_url=settings.redis_url, ttl=settings.presence_ttl, timeout=settings.redis_timeout,
-            announced_prefixes=self.presence_events,
+            announced_prefixes=self.presence_events, tls=tls,
         )
         self.propagator = Propagator(
             self.bus,

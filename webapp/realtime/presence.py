@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .bus import BusUnavailable
+from .bus.tls import TlsOptions
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +100,13 @@ class Presence:
         timeout: float = 2.0,
         announce: Announce | None = None,
         announced_prefixes: Iterable[str] = (),
+        tls: TlsOptions | None = None,
     ) -> None:
         self._prefix = f"{prefix}:presence"
         self._tag = tag
         self._instance_id = instance_id
         self._url = redis_url
+        self._tls: TlsOptions = tls or {}
         self._ttl = ttl
         self._timeout = timeout
         self.announce = announce
@@ -149,7 +152,7 @@ class Presence:
         if self._url is not None:
             self._redis = Redis.from_url(
                 self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout,
-                client_name=f"{self._prefix}:{self._tag}",
+                client_name=f"{self._prefix}:{self._tag}", **self._tls,
             )
             self._room_script = self._redis.register_script(_ROOM_SCRIPT)
             self._tasks.append(asyncio.create_task(self._heartbeat_forever(), name="presence-heartbeat"))

@@ -27,6 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from .base import ZERO, BusUnavailable, Entry, GapHandler, History, MessageHandler, Offset, cancel, dispatch
+from .tls import TlsOptions, certificate_problem
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,10 @@ class RedisBus:
         epoch_key: str | None = None,
         sync_channel: str | None = None,
         name: str = "webapp",
+        tls: TlsOptions | None = None,
     ) -> None:
         self._url = url
+        self._tls: TlsOptions = tls or {}
         # Named connections: `CLIENT LIST` shows which instance each belongs to.
         self._name = re.sub(r"[^A-Za-z0-9_.:-]", "_", name)[:100]
         self._timeout = timeout
@@ -152,6 +155,7 @@ class RedisBus:
             socket_connect_timeout=self._timeout,
             retry=Retry(NoBackoff(), 0),
             client_name=f"{self._name}:pub",
+            **self._tls,
         )
         self._client = Redis(connection_pool=pool)
         # RESP2 on the subscriber: its replies are plain arrays this loop reads itself (RESP3
@@ -162,6 +166,7 @@ class RedisBus:
             socket_connect_timeout=self._timeout,
             protocol=2,
             client_name=f"{self._name}:sub",
+            **self._tls,
         )
         self._reader = asyncio.create_task(self._run(), name="redis-bus-reader")
         self._deliverer = asyncio.create_task(self._deliver_forever(), name="redis-bus-deliverer")
@@ -435,7 +440,17 @@ class RedisBus:
                 raise
             except (TimeoutError, RedisError, OSError, BusUnavailable) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("Redis subscriber lost (%s); retrying in %.1fs", self.last_error, delay)
+                problem = certificate_problem(exc)
+                if problem is not None:
+                    # Retrying helps only once Redis presents another certificate: say what to change.
+                    log.error(
+                        "Redis's TLS certificate could not be verified (%s); retrying in %.1fs. Set "
+                        "REDIS_TLS_CA to the CA that signed it (REDIS_TLS_VERIFY=none encrypts without "
+                        "verifying: a man in the middle can then read and forge every event)",
+                        problem, delay,
+                    )
+                else:
+                    log.warning("Redis subscriber lost (%s); retrying in %.1fs", self.last_error, delay)
             except Exception:  # keep the consumer alive whatever a bug throws
                 self.last_error = "internal error"
                 log.exception("Redis consumer failed; restarting it")
