@@ -204,8 +204,8 @@ async def test_batches_are_validated_whole_and_name_the_bad_indexes(client: Clie
     cases = [
         ({"events": [good, {"scope": "user", "event": "dm"}, good, {"scope": "room", "room": "user:x", "event": "e"}]},
          ["events.1", "events.3"]),
-        ({"events": [good, {"scope": "all", "event": "connect"}]}, ["events.1.event"]),
-        ({"events": [good, {"scope": "everyone", "event": "e"}]}, ["events.1.scope"]),
+        ({"events": [good, {"scope": "all", "event": "connect"}]}, ["events.1.all.event"]),
+        ({"events": [good, {"scope": "everyone", "event": "e"}]}, ["events.1", "'scope'", "'everyone'"]),
         ({"events": []}, ["events"]),
         ({"events": [{"scope": "all", "event": "e"}] * 101}, ["events: at most 100"]),
         ({"user_ids": ["ok", "bad id"], "event": "e"}, None),

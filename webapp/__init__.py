@@ -44,9 +44,11 @@ def create_app(settings: Settings | None = None, config: Mapping[str, Any] | Non
     settings.warn_about_defaults()
 
     from . import api, auth, demo, errors, health
+    from .api import docs
     from .realtime import Realtime
 
     errors.register(app)
+    docs.init_app(app)
     auth.init_app(app)
     Realtime(app, join_policy=demo.public_rooms, presence_events=("public:",))
     app.register_blueprint(api.bp)

@@ -48,7 +48,9 @@ def register(app: Quart) -> None:
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         code = _CODES.get(status, "error")
-        return error_response(status, code, exc.description or code)
+        # The exception's own headers (a 405's Allow, a 401's WWW-Authenticate), not its HTML type.
+        headers = {name: value for name, value in exc.get_headers() if name.lower() != "content-type"}
+        return error_response(status, code, exc.description or code, headers)
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, WithJsonSchema
 
 USER_ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
 _USER_ID_RE = re.compile(USER_ID_PATTERN)
@@ -62,5 +62,9 @@ def _usable_event_name(value: str) -> str:
     return value
 
 
-EventName = Annotated[str, AfterValidator(_usable_event_name)]
+EventName = Annotated[
+    str,
+    AfterValidator(_usable_event_name),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 128, "not": {"enum": sorted(RESERVED_EVENTS)}}),
+]
 """An event name field for pydantic models: validated by the contract's rule."""

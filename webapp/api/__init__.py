@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 from quart import Blueprint, Response, current_app, jsonify, request
+from quart_schema import security_scheme_blueprint
 
 from ..auth import signer
 from ..config import Settings
@@ -21,9 +22,29 @@ from ..realtime.bus import BusUnavailable
 from ..realtime.control import iso
 from ..realtime.presence import PAGE_MAX
 from ..realtime.propagator import Outgoing, reserved_room
+from .docs import (
+    AUTH,
+    BODY,
+    BUS,
+    PATH,
+    AcceptedOut,
+    ManyAcceptedOut,
+    MembershipOut,
+    PresenceOut,
+    PresencesOut,
+    RevokedOut,
+    RoomPresenceOut,
+    RoomPresenceQuery,
+    StatusOut,
+    TokenOut,
+    UserOpOut,
+    UserRoomsOut,
+    documented,
+)
 from .schemas import BatchIn, DisconnectIn, EmitIn, PresenceIn, TokenIn, UsersEmitIn
 
 bp = Blueprint("api", __name__, url_prefix="/api")
+security_scheme_blueprint(bp, [{"apiKey": []}])
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -76,6 +97,7 @@ async def body_as(model: type[Model]) -> Model:
 
 
 @bp.get("/status")
+@documented((200, StatusOut), errors=AUTH)
 async def status() -> Response:
     """This instance's details: readiness, the bus (errors included), sockets, counters."""
     service = realtime()
@@ -83,6 +105,7 @@ async def status() -> Response:
 
 
 @bp.post("/tokens")
+@documented((201, TokenOut), body=TokenIn, errors=AUTH + BODY)
 async def create_token() -> Response:
     """Mint a socket token for any user (for your own backend to hand out)."""
     body = await body_as(TokenIn)
@@ -97,18 +120,21 @@ async def create_token() -> Response:
 
 
 @bp.post("/emit/all")
+@documented((202, AcceptedOut), body=EmitIn, errors=AUTH + BODY + BUS)
 async def emit_all() -> Response:
     """Send an event to every open connection on every instance."""
     return await _emit("all", realtime().propagator.emit_to_all)
 
 
 @bp.post("/emit/authenticated")
+@documented((202, AcceptedOut), body=EmitIn, errors=AUTH + BODY + BUS)
 async def emit_authenticated() -> Response:
     """Send an event to every connection that has a user."""
     return await _emit("authenticated", realtime().propagator.emit_to_authenticated)
 
 
 @bp.post("/emit/users/<user_id>")
+@documented((202, AcceptedOut), body=EmitIn, errors=AUTH + BODY + PATH + BUS)
 async def emit_user(user_id: str) -> Response:
     """Send an event to every socket of one user."""
     _check_user_id(user_id)
@@ -116,6 +142,7 @@ async def emit_user(user_id: str) -> Response:
 
 
 @bp.post("/emit/rooms/<room>")
+@documented((202, AcceptedOut), body=EmitIn, errors=AUTH + BODY + PATH + BUS)
 async def emit_room(room: str) -> Response:
     """Send an event to every socket in a room, on every instance."""
     _check_room(room)
@@ -123,6 +150,7 @@ async def emit_room(room: str) -> Response:
 
 
 @bp.get("/users/<user_id>/rooms")
+@documented((200, UserRoomsOut), errors=AUTH + PATH + BUS)
 async def user_rooms(user_id: str) -> Response:
     """The rooms the backend put a user in."""
     _check_user_id(user_id)
@@ -132,12 +160,14 @@ async def user_rooms(user_id: str) -> Response:
 
 
 @bp.put("/users/<user_id>/rooms/<room>")
+@documented((200, MembershipOut), errors=AUTH + PATH + BUS)
 async def join_room(user_id: str, room: str) -> Response:
     """Put every socket of a user in a room, on every instance, and the sockets it opens later."""
     return await _membership(user_id, room, member=True)
 
 
 @bp.delete("/users/<user_id>/rooms/<room>")
+@documented((200, MembershipOut), errors=AUTH + PATH + BUS)
 async def leave_room(user_id: str, room: str) -> Response:
     """Take every socket of a user out of a room, now and for the sockets it opens later."""
     return await _membership(user_id, room, member=False)
@@ -157,9 +187,12 @@ async def _membership(user_id: str, room: str, *, member: bool) -> Response:
 
 
 @bp.post("/users/<user_id>/disconnect")
+@documented((202, UserOpOut), body=DisconnectIn, errors=AUTH + BODY + PATH + BUS)
 async def disconnect_user(user_id: str) -> Response:
-    """Disconnect every socket of a user on every instance; each is told why first, and the
-    official clients do not reconnect by themselves after it."""
+    """Disconnect every socket of a user on every instance.
+
+    Each socket is told why first (`disconnect_reason`), and the official clients do not
+    reconnect by themselves after it."""
     _check_user_id(user_id)
     body = await body_as(DisconnectIn)
     async with _bus_call(_NO_ANSWER + "the disconnect was most likely not sent, but may have been"):
@@ -168,6 +201,7 @@ async def disconnect_user(user_id: str) -> Response:
 
 
 @bp.get("/users/<user_id>/presence")
+@documented((200, PresenceOut), errors=AUTH + PATH + BUS)
 async def user_presence(user_id: str) -> Response:
     """Whether a user is online anywhere: `{online, sockets, instances, since}`."""
     _check_user_id(user_id)
@@ -177,6 +211,7 @@ async def user_presence(user_id: str) -> Response:
 
 
 @bp.post("/presence")
+@documented((200, PresencesOut), body=PresenceIn, errors=AUTH + BODY + BUS)
 async def many_presences() -> Response:
     """The presence of up to 1,000 users in one call, in the order asked."""
     body = await body_as(PresenceIn)
@@ -186,9 +221,11 @@ async def many_presences() -> Response:
 
 
 @bp.get("/rooms/<room>/presence")
+@documented((200, RoomPresenceOut), query=RoomPresenceQuery, errors=AUTH + PATH + BUS)
 async def room_presence(room: str) -> Response:
-    """The users in a room with their socket counts, in user id order, a page at a time:
-    `?limit=` (at most 1,000) and `?after=<next>` from the previous page."""
+    """The users in a room with their socket counts, a page at a time.
+
+    In user id order: `?limit=` (at most 1,000) and `?after=<next>` from the previous page."""
     _check_room(room)
     after = request.args.get("after") or None
     if after is not None and not is_user_id(after):
@@ -205,9 +242,11 @@ async def room_presence(room: str) -> Response:
 
 
 @bp.post("/users/<user_id>/revoke")
+@documented((202, RevokedOut), errors=AUTH + PATH + BUS)
 async def revoke_user(user_id: str) -> Response:
-    """Refuse, on every instance, the user's tokens minted before now, and disconnect the
-    user's live sockets; tokens minted afterwards work."""
+    """Refuse the user's tokens minted before now, and disconnect the user's live sockets.
+
+    In force on every instance; tokens minted afterwards work."""
     _check_user_id(user_id)
     service = realtime()
     async with _bus_call(_NO_ANSWER + "the revocation may not be in force; retry (it is idempotent)"):
@@ -248,22 +287,27 @@ def _accepted(body: dict[str, Any]) -> Response:
 
 
 @bp.post("/emit/batch")
+@documented((202, ManyAcceptedOut), body=BatchIn, errors=AUTH + BODY + BUS)
 async def emit_batch() -> Response:
-    """Up to MAX_BATCH events of any scopes in one call: all validated first (a 422 names the bad
-    indexes), then published together; 202 with one id per event, in order."""
+    """Up to MAX_BATCH events of any scopes in one call, all or nothing.
+
+    All are validated first (a 422 names the bad indexes), then published together: 202 with
+    one id per event, in order."""
     body = await body_as(BatchIn)
     _check_batch_size("events", len(body.events))
     propagator = realtime().propagator
     outgoing = []
     for index, item in enumerate(body.events):
         try:
-            outgoing.append(propagator.addressed(item.scope, item.event, item.data, user_id=item.user_id, room=item.room))
+            target = {"user_id": getattr(item, "user_id", None), "room": getattr(item, "room", None)}
+            outgoing.append(propagator.addressed(item.scope, item.event, item.data, **target))
         except TypeError as exc:
             raise ApiError(422, "invalid_fields", f"events.{index}.data: cannot be encoded ({exc})") from None
     return await _publish_many(outgoing, "batch")
 
 
 @bp.post("/emit/users")
+@documented((202, ManyAcceptedOut), body=UsersEmitIn, errors=AUTH + BODY + BUS)
 async def emit_users() -> Response:
     """One event to every socket of each of many users (up to MAX_BATCH), in one call."""
     body = await body_as(UsersEmitIn)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
-from ..names import USER_ID_PATTERN, EventName, is_room_name
+from ..config import MAX_TOKEN_TTL
+from ..names import ROOM_PATTERN, USER_ID_PATTERN, EventName, is_room_name
 from ..realtime.propagator import reserved_room
 
 UserId = Annotated[str, Field(pattern=USER_ID_PATTERN)]
@@ -27,7 +28,7 @@ class TokenIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: str = Field(pattern=USER_ID_PATTERN)
-    ttl: int | None = Field(default=None, ge=10)
+    ttl: int | None = Field(default=None, ge=10, le=MAX_TOKEN_TTL)
 
 
 class DisconnectIn(BaseModel):
@@ -46,26 +47,50 @@ class PresenceIn(BaseModel):
     user_ids: list[UserId] = Field(min_length=1, max_length=1000)
 
 
-class BatchItem(BaseModel):
-    """One event of a batch: a scope, its target (a user or a room), the event and its data."""
+def _usable_room(value: str) -> str:
+    if not is_room_name(value) or reserved_room(value):
+        raise ValueError("1-128 characters of A-Z a-z 0-9 _ . @ - :, not a scope's own room")
+    return value
 
+
+RoomName = Annotated[str, AfterValidator(_usable_room), WithJsonSchema({"type": "string", "pattern": ROOM_PATTERN})]
+
+
+class _BatchEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    scope: Literal["all", "authenticated", "user", "room"]
-    user_id: UserId | None = None
-    room: str | None = None
     event: EventName
     data: Any = None
 
-    @model_validator(mode="after")
-    def _target_matches_scope(self) -> BatchItem:
-        if (self.scope == "user") != (self.user_id is not None):
-            raise ValueError("user_id is required with scope user, and only with it")
-        if (self.scope == "room") != (self.room is not None):
-            raise ValueError("room is required with scope room, and only with it")
-        if self.room is not None and (not is_room_name(self.room) or reserved_room(self.room)):
-            raise ValueError("room: 1-128 characters of A-Z a-z 0-9 _ . @ - :, not a scope's own room")
-        return self
+
+class ToAll(_BatchEvent):
+    """To every open connection."""
+
+    scope: Literal["all"]
+
+
+class ToAuthenticated(_BatchEvent):
+    """To every connection that has a user."""
+
+    scope: Literal["authenticated"]
+
+
+class ToUser(_BatchEvent):
+    """To every socket of one user."""
+
+    scope: Literal["user"]
+    user_id: UserId
+
+
+class ToRoom(_BatchEvent):
+    """To every socket in one room."""
+
+    scope: Literal["room"]
+    room: RoomName
+
+
+# One event of a batch: its scope says which target field it carries (none, user_id or room).
+BatchItem = Annotated[ToAll | ToAuthenticated | ToUser | ToRoom, Field(discriminator="scope")]
 
 
 class BatchIn(BaseModel):

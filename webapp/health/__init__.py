@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from quart import Blueprint, Response, current_app, jsonify
 
+from ..api.docs import HealthOut, ReadyOut, documented
 from ..metrics import CONTENT_TYPE
 from ..realtime import realtime
 
@@ -11,6 +12,7 @@ bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@documented((200, HealthOut))
 async def healthz() -> Response:
     """200 while the process serves requests."""
     return jsonify({"status": "ok", "instance": current_app.config["SETTINGS"].instance_id})
@@ -24,8 +26,9 @@ async def metrics() -> Response:
 
 
 @bp.get("/readyz")
+@documented((200, ReadyOut), also={503: ReadyOut})
 async def readyz() -> Response:
-    """200 when the bus is connected and subscribed (and the instance is not draining), else 503.
+    """200 when the bus is connected and subscribed and the instance is not draining, else 503.
 
     Only what a load balancer needs: errors and counters are behind the API key (/api/status)."""
     service = realtime()
