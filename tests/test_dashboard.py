@@ -20,9 +20,9 @@ from .harness import ROOT, WAIT, Probe, api, token_for, unique, wait_until
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "webapp-dashboard.json"
 DATASOURCE = "${datasource}"
-METRIC = re.compile(r"\bwebapp_[a-z0-9_]+")
+METRIC = re.compile(r"\b(?:webapp|process)_[a-z0-9_]+")
 BY = re.compile(r"\b(by|without)\s*\(([^)]*)\)\s*")
-SELECTOR = re.compile(r"\b(webapp_[a-z0-9_]+)\s*\{([^}]*)\}")
+SELECTOR = re.compile(r"\b((?:webapp|process)_[a-z0-9_]+)\s*\{([^}]*)\}")
 MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 RANGE = re.compile(r"\[([^\]]*)\]")
 # Labels Prometheus attaches to every series of a scrape target; the app never exposes them.

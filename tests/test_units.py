@@ -150,6 +150,12 @@ class TestConfig:
         assert settings.redis_url is None and settings.port == 5000 and settings.channel_prefix == "webapp"
         assert settings.api_keys == () and settings.cors_origins == ()
 
+    def test_production_turns_the_demo_login_off_unless_asked(self) -> None:
+        secrets = {"WEBAPP_ENV": "production", "SECRET_KEY": "k" * 32, "API_KEYS": "a" * 20}
+        assert Settings.from_env(secrets).demo_login is False
+        assert Settings.from_env({**secrets, "DEMO_LOGIN": "true"}).demo_login is True
+        assert Settings.from_env({}).demo_login is True  # development: the demo works out of the box
+
     def test_parses_lists(self) -> None:
         settings = Settings.from_env({"API_KEYS": "a, b,,c", "CORS_ORIGINS": "https://x.test"})
         assert settings.api_keys == ("a", "b", "c") and settings.cors_origins == ("https://x.test",)

@@ -113,6 +113,8 @@ class Settings:
             secret_keys = (DEV_SECRET_KEY,)
         elif app_env == "production" and any(len(key) < 16 for key in secret_keys):
             raise ConfigError("every key of SECRET_KEY / SECRET_KEYS must be at least 16 characters in production")
+        elif app_env == "production" and DEV_SECRET_KEY in secret_keys:
+            raise ConfigError("SECRET_KEY / SECRET_KEYS holds the public development key; set a secret of your own in production")
         secret_key = secret_keys[0]
         api_keys = _split(get("API_KEYS"))
         if app_env == "production":
@@ -136,8 +138,9 @@ class Settings:
             "api_keys": api_keys,
             "port": _int(get("PORT"), "PORT", 5000, 1, 65535),
             "channel_prefix": prefix,
-            "cors_origins": _split(get("CORS_ORIGINS")),
-            "demo_login": _bool(get("DEMO_LOGIN"), "DEMO_LOGIN", True),
+            "cors_origins": _cors_origins(get("CORS_ORIGINS"), production=app_env == "production"),
+            # Anyone may sign in as anyone through the demo's form: off in production unless asked for.
+            "demo_login": _bool(get("DEMO_LOGIN"), "DEMO_LOGIN", app_env != "production"),
             # At most the longest ttl /api/tokens grants: a default it would refuse is a config error.
             "token_ttl": _int(get("TOKEN_TTL"), "TOKEN_TTL", 3600, 10, cls.max_token_ttl),
             "max_payload_bytes": _int(
@@ -189,6 +192,11 @@ class Settings:
             )
         if not self.api_keys:
             log.warning("API_KEYS is not set: every /api/* call will answer 401.")
+        if self.production and self.demo_login:
+            log.warning(
+                "DEMO_LOGIN is on in production: anyone can sign in as any user through POST /login. "
+                "Mint tokens from your backend with /api/tokens instead."
+            )
         if self.redis_url is not None and _unverified_tls(self.redis_url, self.redis_tls_verify):
             log.warning(
                 "Redis's TLS certificate is not verified (REDIS_TLS_VERIFY=none, or ssl_cert_reqs=none "
@@ -267,6 +275,14 @@ def _tls_verify(value: str | None) -> bool | None:
         return _bool(value, "REDIS_TLS_VERIFY", True)
     except ConfigError:
         raise ConfigError(f"REDIS_TLS_VERIFY must be full (or on) or none (or off), got {value!r}") from None
+
+
+def _cors_origins(value: str | None, *, production: bool) -> tuple[str, ...]:
+    """CORS_ORIGINS: the origins whose pages may open sockets; `*` (any page) only outside production."""
+    origins = _split(value)
+    if production and "*" in origins:
+        raise ConfigError("CORS_ORIGINS must list explicit origins in production, not '*' (any web page could open sockets)")
+    return origins
 
 
 def _split(value: str | None) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -27,6 +27,8 @@ class Metrics:
     def __init__(self, realtime: Realtime) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_RealtimeCollector(realtime))
+        # CPU, resident memory and open file descriptors (process_*): what a leak shows first.
+        ProcessCollector(registry=self.registry)
         publish = Histogram(
             "webapp_publish_seconds", "Time for the bus to confirm a publish",
             buckets=_LATENCY_BUCKETS, registry=self.registry,
