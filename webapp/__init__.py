@@ -25,13 +25,10 @@ def create_app(settings: Settings | None = None, config: Mapping[str, Any] | Non
     `settings` defaults to the environment (Settings.from_env); `config` overrides Quart config.
     """
     settings = settings or Settings.from_env()
-    app = Quart(
-        __name__,
-        static_folder=str(ROOT / "static"),
-        template_folder=str(ROOT / "templates"),
-    )
+    app = Quart(__name__, static_folder=str(_assets("static")), template_folder=str(_assets("templates")))
     app.config.from_mapping(
         SETTINGS=settings,
+        REALTIME_SETTINGS=settings,
         SECRET_KEY=settings.secret_key,
         MAX_CONTENT_LENGTH=settings.max_payload_bytes,
         JSON_SORT_KEYS=False,
@@ -55,6 +52,13 @@ def create_app(settings: Settings | None = None, config: Mapping[str, Any] | Non
     app.register_blueprint(demo.bp)
     app.register_blueprint(health.bp)
     return app
+
+
+def _assets(name: str) -> Path:
+    """Where the demo's templates or static files are: inside the package when installed from
+    the wheel, at the top of the source tree otherwise (editable installs, a checkout)."""
+    packaged = Path(__file__).resolve().parent / name
+    return packaged if packaged.is_dir() else ROOT / name
 
 
 class NoSessions(SessionInterface):

@@ -178,6 +178,21 @@ class Settings:
             values["instance_id"] = instance_id[:64]
         return cls(**values)  # type: ignore[arg-type]
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> Settings:
+        """Settings from a Quart app's `REALTIME_*` config keys (`REALTIME_REDIS_URL`,
+        `REALTIME_CHANNEL_PREFIX`, ...: the environment variables' names with the prefix), read
+        and validated as from_env reads the environment; the app's own SECRET_KEY signs tokens
+        unless REALTIME_SECRET_KEY(S) is given."""
+        values = {
+            name.removeprefix("REALTIME_"): str(value)
+            for name, value in config.items()
+            if name.startswith("REALTIME_") and value is not None
+        }
+        if "SECRET_KEY" not in values and "SECRET_KEYS" not in values and config.get("SECRET_KEY"):
+            values["SECRET_KEY"] = str(config["SECRET_KEY"])
+        return cls.from_env(values)
+
     def warn_about_defaults(self) -> None:
         """Log what a development default means, loudly where it matters."""
         if self.secret_key == DEV_SECRET_KEY:

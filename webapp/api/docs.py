@@ -99,6 +99,8 @@ class RoomPresenceOut(BaseModel):
 
 
 class RoomPresenceQuery(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other query parameters (cache busters) are ignored
+
     limit: int | None = Field(default=None, ge=1, le=1000)
     # Empty, like absent, starts at the first member.
     after: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.@-]{0,128}$", description="`next` of the previous page")

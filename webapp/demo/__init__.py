@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from quart import Blueprint, current_app, render_template, request
+from quart.blueprints import BlueprintSetupState
 from quart_auth import current_user
 
 from ..config import Settings
+from ..realtime import EXTENSION
+from . import gateways
 
 bp = Blueprint("demo", __name__)
+
+
+@bp.record_once
+def _register_gateways(state: BlueprintSetupState) -> None:
+    """The demo's gateways come with its blueprint: an app without the demo has none of them."""
+    gateways.register(state.app.extensions[EXTENSION])
 
 
 def public_rooms(user_id: str | None, room: str) -> bool:

@@ -10,7 +10,7 @@ import secrets
 import signal
 import threading
 from collections import Counter
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import orjson
@@ -60,11 +60,36 @@ class Realtime:
         self.join_policy = join_policy
         self.presence_events = presence_events
         self._drain_task: asyncio.Task[None] | None = None
+        self._gateways: dict[str, gateway.Handler] = {}  # registered on the server by init_app
+        self._initialised = False
         if app is not None:
             self.init_app(app)
 
+    def gateway(self, event: str) -> Callable[[gateway.Handler], gateway.Handler]:
+        """Register `handler(sid, data)` as the gateway for `event`: each answer it gives (a
+        value, or one per item of a list or a generator, sync or async) goes to the asking
+        socket and, through the bus, to its user's other sockets on every instance; raising
+        GatewayError refuses the payload. Usable before or after init_app.
+
+            @realtime.gateway("chat")
+            async def chat(sid, data):
+                return {"text": data["text"]}
+        """
+
+        def register(handler: gateway.Handler) -> gateway.Handler:
+            if event in self._gateways:
+                raise ValueError(f"a gateway for {event!r} is registered already")
+            self._gateways[event] = handler
+            if self._initialised:
+                self.sio.on(event, gateway.propagate(self, event)(handler))
+            return handler
+
+        return register
+
     def init_app(self, app: Quart) -> None:
-        settings: Settings = app.config["SETTINGS"]
+        """Build the services for `app` from `REALTIME_SETTINGS` (a Settings, as create_app
+        passes) or else from its `REALTIME_*` config keys; they start and stop with the app."""
+        settings: Settings = app.config.get("REALTIME_SETTINGS") or Settings.from_config(app.config)
         self.settings = settings
         manager = FleetManager()
         self.sio = GuardedServer(
@@ -139,8 +164,13 @@ class Realtime:
         self.metrics = Metrics(self)  # reads this service: built once the service is
         manager.fleet = self.propagator
         self.sio.connect_reply = self._connect_reply
-        signer: TokenSigner = app.extensions["tokens"]
+        # The app's signer when it has one (the project's auth), else one of our own.
+        signer: TokenSigner = app.extensions.setdefault("tokens", TokenSigner(settings.secret_keys))
+        self.signer = signer
         gateway.register(self, signer)
+        for event, handler in self._gateways.items():
+            self.sio.on(event, gateway.propagate(self, event)(handler))
+        self._initialised = True
         app.extensions[EXTENSION] = self
         app.while_serving(self._serve)
 
@@ -262,7 +292,7 @@ def realtime() -> Realtime:
     try:
         return current_app.extensions[EXTENSION]  # type: ignore[no-any-return]
     except KeyError:
-        raise RuntimeError("Realtime is not initialised on this app; use create_app()") from None
+        raise RuntimeError("Realtime is not initialised on this app: call Realtime(app) first") from None
 
 
 def mount(app: Quart) -> socketio.ASGIApp:

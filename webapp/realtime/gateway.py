@@ -251,19 +251,6 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
             return {"ok": False, "error": "bus_unavailable"}
         return {"ok": True, "room": room, "members": members}
 
-    @sio.on("events")
-    @propagate(realtime, "events")
-    async def events(sid: str, data: Any) -> list[Any]:
-        """Echo the payload back: one answer, seen by all of the user's sockets."""
-        return [data]
-
-    @sio.on("stream")
-    @propagate(realtime, "stream")
-    async def stream(sid: str, data: Any) -> Any:
-        """Answer 1..count as separate answers, like the original's stream of 1, 2, 3."""
-        count = _stream_count(data)
-        return ({"n": n, "of": count} for n in range(1, count + 1))
-
 
 async def _room_asked(realtime: Realtime, sid: str, event: str, data: Any) -> str | None:
     """The room a join or leave names, or None after telling the socket what was wrong."""
@@ -290,10 +277,3 @@ async def _member_room(realtime: Realtime, sid: str, event: str, data: Any) -> t
         await _error(realtime, sid, event, "forbidden", f"join {room!r} first")
         return None, "forbidden"
     return room, ""
-
-
-def _stream_count(data: Any) -> int:
-    count = data.get("count", 3) if isinstance(data, dict) else data if data is not None else 3
-    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 100:
-        raise GatewayError("stream expects {\"count\": 1..100}")
-    return count

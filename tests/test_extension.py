@@ -1,0 +1,121 @@
+"""`Realtime` as a Quart extension in another app: the README's example, run on two real instances."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from quart import Quart
+
+from webapp.auth.tokens import TokenSigner
+from webapp.realtime import Realtime
+
+from .harness import REDIS_URL, ROOT, Instance, Probe, unique
+
+SECRET = "example-secret-0123456789abcdef"
+
+
+def readme_example() -> str:
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"<!-- example:start -->\s*```python\n(.*?)```\s*<!-- example:end -->", readme, re.DOTALL)
+    assert found, "README.md lost its example block"
+    return found.group(1)
+
+
+def test_the_readme_example_is_short() -> None:
+    code = [line for line in readme_example().splitlines() if line.strip() and not line.startswith(("from ", "import "))]
+    assert len(code) <= 10, code
+
+
+def test_gateways_belong_to_the_app_that_declares_them() -> None:
+    app = Quart(__name__)
+    app.config.update(SECRET_KEY=SECRET, REALTIME_CHANNEL_PREFIX="ext-unit")
+    realtime = Realtime()
+
+    @realtime.gateway("before")
+    async def before(sid: str, data: object) -> object:
+        return data
+
+    realtime.init_app(app)
+
+    @realtime.gateway("after")
+    async def after(sid: str, data: object) -> object:
+        return data
+
+    handlers = realtime.sio.handlers["/"]
+    assert {"before", "after", "connect", "join"} <= set(handlers)
+    assert "events" not in handlers and "stream" not in handlers  # the demo's, not the core's
+    assert realtime.settings.channel_prefix == "ext-unit" and realtime.settings.redis_url is None
+    with pytest.raises(ValueError, match="registered already"):
+        realtime.gateway("after")(after)
+    assert app.extensions["tokens"] is realtime.signer
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Iterator[tuple[list[Instance], str]]:
+    (tmp_path / "example.py").write_text(readme_example())
+    prefix = unique("example")
+    env = {
+        "PYTHONPATH": str(tmp_path),
+        "QUART_SECRET_KEY": SECRET,
+        "QUART_REALTIME_REDIS_URL": REDIS_URL,
+        "QUART_REALTIME_CHANNEL_PREFIX": prefix,
+    }
+    instances = [Instance(name, env, app="example:asgi").start() for name in ("A", "B")]
+    try:
+        for instance in instances:
+            _wait_socketio(instance)
+        yield instances, prefix
+    finally:
+        for instance in instances:
+            instance.stop()
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def _wait_socketio(instance: Instance, timeout: float = 20.0) -> None:
+    """The example has no /healthz: wait until Engine.IO answers a handshake."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert instance.proc is not None
+        if instance.proc.poll() is not None:
+            raise RuntimeError(f"{instance.name} exited:\n{instance.output()}")
+        try:
+            with urllib.request.urlopen(instance.url + "/socket.io/?EIO=4&transport=polling", timeout=1) as answer:
+                if answer.read().startswith(b"0{"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{instance.name} not serving Socket.IO:\n{instance.output()}")
+
+
+@pytest.mark.cluster
+async def test_the_readme_example_propagates_a_gateway_answer_across_instances(
+    example: tuple[list[Instance], str],
+) -> None:
+    (a, b), _ = example
+    token = TokenSigner(SECRET).mint("alice", 600).value
+    here, there, bob = Probe("alice@A"), Probe("alice@B"), Probe("bob@B")
+    try:
+        await here.connect(a.url, token)
+        await there.connect(b.url, token)
+        await bob.connect(b.url, TokenSigner(SECRET).mint("bob", 600).value)
+        ack = await here.client.call("chat", {"text": "hi"}, timeout=10)
+        assert ack == {"ok": True, "answers": 1}
+        assert await here.wait_for("chat") == [{"echo": {"text": "hi"}}]
+        assert await there.wait_for("chat") == [{"echo": {"text": "hi"}}]  # through Redis, once
+        await bob.client.call("chat", {"text": "mine"}, timeout=10)
+        assert await bob.wait_for("chat") == [{"echo": {"text": "mine"}}]
+        assert here.of("chat") == [{"echo": {"text": "hi"}}]  # bob's answer is bob's alone
+    finally:
+        for probe in (here, there, bob):
+            await probe.close()
