@@ -71,6 +71,19 @@ async def test_redis_unreachable_gives_503_and_the_process_keeps_serving() -> No
         instance.stop()
 
 
+def test_a_graceful_timeout_shorter_than_the_drain_is_a_clear_error() -> None:
+    instance = Instance("grace", instance_env(unique("grace"), SHUTDOWN_TIMEOUT="20"), args=("--graceful-timeout", "15"))
+    instance.start()
+    try:
+        assert instance.proc is not None
+        assert instance.proc.wait(30) == 2
+        output = instance.output()
+        assert "webapp: configuration error: SHUTDOWN_TIMEOUT (20s) exceeds hypercorn's --graceful-timeout (15s)" in output
+        assert "Traceback" not in output
+    finally:
+        instance.stop()
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [

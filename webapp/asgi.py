@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from . import ConfigError, create_app, gcpolicy
+from . import ConfigError, Settings, create_app, gcpolicy, serving
 from .realtime import mount
 
 try:
-    app = mount(create_app())
+    settings = Settings.from_env()
+    serving.check_graceful_timeout(settings, sys.argv)
+    app = mount(create_app(settings))
 except ConfigError as exc:
     # A clear one-line message instead of a traceback from deep inside the server.
     print(f"webapp: configuration error: {exc}", file=sys.stderr)

@@ -1,6 +1,9 @@
 """How the app is served: hypercorn settings the Procfile loads
 (`--config python:webapp.serving.hypercorn`), and the write timeout on the listening sockets.
 
+Hypercorn's graceful timeout is derived from SHUTDOWN_TIMEOUT, so the SIGTERM drain always
+finishes before hypercorn cancels what is left.
+
 Hypercorn buffers a WebSocket message up to its own limit (16 MiB by default) before the app
 sees it; the app's frame cap (twice MAX_PAYLOAD_BYTES: Engine.IO's max_http_buffer_size) is far
 lower, so a client could make each connection buffer 16 MiB. The same cap here refuses an
@@ -15,7 +18,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .config import Settings
+from .config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,46 @@ def frame_cap(environ: os._Environ[str] | dict[str, str] | None = None) -> int:
     return Settings(max_payload_bytes=payload).frame_cap
 
 
+def graceful_timeout(environ: os._Environ[str] | dict[str, str] | None = None) -> float:
+    """Hypercorn's grace after its shutdown starts: the SIGTERM drain's SHUTDOWN_TIMEOUT and a
+    margin, so hypercorn never cuts connections the drain is still closing politely."""
+    raw = (os.environ if environ is None else environ).get("SHUTDOWN_TIMEOUT", "")
+    try:
+        drain = float(raw) if raw.strip() else Settings.shutdown_timeout
+    except ValueError:
+        drain = Settings.shutdown_timeout
+    return drain + GRACE_MARGIN
+
+
+GRACE_MARGIN = 5.0
+
+
+def check_graceful_timeout(settings: Settings, argv: list[str]) -> None:
+    """Refuse a --graceful-timeout on hypercorn's command line shorter than SHUTDOWN_TIMEOUT:
+    hypercorn would cancel the connections the drain is still closing. (Without the flag, the
+    config above derives it from SHUTDOWN_TIMEOUT.)"""
+    given: str | None = None
+    for index, word in enumerate(argv):
+        if word == "--graceful-timeout" and index + 1 < len(argv):
+            given = argv[index + 1]
+        elif word.startswith("--graceful-timeout="):
+            given = word.split("=", 1)[1]
+    if given is None:
+        return
+    try:
+        seconds = float(given)
+    except ValueError:
+        return  # hypercorn itself refuses it
+    if seconds < settings.shutdown_timeout:
+        raise ConfigError(
+            f"SHUTDOWN_TIMEOUT ({settings.shutdown_timeout:g}s) exceeds hypercorn's --graceful-timeout ({seconds:g}s): "
+            "the drain would be cut short; drop the flag (it is derived from SHUTDOWN_TIMEOUT) or raise it"
+        )
+
+
 class hypercorn:
     websocket_max_message_size = frame_cap()
+    graceful_timeout = graceful_timeout()
 
 
 def bound_writes(timeout: float) -> int:
