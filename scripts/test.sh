@@ -24,6 +24,14 @@ if [ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 
+# The load-balancer test serves three instances through deploy/nginx.conf with Debian's nginx.
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  echo "webapp: installing nginx-light for the load-balancer test"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+  # The package may start its default site on port 80; the test runs its own nginx, on loopback.
+  /usr/sbin/nginx -s quit 2>/dev/null || true
+fi
+
 # The recovery tests drive the official Socket.IO JavaScript client (tests/js, pinned by its lockfile).
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   echo "webapp: installing nodejs and npm for the JavaScript client tests"
