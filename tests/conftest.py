@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
@@ -14,7 +15,18 @@ from quart.typing import TestClientProtocol as Client
 
 from webapp import Settings, create_app
 
-from .harness import API_KEY, REDIS_URL, SECRET_KEY, Instance, Probe, instance_env, unique
+from .harness import (
+    API_KEY,
+    REDIS_URL,
+    ROOT,
+    SECRET_KEY,
+    Instance,
+    Probe,
+    forget,
+    free_cluster_base,
+    instance_env,
+    unique,
+)
 
 
 @pytest.fixture
@@ -63,6 +75,7 @@ class Cluster:
         self, prefix: str, names: tuple[str, ...] = ("A", "B"), *, app: str = "webapp.asgi:app", **env: str
     ) -> None:
         self.prefix = prefix
+        self.redis_url = env.get("redis_url", REDIS_URL)
         self.instances = [Instance(name, instance_env(prefix, **env), app=app).start() for name in names]
         for instance in self.instances:
             instance.wait_serving()
@@ -95,14 +108,43 @@ def running(redis_client: redis.Redis, cluster: Cluster) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.close()
-        for key in redis_client.scan_iter(f"{cluster.prefix}:*"):
-            redis_client.delete(key)
+        forget(redis_client, cluster.prefix)
 
 
-@pytest.fixture(scope="module")
-def cluster(redis_client: redis.Redis) -> Iterator[Cluster]:
-    with running(redis_client, Cluster(unique("cluster"))) as started:
-        yield started
+@pytest.fixture
+def bus_redis(cluster: Cluster) -> Iterator[redis.Redis]:
+    """A client of the Redis the cluster fixture's instances use (a cluster's seed node): its
+    PUBLISH reaches every node, its PUBSUB counts that node's subscribers (the instances')."""
+    client = redis.Redis.from_url(cluster.redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A local Redis Cluster (3 masters, 3 replicas) from scripts/redis-cluster.sh, for the session."""
+    base = free_cluster_base()
+    script = str(ROOT / "scripts" / "redis-cluster.sh")
+    started = subprocess.run([script, "start", str(base)], capture_output=True, text=True, timeout=60, check=False)
+    if started.returncode != 0:
+        pytest.fail(f"the local Redis Cluster did not start: {started.stderr}")
+    yield started.stdout.strip()
+    subprocess.run([script, "stop", str(base)], capture_output=True, timeout=60, check=False)
+
+
+@pytest.fixture(scope="module", params=["redis", "redis-cluster"])
+def cluster(request: pytest.FixtureRequest, redis_client: redis.Redis) -> Iterator[Cluster]:
+    """Two instances on one Redis node, then on a Redis Cluster: the contract holds on both."""
+    if request.param == "redis":
+        with running(redis_client, Cluster(unique("cluster"))) as started:
+            yield started
+        return
+    url = request.getfixturevalue("redis_cluster_url")
+    fleet = Cluster(unique("cluster"), redis_url=url)
+    try:
+        yield fleet
+    finally:
+        fleet.close()  # the cluster's keys go with it at the end of the session
 
 
 @pytest.fixture

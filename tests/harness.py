@@ -43,6 +43,30 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_cluster_base() -> int:
+    """A port P with P..P+5 and their cluster-bus ports (P+10000..) free: for a local Redis Cluster."""
+    import random
+
+    for _ in range(100):
+        base = random.randrange(20000, 25000)
+        ports = [*range(base, base + 6), *range(base + 10000, base + 10006)]
+        try:
+            for port in ports:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free ports for a local Redis Cluster")
+
+
+def forget(client: Any, prefix: str) -> None:
+    """Delete every key a test's instances wrote under `prefix` (presence's carry a hash tag)."""
+    for pattern in (f"{prefix}:*", f"{{{prefix}:*"):
+        for key in client.scan_iter(pattern):
+            client.delete(key)
+
+
 def unique(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
 

@@ -185,7 +185,7 @@ async def test_bad_tokens_are_refused_with_invalid_token(cluster: Cluster, kind:
 
 
 async def test_garbage_on_our_channels_is_dropped_and_consumption_goes_on(
-    cluster: Cluster, probes: list[Probe], redis_client: redis.Redis
+    cluster: Cluster, probes: list[Probe], bus_redis: redis.Redis
 ) -> None:
     c = await cast(cluster, probes)
     alice = c["alice_a"].user  # type: ignore[attr-defined]
@@ -202,7 +202,7 @@ async def test_garbage_on_our_channels_is_dropped_and_consumption_goes_on(
         (f"{prefix}:user:{alice}", b'{"v": 1, "id": "x", "scope": "user", "user_id": "a", "event": "disconnect", "ts": 1}'),
     ]
     for channel, raw in garbage:
-        redis_client.publish(channel, raw)
+        bus_redis.publish(channel, raw)
     status, _ = await api(cluster.a.url, "/api/emit/all", {"event": "after", "data": "still alive"})
     assert status == 202
     await fence(cluster.b.url, c.values())
@@ -214,7 +214,7 @@ async def test_garbage_on_our_channels_is_dropped_and_consumption_goes_on(
 
 
 async def test_an_envelope_published_twice_is_delivered_once(
-    cluster: Cluster, probes: list[Probe], redis_client: redis.Redis
+    cluster: Cluster, probes: list[Probe], bus_redis: redis.Redis
 ) -> None:
     """What a batch Redis applied although its reply was lost, then retried, looks like."""
     c = await cast(cluster, probes)
@@ -223,21 +223,21 @@ async def test_an_envelope_published_twice_is_delivered_once(
         {"v": 1, "id": unique("env"), "scope": "user", "user_id": alice, "event": "dm", "data": 1, "ts": 1}
     )
     for _ in range(2):
-        redis_client.publish(f"{cluster.prefix}:user:{alice}", twice)
+        bus_redis.publish(f"{cluster.prefix}:user:{alice}", twice)
     await fence(cluster.b.url, c.values())
     assert without_fences(c["alice_a"]) == [("dm", 1)]
     assert without_fences(c["alice_b"]) == [("dm", 1)]
 
 
 async def test_last_socket_leaving_releases_the_users_channel(
-    cluster: Cluster, probes: list[Probe], redis_client: redis.Redis
+    cluster: Cluster, probes: list[Probe], bus_redis: redis.Redis
 ) -> None:
     user = unique("dave")
     channel = f"{cluster.prefix}:user:{user}"
     token = await token_for(cluster.a.url, user)
 
     def subscribers() -> int:
-        return int(dict(redis_client.pubsub_numsub(channel))[channel.encode()])
+        return int(dict(bus_redis.pubsub_numsub(channel))[channel.encode()])
 
     first = await open_probe(probes, "dave1", cluster.a.url, token)
     # confirmed before the connection was accepted: no waiting needed here

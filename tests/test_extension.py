@@ -15,7 +15,7 @@ from quart import Quart
 from webapp.auth.tokens import TokenSigner
 from webapp.realtime import Realtime
 
-from .harness import REDIS_URL, ROOT, Instance, Probe, unique
+from .harness import REDIS_URL, ROOT, Instance, Probe, forget, unique
 
 SECRET = "example-secret-0123456789abcdef"
 
@@ -75,9 +75,7 @@ def example(tmp_path: Path) -> Iterator[tuple[list[Instance], str]]:
         for instance in instances:
             instance.stop()
         client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
+        forget(client, prefix)
         client.close()
 
 

@@ -23,6 +23,7 @@ from .harness import (
     Probe,
     api,
     fence,
+    forget,
     instance_env,
     token_for,
     unique,
@@ -273,8 +274,7 @@ async def test_a_recovering_socket_gets_its_rooms_back_even_from_a_killed_instan
     finally:
         for instance in (a, b):
             instance.stop(signal.SIGKILL)
-        for key in redis_client.scan_iter(f"{prefix}:*"):
-            redis_client.delete(key)
+        forget(redis_client, prefix)
     assert without_fences  # the helpers module stays the one place for fences
 
 

@@ -36,6 +36,7 @@ class Settings:
     # verifies the chain and the host name unless the URL says otherwise).
     redis_tls_verify: bool | None = None
     redis_tls_ca: str | None = None  # a PEM bundle to verify Redis's certificate against
+    redis_cluster: bool | None = None  # None: asked of Redis (INFO cluster) at the first connection
     secret_key: str = DEV_SECRET_KEY
     secret_keys: tuple[str, ...] = (DEV_SECRET_KEY,)  # the first signs, every one verifies
     api_keys: tuple[str, ...] = ()
@@ -133,6 +134,7 @@ class Settings:
             "redis_url": redis_url,
             "redis_tls_verify": redis_tls_verify,
             "redis_tls_ca": redis_tls_ca,
+            "redis_cluster": None if get("REDIS_CLUSTER") is None else _bool(get("REDIS_CLUSTER"), "REDIS_CLUSTER", False),
             "secret_key": secret_key,
             "secret_keys": secret_keys,
             "api_keys": api_keys,

@@ -23,6 +23,7 @@ from ..config import Settings
 from ..metrics import Metrics
 from . import gateway, jsoncodec
 from .bus import Bus, MemoryBus, RedisBus
+from .bus.cluster import Topology
 from .bus.tls import tls_options
 from .control import ExpiryWatch, iso
 from .directory import UserDirectory
@@ -107,6 +108,12 @@ class Realtime:
         self.bus: Bus = MemoryBus(settings.replay_max_len, settings.replay_max_age)
         # Every Redis client built from the URL takes these: one TLS policy for all of them.
         tls = tls_options(settings.redis_url, settings.redis_tls_verify, settings.redis_tls_ca)
+        # One node or a cluster, decided once for every Redis client of the instance.
+        topology = (
+            Topology(settings.redis_url, forced=settings.redis_cluster, timeout=settings.redis_timeout, tls=tls)
+            if settings.redis_url
+            else None
+        )
         if settings.redis_url:
             self.bus = RedisBus(
                 settings.redis_url,
@@ -119,6 +126,7 @@ class Realtime:
                 sync_channel=f"{settings.channel_prefix}:sync:{settings.instance_id}",
                 name=f"{settings.channel_prefix}:{settings.instance_id}",
                 tls=tls,
+                topology=topology,
             )
         # Recovery needs the history: with REPLAY_MAX_LEN=0 the opt-in is ignored.
         self.recovery = (
@@ -140,7 +148,7 @@ class Realtime:
         self.presence = Presence(
             settings.channel_prefix, sid_tag, settings.instance_id,
             redis_url=settings.redis_url, ttl=settings.presence_ttl, timeout=settings.redis_timeout,
-            announced_prefixes=self.presence_events, tls=tls,
+            announced_prefixes=self.presence_events, tls=tls, topology=topology,
         )
         self.propagator = Propagator(
             self.bus,

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .bus import BusUnavailable
+from .bus.cluster import Client, Topology
 from .bus.tls import TlsOptions
 
 log = logging.getLogger(__name__)
@@ -101,18 +101,25 @@ class Presence:
         announce: Announce | None = None,
         announced_prefixes: Iterable[str] = (),
         tls: TlsOptions | None = None,
+        topology: Topology | None = None,
     ) -> None:
-        self._prefix = f"{prefix}:presence"
+        # One hash tag for every presence key: a script touches a room's keys and a share
+        # together, and on a Redis Cluster those must live in one slot.
+        self._prefix = f"{{{prefix}:presence}}"
         self._tag = tag
         self._instance_id = instance_id
         self._url = redis_url
+        self._memory = redis_url is None  # one instance: presence is this instance's counts
+        self._topology = topology if topology is not None or redis_url is None else Topology(
+            redis_url, forced=None, timeout=timeout, tls=tls
+        )
         self._tls: TlsOptions = tls or {}
         self._ttl = ttl
         self._timeout = timeout
         self.announce = announce
         self._event_prefixes = tuple(announced_prefixes)
         self._members_here: set[tuple[str, str]] = set()  # memory mode: who is in which room
-        self._redis: Redis | None = None
+        self._redis: Client | None = None  # made once the topology is known
         self._users: Counter[str] = Counter()  # user -> sockets here
         self._rooms: Counter[tuple[str, str]] = Counter()  # (room, user) -> sockets here in the room
         self._since: dict[str, float] = {}
@@ -149,14 +156,21 @@ class Presence:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._url is not None:
-            self._redis = Redis.from_url(
-                self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout,
-                client_name=f"{self._prefix}:{self._tag}", **self._tls,
-            )
-            self._room_script = self._redis.register_script(_ROOM_SCRIPT)
+        if not self._memory:
             self._tasks.append(asyncio.create_task(self._heartbeat_forever(), name="presence-heartbeat"))
         self._tasks.append(asyncio.create_task(self._write_forever(), name="presence-writer"))
+
+    async def _client(self) -> Client:
+        """The Redis client, made at first use (the topology may need Redis to answer first)."""
+        if self._redis is None:
+            assert self._topology is not None
+            client = await self._topology.client(
+                socket_timeout=self._timeout, socket_connect_timeout=self._timeout,
+                client_name=f"{self._prefix}:{self._tag}",
+            )
+            self._room_script = client.register_script(_ROOM_SCRIPT)
+            self._redis = client
+        return self._redis
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -234,10 +248,10 @@ class Presence:
 
     async def _write(self, users: set[str], rooms: set[tuple[str, str]]) -> list[tuple[str, str, str]]:
         """Write the current counts of what changed; the fleet-wide room joins and leaves."""
-        if self._redis is None:
+        if self._memory:
             return self._memory_transitions(rooms)
         share = self._share_key(self._tag)
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with (await self._client()).pipeline(transaction=False) as pipe:
             # One command per user (`<count>|<since>` under this instance's tag), and the share
             # in one command for all of them: a connect storm costs few commands.
             shared: dict[str, int] = {}
@@ -290,7 +304,6 @@ class Presence:
     # --- heartbeats and the dead ---------------------------------------------------------------
 
     async def _heartbeat_forever(self) -> None:
-        assert self._redis is not None
         first = True
         while True:
             try:
@@ -302,8 +315,7 @@ class Presence:
             await asyncio.sleep(self._ttl / 3)
 
     async def _heartbeat(self, first: bool) -> None:
-        assert self._redis is not None
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with (await self._client()).pipeline(transaction=False) as pipe:
             pipe.zscore(self._instances_key, self._tag)
             pipe.zadd(self._instances_key, {self._tag: (time.time() + self._ttl) * 1000})
             pipe.hset(self._names_key, self._tag, self._instance_id)
@@ -317,23 +329,21 @@ class Presence:
             self._wake.set()
 
     async def _reap_the_dead(self) -> None:
-        assert self._redis is not None
-        dead = await self._redis.zrangebyscore(self._instances_key, "-inf", time.time() * 1000)
+        dead = await (await self._client()).zrangebyscore(self._instances_key, "-inf", time.time() * 1000)
         for raw in dead:
             tag = raw.decode() if isinstance(raw, bytes) else str(raw)
             if tag == self._tag:
                 continue
             # One reaper per dead instance; the lock outlives a slow reap.
-            if await self._redis.set(f"{self._prefix}:reaping:{tag}", self._tag, nx=True, px=60_000):
+            if await (await self._client()).set(f"{self._prefix}:reaping:{tag}", self._tag, nx=True, px=60_000):
                 await self._reap(tag)
                 self.reaped += 1
 
     async def _reap(self, tag: str) -> None:
         """Remove an instance's share from every answer; announce the leaves it causes."""
-        assert self._redis is not None
-        share = await self._redis.hgetall(self._share_key(tag))
+        share = await (await self._client()).hgetall(self._share_key(tag))
         rooms: list[tuple[str, str]] = []
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with (await self._client()).pipeline(transaction=False) as pipe:
             # Rooms first: their results lead the pipeline's answers.
             for raw_field in share:
                 kind, _, rest = _text(raw_field).partition("|")
@@ -362,27 +372,27 @@ class Presence:
 
     async def _alive(self) -> dict[str, str]:
         """Instances whose heartbeat is fresh: tag -> instance id."""
-        if self._redis is None:
+        if self._memory:
             return {self._tag: self._instance_id}
         tags = [
             t.decode() if isinstance(t, bytes) else str(t)
-            for t in await self._redis.zrangebyscore(self._instances_key, time.time() * 1000, "+inf")
+            for t in await (await self._client()).zrangebyscore(self._instances_key, time.time() * 1000, "+inf")
         ]
         if not tags:
             return {}
-        names = await self._redis.hmget(self._names_key, tags)
+        names = await (await self._client()).hmget(self._names_key, tags)
         return {tag: (name.decode() if isinstance(name, bytes) else tag) for tag, name in zip(tags, names, strict=True)}
 
     async def users(self, user_ids: list[str]) -> list[UserPresence]:
         """The presence of each user, across the fleet."""
         try:
-            if self._redis is None:
+            if self._memory:
                 return [
                     UserPresence(u, self._users[u], [self._instance_id] if self._users[u] else [], self._since.get(u))
                     for u in user_ids
                 ]
             alive = await self._alive()
-            async with self._redis.pipeline(transaction=False) as pipe:
+            async with (await self._client()).pipeline(transaction=False) as pipe:
                 for user_id in user_ids:
                     pipe.hgetall(self._user_key(user_id))
                 found = await pipe.execute()
@@ -409,7 +419,7 @@ class Presence:
         """A page of a room's members (users, in id order, after `after`) with their socket
         counts across the fleet, and the cursor of the next page (None on the last)."""
         limit = max(1, min(limit, PAGE_MAX))
-        if self._redis is None:
+        if self._memory:
             members = sorted(u for (r, u), n in self._rooms.items() if r == room and n > 0 and (after is None or u > after))
             page = members[:limit]
             return (
@@ -419,12 +429,12 @@ class Presence:
         try:
             alive = list(await self._alive())
             low = f"({after}" if after else "-"
-            raw = await self._redis.zrangebylex(self._room_members_key(room), low, "+", start=0, num=limit + 1)
+            raw = await (await self._client()).zrangebylex(self._room_members_key(room), low, "+", start=0, num=limit + 1)
             users = [u.decode() if isinstance(u, bytes) else str(u) for u in raw]
             page, more = users[:limit], len(users) > limit
             counts: list[Any] = []
             if page and alive:
-                counts = await self._redis.hmget(
+                counts = await (await self._client()).hmget(
                     self._room_counts_key(room), [f"{u}|{tag}" for u in page for tag in alive]
                 )
         except (RedisError, OSError, TimeoutError) as exc:

@@ -27,6 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from .base import ZERO, BusUnavailable, Entry, GapHandler, History, MessageHandler, Offset, cancel, dispatch
+from .cluster import Client, Topology, nodes_of
 from .tls import TlsOptions, certificate_problem
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,12 @@ class RedisBus:
         sync_channel: str | None = None,
         name: str = "webapp",
         tls: TlsOptions | None = None,
+        topology: Topology | None = None,
     ) -> None:
         self._url = url
         self._tls: TlsOptions = tls or {}
+        # One node or a cluster: asked of Redis at the first connection unless REDIS_CLUSTER says.
+        self._topology = topology or Topology(url, forced=None, timeout=timeout, tls=tls)
         # Named connections: `CLIENT LIST` shows which instance each belongs to.
         self._name = re.sub(r"[^A-Za-z0-9_.:-]", "_", name)[:100]
         self._timeout = timeout
@@ -118,7 +122,7 @@ class RedisBus:
         self._reader: asyncio.Task[None] | None = None
         self._deliverer: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
-        self._client: Redis | None = None
+        self._client: Client | None = None  # made at the first connection, once the topology is known
         self._sub_pool: ConnectionPool | None = None
         self._outgoing: list[tuple[str, bytes, asyncio.Future[Offset | None]]] = []
         self._outgoing_ready = asyncio.Event()
@@ -144,20 +148,6 @@ class RedisBus:
         self._handler, self._on_gap = handler, on_gap
         if self._sync_channel is not None and self._history_key is not None:
             self._wanted.add(self._sync_channel)
-        # Publishing borrows from a blocking pool so a burst waits for a connection instead of
-        # failing. No retries: a batch whose reply was lost may have been applied, and sending
-        # it again would duplicate it; the pool already replaces connections that died.
-        pool = BlockingConnectionPool.from_url(
-            self._url,
-            max_connections=self._max_connections,
-            timeout=self._timeout,
-            socket_timeout=self._timeout,
-            socket_connect_timeout=self._timeout,
-            retry=Retry(NoBackoff(), 0),
-            client_name=f"{self._name}:pub",
-            **self._tls,
-        )
-        self._client = Redis(connection_pool=pool)
         # RESP2 on the subscriber: its replies are plain arrays this loop reads itself (RESP3
         # would route them to push handlers instead).
         self._sub_pool = ConnectionPool.from_url(
@@ -264,10 +254,11 @@ class RedisBus:
         try:
             if len(batch) == 1:
                 channel, message, _ = batch[0]
-                replies = [await self._client.execute_command(*self._publish_args(channel, message))]  # type: ignore[no-untyped-call]
+                replies = [await self._client.execute_command(*self._publish_args(channel, message))]
             else:
                 # MULTI/EXEC: Redis applies the batch whole or not at all, never in part.
-                async with self._client.pipeline(transaction=True) as pipe:
+                # (Without a history, PUBLISH names no key: a cluster cannot run it in a MULTI.)
+                async with self._client.pipeline(transaction=self._history_key is not None) as pipe:
                     for channel, message, _ in batch:
                         pipe.execute_command(*self._publish_args(channel, message))
                     replies = await pipe.execute()
@@ -276,6 +267,30 @@ class RedisBus:
         if self._history_key is None:
             return [None] * len(batch)
         return [Offset.parse(reply) for reply in replies]
+
+    async def _open_client(self) -> Client:
+        """The command client, once the topology is known (raises while Redis cannot tell)."""
+        if await self._topology.cluster():
+            # One pool per node, MOVED and ASK followed; the history's key decides the slot of
+            # every publish script, so a batch stays one MULTI on one node.
+            return await self._topology.client(
+                max_connections=self._max_connections, socket_timeout=self._timeout,
+                socket_connect_timeout=self._timeout, client_name=f"{self._name}:pub",
+            )
+        # Publishing borrows from a blocking pool so a burst waits for a connection instead of
+        # failing. No retries: a batch whose reply was lost may have been applied, and sending
+        # it again would duplicate it; the pool already replaces connections that died.
+        pool = BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=self._max_connections,
+            timeout=self._timeout,
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+            retry=Retry(NoBackoff(), 0),
+            client_name=f"{self._name}:pub",
+            **self._tls,
+        )
+        return Redis(connection_pool=pool)
 
     def _publish_args(self, channel: str, message: bytes) -> tuple[Any, ...]:
         if self._history_key is None:
@@ -333,7 +348,7 @@ class RedisBus:
             complete = await self._nothing_trimmed_after(client, after)
         return History(entries, end, complete)
 
-    async def _nothing_trimmed_after(self, client: Redis, after: Offset) -> bool:
+    async def _nothing_trimmed_after(self, client: Client, after: Offset) -> bool:
         """Trimming removes from the head: nothing after `after` is gone while `after` itself
         (always an id the stream once held) is still there, or while nothing was ever trimmed.
         Conservative at one point: `after` trimmed with its successor kept reads as a loss."""
@@ -371,7 +386,7 @@ class RedisBus:
             found = await self._require_client().hgetall(key)
         return {_text(field): _text(value) for field, value in found.items()}
 
-    def _require_client(self) -> Redis:
+    def _require_client(self) -> Client:
         if self._client is None:
             raise BusUnavailable("the Redis bus is not running")
         return self._client
@@ -460,14 +475,10 @@ class RedisBus:
             self.reconnects += 1
 
     async def _connect(self) -> None:
-        assert self._sub_pool is not None
+        if self._client is None:
+            self._client = await self._open_client()
         owed = await self._owes_catch_up()
-        conn: AbstractConnection = self._sub_pool.make_connection()  # type: ignore[no-untyped-call]
-        try:
-            await conn.connect()  # type: ignore[no-untyped-call]
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
+        conn = await self._subscriber()
         self._conn = conn
         self._generation += 1
         self._initial = set(self._wanted)
@@ -478,6 +489,30 @@ class RedisBus:
         self.last_error = None
         log.info("Redis subscriber connected; subscribing %d channels", len(self._initial))
         self._release_when_confirmed()
+
+    async def _subscriber(self) -> AbstractConnection:
+        """A connection for SUBSCRIBE: to REDIS_URL's node, or on a cluster to any node that
+        answers (classic pub/sub reaches every node of a cluster)."""
+        assert self._sub_pool is not None
+        others = nodes_of(self._client) if self._client is not None else []
+        candidates: list[dict[str, object]] = [{}, *({"host": host, "port": port} for host, port in others)]
+        failure: BaseException | None = None
+        for where in candidates:
+            conn: AbstractConnection = self._sub_pool.make_connection()  # type: ignore[no-untyped-call]
+            for attribute, value in where.items():
+                setattr(conn, attribute, value)
+            try:
+                await conn.connect()  # type: ignore[no-untyped-call]
+            except (TimeoutError, RedisError, OSError) as exc:
+                await conn.disconnect(nowait=True)
+                failure = exc
+                continue
+            except BaseException:
+                await conn.disconnect(nowait=True)
+                raise
+            return conn
+        assert failure is not None
+        raise failure
 
     async def _owes_catch_up(self) -> bool:
         """Whether this (re)connect owes a catch-up; checks first whether Redis lost its data."""

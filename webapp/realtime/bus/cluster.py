@@ -1,0 +1,68 @@
+"""One Redis node or a Redis Cluster behind REDIS_URL: which one, and a command client for it.
+
+The same app runs on both. On a cluster, commands go through redis-py's `RedisCluster` (it
+follows MOVED and ASK, and learns the topology); keys a script or a transaction touches
+together share a hash tag, so they live in one slot; classic pub/sub reaches every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+
+from .tls import TlsOptions
+
+Client = Redis | RedisCluster
+
+
+class Topology:
+    """Whether REDIS_URL names a cluster node: REDIS_CLUSTER when set, else asked of Redis
+    (`INFO cluster`) once it answers; every Redis client of the instance follows the answer."""
+
+    def __init__(self, url: str, *, forced: bool | None, timeout: float, tls: TlsOptions | None = None) -> None:
+        self._url = url
+        self._forced = forced
+        self._timeout = timeout
+        self._tls: TlsOptions = tls or {}
+        self._known: bool | None = forced
+        self._lock = asyncio.Lock()
+
+    @property
+    def known(self) -> bool | None:
+        return self._known
+
+    async def cluster(self) -> bool:
+        """True for a cluster; raises what redis-py raises while Redis cannot be asked."""
+        if self._known is not None:
+            return self._known
+        async with self._lock:
+            if self._known is None:
+                probe = Redis.from_url(
+                    self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout, **self._tls
+                )
+                try:
+                    info = await probe.info("cluster")
+                finally:
+                    await probe.aclose()
+                self._known = str(info.get("cluster_enabled", 0)) == "1"
+        return self._known
+
+    async def client(self, **options: Any) -> Client:
+        """A command client of the right kind for REDIS_URL, with `options` for its connections."""
+        if await self.cluster():
+            options.pop("connection_pool", None)
+            # A cluster client keeps one pool per node; its retries follow MOVED/ASK and failovers.
+            return RedisCluster.from_url(self._url, **self._tls, **options)
+        return Redis.from_url(self._url, **self._tls, **options)
+
+
+def nodes_of(client: Client) -> list[tuple[str, int]]:
+    """The cluster's nodes as this client last saw them (none for a single node): where a
+    subscriber can go when its node is gone."""
+    if not isinstance(client, RedisCluster):
+        return []
+    found: list[ClusterNode] = client.get_nodes()
+    return [(node.host, int(node.port)) for node in found]
