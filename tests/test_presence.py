@@ -23,10 +23,20 @@ pytestmark = pytest.mark.cluster
 TTL = 2.0  # PRESENCE_TTL of these instances: a dead one is forgotten within it
 
 
-@pytest.fixture(scope="module")
-def fleet(redis_client: redis.Redis) -> Iterator[Cluster]:
-    with running(redis_client, Cluster(unique("presence"), ("A", "B", "C"), PRESENCE_TTL=str(TTL))) as started:
+@pytest.fixture(scope="module", params=["redis", "redis-cluster"])
+def fleet(request: pytest.FixtureRequest, redis_client: redis.Redis) -> Iterator[Cluster]:
+    """Three instances on one Redis node, then on a Redis Cluster (presence's scripts touch
+    several keys at once: on a cluster they must share a slot)."""
+    if request.param == "redis":
+        with running(redis_client, Cluster(unique("presence"), ("A", "B", "C"), PRESENCE_TTL=str(TTL))) as started:
+            yield started
+        return
+    url = request.getfixturevalue("redis_cluster_url")
+    started = Cluster(unique("presence"), ("A", "B", "C"), PRESENCE_TTL=str(TTL), redis_url=url)
+    try:
         yield started
+    finally:
+        started.close()
 
 
 async def connect(probes: list[Probe], instance: Instance, user: str) -> Probe:

@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from .bus import BusUnavailable
-from .bus.cluster import Client, Topology
+from .bus.cluster import REDIS_FAILURES, Client, Topology
 from .bus.tls import TlsOptions
 
 log = logging.getLogger(__name__)
@@ -65,6 +63,12 @@ return 0
 """
 
 Announce = Callable[[str, str, str], Awaitable[None]]  # room, user, "join" | "leave"
+
+
+def _room_call(pipe: Any, counts: str, members: str, share: str, *args: object) -> None:
+    """Queue the room script on a pipeline: EVAL, since a cluster pipeline refuses EVALSHA (Redis
+    caches the script by its hash anyway); its three keys share presence's hash tag."""
+    pipe.execute_command("EVAL", _ROOM_SCRIPT, 3, counts, members, share, *args)
 PAGE_MAX = 1000
 
 
@@ -127,7 +131,6 @@ class Presence:
         self._dirty_rooms: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._room_script: Any = None
         self.reaped = 0
         self.write_errors = 0
 
@@ -168,7 +171,6 @@ class Presence:
                 socket_timeout=self._timeout, socket_connect_timeout=self._timeout,
                 client_name=f"{self._prefix}:{self._tag}",
             )
-            self._room_script = client.register_script(_ROOM_SCRIPT)
             self._redis = client
         return self._redis
 
@@ -183,7 +185,7 @@ class Presence:
                 # Announced: the bus still runs (the propagator closes presence first). Users
                 # who reconnect elsewhere are announced again when their new instance writes.
                 await self._reap(self._tag)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 log.warning("presence: could not withdraw this instance's share: %s", exc)
             await self._redis.aclose()
             self._redis = None
@@ -232,7 +234,7 @@ class Presence:
             self._dirty_users, self._dirty_rooms = set(), set()
             try:
                 transitions = await self._write(users, rooms)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 # Counts are absolute: writing them again later is exact whatever landed.
                 self.write_errors += 1
                 self._dirty_users |= users
@@ -270,10 +272,9 @@ class Presence:
                 pipe.hdel(share, *gone)
             ordered = sorted(rooms)
             for room, user_id in ordered:
-                await self._room_script(
-                    keys=[self._room_counts_key(room), self._room_members_key(room), share],
-                    args=[user_id, self._tag, self._rooms[room, user_id], room],
-                    client=pipe,
+                _room_call(
+                    pipe, self._room_counts_key(room), self._room_members_key(room), share,
+                    user_id, self._tag, self._rooms[room, user_id], room,
                 )
             results = await pipe.execute()
         room_results = results[len(results) - len(ordered):] if ordered else []
@@ -310,7 +311,7 @@ class Presence:
                 await self._heartbeat(first)
                 first = False
                 await self._reap_the_dead()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 log.warning("presence: heartbeat failed: %s", exc)
             await asyncio.sleep(self._ttl / 3)
 
@@ -350,9 +351,9 @@ class Presence:
                 if kind == "r":
                     room, _, user_id = rest.rpartition("|")
                     rooms.append((room, user_id))
-                    await self._room_script(
-                        keys=[self._room_counts_key(room), self._room_members_key(room), ""],
-                        args=[user_id, tag, 0, room], client=pipe,
+                    _room_call(
+                        pipe, self._room_counts_key(room), self._room_members_key(room), self._share_key(tag),
+                        user_id, tag, 0, room,
                     )
             for raw_field in share:
                 kind, _, user_id = _text(raw_field).partition("|")
@@ -396,7 +397,7 @@ class Presence:
                 for user_id in user_ids:
                     pipe.hgetall(self._user_key(user_id))
                 found = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             raise BusUnavailable(f"Redis did not answer: {exc}") from None
         return [self._user_from(user_id, fields, alive) for user_id, fields in zip(user_ids, found, strict=True)]
 
@@ -437,7 +438,7 @@ class Presence:
                 counts = await (await self._client()).hmget(
                     self._room_counts_key(room), [f"{u}|{tag}" for u in page for tag in alive]
                 )
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             raise BusUnavailable(f"Redis did not answer: {exc}") from None
         listed: list[dict[str, Any]] = []
         for index, user_id in enumerate(page):

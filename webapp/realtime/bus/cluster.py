@@ -12,10 +12,14 @@ from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
+from redis.exceptions import RedisClusterException, RedisError
 
 from .tls import TlsOptions
 
 Client = Redis | RedisCluster
+# What a Redis call can raise: a cluster client also raises RedisClusterException (not a
+# RedisError) when it cannot route a command.
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 class Topology:

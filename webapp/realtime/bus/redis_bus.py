@@ -24,10 +24,10 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from .base import ZERO, BusUnavailable, Entry, GapHandler, History, MessageHandler, Offset, cancel, dispatch
-from .cluster import Client, Topology, nodes_of
+from .cluster import REDIS_FAILURES, Client, Topology, nodes_of
 from .tls import TlsOptions, certificate_problem
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ class RedisBus:
                     for channel, message, _ in batch:
                         pipe.execute_command(*self._publish_args(channel, message))
                     replies = await pipe.execute()
-        except (TimeoutError, RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             return exc
         if self._history_key is None:
             return [None] * len(batch)
@@ -417,7 +417,7 @@ class RedisBus:
             if not await self._send(conn, kind.upper(), channel):
                 return False
             return await asyncio.wait_for(asyncio.shield(waiter), self._timeout)
-        except (TimeoutError, RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise BusUnavailable(f"Redis did not confirm {kind} {channel}: {exc or 'timed out'}") from None
         finally:
             if waiter in queue:
@@ -453,7 +453,7 @@ class RedisBus:
                 await self._read_forever()
             except asyncio.CancelledError:
                 raise
-            except (TimeoutError, RedisError, OSError, BusUnavailable) as exc:
+            except (*REDIS_FAILURES, BusUnavailable) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 problem = certificate_problem(exc)
                 if problem is not None:
@@ -503,7 +503,7 @@ class RedisBus:
                 setattr(conn, attribute, value)
             try:
                 await conn.connect()  # type: ignore[no-untyped-call]
-            except (TimeoutError, RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 await conn.disconnect(nowait=True)
                 failure = exc
                 continue
@@ -663,7 +663,7 @@ def _answered() -> Iterator[None]:
     """A Redis call that failed or timed out becomes BusUnavailable."""
     try:
         yield
-    except (TimeoutError, RedisError, OSError) as exc:
+    except REDIS_FAILURES as exc:
         raise BusUnavailable(f"Redis did not answer: {exc}") from None
 
 
