@@ -33,6 +33,7 @@ start() {
   for port in $ports; do
     redis-server --port "$port" --bind 127.0.0.1 --daemonize yes --dir "$dir" \
       --cluster-enabled yes --cluster-config-file "nodes-$port.conf" --cluster-node-timeout 2000 \
+      --cluster-replica-validity-factor 0 \
       --save "" --appendonly no --pidfile "$dir/$port.pid" --logfile "$dir/$port.log"
   done
   for port in $ports; do

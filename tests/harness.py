@@ -61,8 +61,9 @@ def free_cluster_base() -> int:
 
 
 def forget(client: Any, prefix: str) -> None:
-    """Delete every key a test's instances wrote under `prefix` (presence's carry a hash tag)."""
-    for pattern in (f"{prefix}:*", f"{{{prefix}:*"):
+    """Delete every key a test's instances wrote under `prefix` (the history's and presence's
+    carry hash tags)."""
+    for pattern in (f"{prefix}:*", f"{{{prefix}:*", f"{{{prefix}}}:*"):
         for key in client.scan_iter(pattern):
             client.delete(key)
 

@@ -179,7 +179,7 @@ async def test_an_idle_socket_older_than_the_history_still_recovers(
     # ("MINID ~" drops whole stream nodes of 100 entries)
     async def trimmed_after_one_more() -> bool:
         await emit(b.url, f"/api/emit/users/{other}", "dm", "not for dave")
-        info = redis_client.xinfo_stream(f"{prefix}:replay")
+        info = redis_client.xinfo_stream(f"{{{prefix}}}:replay")
         return int(info["entries-added"]) > int(info["length"])
 
     await wait_until(trimmed_after_one_more, "the history to trim past dave's start", timeout=20)

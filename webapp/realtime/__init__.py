@@ -119,10 +119,11 @@ class Realtime:
                 settings.redis_url,
                 timeout=settings.redis_timeout,
                 backoff_max=settings.redis_backoff_max,
-                history_key=f"{settings.channel_prefix}:replay" if settings.replay_max_len else None,
+                # One hash tag: on a cluster the history and its epoch live (and fail over) together.
+                history_key=f"{{{settings.channel_prefix}}}:replay" if settings.replay_max_len else None,
                 history_max=settings.replay_max_len,
                 history_age=settings.replay_max_age,
-                epoch_key=f"{settings.channel_prefix}:epoch",
+                epoch_key=f"{{{settings.channel_prefix}}}:epoch",
                 sync_channel=f"{settings.channel_prefix}:sync:{settings.instance_id}",
                 name=f"{settings.channel_prefix}:{settings.instance_id}",
                 tls=tls,
