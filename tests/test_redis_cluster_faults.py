@@ -110,3 +110,92 @@ async def test_a_master_failover_loses_and_duplicates_no_acknowledged_event(redi
         for probe in probes:
             await probe.close()
         fleet.close()
+
+
+def node_ids(base: int) -> dict[int, str]:
+    """port -> node id, for the masters."""
+    client = redis.Redis(port=base)
+    try:
+        nodes = client.execute_command("CLUSTER", "NODES").decode()
+    finally:
+        client.close()
+    found = {}
+    for line in nodes.splitlines():
+        node_id, address, flags = line.split()[:3]
+        if "master" in flags.split(","):
+            found[int(address.split("@")[0].rsplit(":", 1)[1])] = node_id
+    return found
+
+
+def migrate_slot_of(base: int, key: str, target: int, pause: float = 0.5) -> None:
+    """Move `key`'s slot to the master on `target`, the way redis-cli --cluster reshard does:
+    IMPORTING/MIGRATING, MIGRATE of its keys, then the new owner announced to every master.
+    It dwells `pause` seconds in each state (a real reshard of many keys takes a while): before
+    the keys move, and after, while the old owner still answers ASK for them."""
+    ids = node_ids(base)
+    source = master_of(base, key)
+    src, dst = redis.Redis(port=source), redis.Redis(port=target)
+    try:
+        slot = int(src.execute_command("CLUSTER", "KEYSLOT", key))
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+        time.sleep(pause)
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        time.sleep(pause)
+        for port in ids:
+            node = redis.Redis(port=port)
+            try:
+                node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+            finally:
+                node.close()
+    finally:
+        src.close()
+        dst.close()
+
+
+async def test_moving_the_historys_slot_under_traffic_loses_and_duplicates_nothing(redis_cluster: int) -> None:
+    base = redis_cluster
+    prefix = unique("reshard")
+    fleet = Cluster(prefix, ("A", "B"), redis_url=f"redis://127.0.0.1:{base}/0", REDIS_BACKOFF_MAX="0.5")
+    probes: list[Probe] = []
+    try:
+        a, b = fleet.instances
+        user = unique("alice")
+        token = await token_for(a.url, user)
+        for instance in (a, b):
+            probe = Probe(f"{user}@{instance.name}")
+            probes.append(await probe.connect(instance.url, token))
+        acknowledged: list[int] = []
+        refused = 0
+        history = f"{{{prefix}}}:replay"
+        source = master_of(base, history)
+        target = next(port for port in node_ids(base) if port != source)
+        moving: asyncio.Future[None] | None = None
+        n = 0
+        while moving is None or not moving.done() or n < 100:
+            if n == 20:  # the slot moves while events flow, in both directions of the seam
+                moving = asyncio.get_running_loop().run_in_executor(None, migrate_slot_of, base, history, target)
+            instance = a if n % 2 == 0 else b
+            status, _ = await api(instance.url, f"/api/emit/users/{user}", {"event": "n", "data": n})
+            if status == 202:
+                acknowledged.append(n)
+            else:
+                assert status == 503, status
+                refused += 1
+            n += 1
+            await asyncio.sleep(0.01)
+        assert moving is not None
+        await moving
+        assert master_of(base, history) == target
+        for probe in probes:
+            await probe.wait_for("n", len(acknowledged), timeout=20)
+            got = probe.of("n")
+            assert len(got) == len(set(got)), "an event was delivered twice"
+            assert [k for k in got if k in set(acknowledged)] == acknowledged
+        assert refused <= 5, f"{refused} emits refused while one slot moved"
+        print(f"reshard: {len(acknowledged)} acknowledged, {refused} refused")
+    finally:
+        for probe in probes:
+            await probe.close()
+        fleet.close()
