@@ -12,7 +12,18 @@ import socketio
 from webapp.auth.tokens import TokenSigner
 
 from .conftest import Cluster
-from .harness import SECRET_KEY, Instance, Probe, api, fence, token_for, unique, wait_until, without_fences
+from .harness import (
+    REDIS_URL,
+    SECRET_KEY,
+    Instance,
+    Probe,
+    api,
+    fence,
+    token_for,
+    unique,
+    wait_until,
+    without_fences,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -52,6 +63,13 @@ async def test_user_scope_reaches_exactly_that_users_sockets(
     assert without_fences(c["alice_b"]) == [("dm", {"n": 1})]
     assert without_fences(c["bob_b"]) == []
     assert without_fences(c["anon_a"]) == []
+
+
+def test_each_instance_tells_whether_its_redis_is_a_cluster(cluster: Cluster) -> None:
+    """Asked of Redis (INFO cluster) at the first connection: nothing was configured."""
+    expected = cluster.redis_url != REDIS_URL
+    for instance in cluster.instances:
+        assert instance.status()[1]["bus"]["cluster"] is expected
 
 
 async def test_all_scope_reaches_everyone_including_anonymous(cluster: Cluster, probes: list[Probe]) -> None:

@@ -645,6 +645,7 @@ class RedisBus:
     def status(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "cluster": self._topology.known,  # None until Redis has told (or REDIS_CLUSTER did)
             "connected": self._conn is not None,
             "channels": len(self._confirmed),
             "wanted": len(self._wanted),
