@@ -54,6 +54,29 @@ BASELINE = AppSpec("baseline", "bench.baseline_app:app", channel=lambda prefix: 
 APPS = (OURS, BASELINE)
 
 
+def subscribers(redis_url: str, channel: str) -> int:
+    """Connections subscribed to `channel` (classic pub/sub): on a Redis Cluster, summed over its
+    nodes, since PUBSUB NUMSUB counts only the node it is asked."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        if str(client.info("cluster").get("cluster_enabled", 0)) != "1":
+            return int(dict(client.pubsub_numsub(channel)).get(channel.encode(), 0))
+        nodes = client.execute_command("CLUSTER", "NODES").decode()
+    finally:
+        client.close()
+    total = 0
+    for line in nodes.splitlines():
+        host, port = line.split()[1].split("@")[0].rsplit(":", 1)
+        node = redis.Redis(host=host or "127.0.0.1", port=int(port))
+        try:
+            total += int(dict(node.pubsub_numsub(channel)).get(channel.encode(), 0))
+        except redis.RedisError:
+            continue  # a failed node holds nobody
+        finally:
+            node.close()
+    return total
+
+
 def procfile_flags(procfile: Path = ROOT / "Procfile") -> list[str]:
     """hypercorn's flags on the Procfile's web line, minus the bind: the bench serves as deployed."""
     try:
@@ -222,17 +245,13 @@ class Cluster:
     def _wait_subscribers(self, deadline: float) -> None:
         # /readyz says "connected"; Redis itself says who will hear a broadcast.
         channel = self.app.channel(self.prefix)
-        client = redis.Redis.from_url(self.redis_url)
-        try:
-            while True:
-                ((_, subscribers),) = client.pubsub_numsub(channel)
-                if subscribers >= len(self.servers):
-                    return
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{channel}: {subscribers} subscribers, expected {len(self.servers)}")
-                time.sleep(0.05)
-        finally:
-            client.close()
+        while True:
+            count = subscribers(self.redis_url, channel)
+            if count >= len(self.servers):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{channel}: {count} subscribers, expected {len(self.servers)}")
+            time.sleep(0.05)
 
     def targets(self) -> list[dict[str, object]]:
         return [{"name": s.name, "url": s.url, "pid": s.worker_pid} for s in self.servers]

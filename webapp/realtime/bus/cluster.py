@@ -70,3 +70,15 @@ def nodes_of(client: Client) -> list[tuple[str, int]]:
         return []
     found: list[ClusterNode] = client.get_nodes()
     return [(node.host, int(node.port)) for node in found]
+
+
+def owner_of(client: Client, key: str) -> tuple[str, int] | None:
+    """The master that owns `key`'s slot, as this client last saw the topology (None for a
+    single node, or a topology not known yet)."""
+    if not isinstance(client, RedisCluster):
+        return None
+    try:
+        node: ClusterNode | None = client.get_node_from_key(key)
+    except Exception:  # noqa: BLE001 - an unknown topology: no preference
+        return None
+    return None if node is None else (node.host, int(node.port))

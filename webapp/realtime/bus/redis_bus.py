@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from .base import ZERO, BusUnavailable, Entry, GapHandler, History, MessageHandler, Offset, cancel, dispatch
-from .cluster import REDIS_FAILURES, Client, Topology, nodes_of
+from .cluster import REDIS_FAILURES, Client, Topology, nodes_of, owner_of
 from .tls import TlsOptions, certificate_problem
 
 log = logging.getLogger(__name__)
@@ -491,11 +491,20 @@ class RedisBus:
         self._release_when_confirmed()
 
     async def _subscriber(self) -> AbstractConnection:
-        """A connection for SUBSCRIBE: to REDIS_URL's node, or on a cluster to any node that
-        answers (classic pub/sub reaches every node of a cluster)."""
+        """A connection for SUBSCRIBE: to REDIS_URL's node or, on a cluster, first to the master
+        that owns the history's slot, where every publish script runs: its messages then reach
+        us without a hop over the cluster bus, which costs a tail of tens of milliseconds
+        (measured: W5's p99 31 ms against 3 ms). Then any node that answers (classic pub/sub
+        reaches every node of a cluster)."""
         assert self._sub_pool is not None
         others = nodes_of(self._client) if self._client is not None else []
-        candidates: list[dict[str, object]] = [{}, *({"host": host, "port": port} for host, port in others)]
+        owner = owner_of(self._client, self._history_key) if self._client is not None and self._history_key else None
+        if owner is not None:
+            others = sorted(others, key=lambda node: node != owner)
+            candidates: list[dict[str, object]] = [{"host": host, "port": port} for host, port in others]
+            candidates.append({})
+        else:
+            candidates = [{}, *({"host": host, "port": port} for host, port in others)]
         failure: BaseException | None = None
         for where in candidates:
             conn: AbstractConnection = self._sub_pool.make_connection()  # type: ignore[no-untyped-call]
