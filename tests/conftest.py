@@ -132,19 +132,31 @@ def redis_cluster_url() -> Iterator[str]:
     subprocess.run([script, "stop", str(base)], capture_output=True, timeout=60, check=False)
 
 
-@pytest.fixture(scope="module", params=["redis", "redis-cluster"])
-def cluster(request: pytest.FixtureRequest, redis_client: redis.Redis) -> Iterator[Cluster]:
-    """Two instances on one Redis node, then on a Redis Cluster: the contract holds on both."""
+BACKENDS = ["redis", "redis-cluster"]  # the params of fixtures whose suites run on both
+
+
+@contextmanager
+def on_backend(
+    request: pytest.FixtureRequest, redis_client: redis.Redis, name: str, names: tuple[str, ...] = ("A", "B"), **env: str
+) -> Iterator[Cluster]:
+    """Instances on the backend `request.param` names: one Redis node (keys deleted afterwards), or
+    the session's local Redis Cluster (gone with it)."""
     if request.param == "redis":
-        with running(redis_client, Cluster(unique("cluster"))) as started:
+        with running(redis_client, Cluster(unique(name), names, **env)) as started:
             yield started
         return
-    url = request.getfixturevalue("redis_cluster_url")
-    fleet = Cluster(unique("cluster"), redis_url=url)
+    fleet = Cluster(unique(name), names, redis_url=request.getfixturevalue("redis_cluster_url"), **env)
     try:
         yield fleet
     finally:
-        fleet.close()  # the cluster's keys go with it at the end of the session
+        fleet.close()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def cluster(request: pytest.FixtureRequest, redis_client: redis.Redis) -> Iterator[Cluster]:
+    """Two instances on one Redis node, then on a Redis Cluster: the contract holds on both."""
+    with on_backend(request, redis_client, "cluster") as started:
+        yield started
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import redis
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from .conftest import Cluster, running
+from .conftest import BACKENDS, Cluster, on_backend
 from .harness import LoopThread, Probe, api, fence, run_machine, token_for, unique
 
 pytestmark = pytest.mark.cluster
@@ -24,9 +24,10 @@ SOCKET_ROOMS = ["public:r1", "public:r2"]  # rooms the demo policy lets a signed
 BACKEND_ROOMS = ["public:r1", "team:t1"]  # rooms the backend puts users in (PUT /api/users/<id>/rooms)
 
 
-@pytest.fixture(scope="module")
-def cluster(redis_client: redis.Redis) -> Iterator[Cluster]:
-    with running(redis_client, Cluster(unique("model"), names=("A", "B", "C"))) as started:
+@pytest.fixture(scope="module", params=BACKENDS)
+def cluster(request: pytest.FixtureRequest, redis_client: redis.Redis) -> Iterator[Cluster]:
+    """Three instances on one Redis node, then on a Redis Cluster: the oracle holds on both."""
+    with on_backend(request, redis_client, "model", ("A", "B", "C")) as started:
         yield started
 
 

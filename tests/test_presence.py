@@ -15,7 +15,7 @@ import redis
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from .conftest import Cluster, running
+from .conftest import BACKENDS, Cluster, on_backend
 from .harness import WAIT, Instance, LoopThread, Probe, api, fence, run_machine, token_for, unique, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -23,20 +23,12 @@ pytestmark = pytest.mark.cluster
 TTL = 2.0  # PRESENCE_TTL of these instances: a dead one is forgotten within it
 
 
-@pytest.fixture(scope="module", params=["redis", "redis-cluster"])
+@pytest.fixture(scope="module", params=BACKENDS)
 def fleet(request: pytest.FixtureRequest, redis_client: redis.Redis) -> Iterator[Cluster]:
     """Three instances on one Redis node, then on a Redis Cluster (presence's scripts touch
     several keys at once: on a cluster they must share a slot)."""
-    if request.param == "redis":
-        with running(redis_client, Cluster(unique("presence"), ("A", "B", "C"), PRESENCE_TTL=str(TTL))) as started:
-            yield started
-        return
-    url = request.getfixturevalue("redis_cluster_url")
-    started = Cluster(unique("presence"), ("A", "B", "C"), PRESENCE_TTL=str(TTL), redis_url=url)
-    try:
+    with on_backend(request, redis_client, "presence", ("A", "B", "C"), PRESENCE_TTL=str(TTL)) as started:
         yield started
-    finally:
-        started.close()
 
 
 async def connect(probes: list[Probe], instance: Instance, user: str) -> Probe:
