@@ -5,6 +5,9 @@
 #   scripts/redis-cluster.sh stop  [BASE_PORT]
 #
 # Nothing is kept on disk but the nodes' cluster files, under /tmp/webapp-redis-cluster-BASE.
+# A replica takes over whatever its data's age (replica-validity-factor 0), and a shard that is
+# wholly down leaves the others serving (require-full-coverage no): the settings the fault
+# tests assume, and the ones to choose for a fleet that should outlive a shard.
 set -euo pipefail
 action=${1:-start}
 base=${2:-7100}
@@ -33,7 +36,7 @@ start() {
   for port in $ports; do
     redis-server --port "$port" --bind 127.0.0.1 --daemonize yes --dir "$dir" \
       --cluster-enabled yes --cluster-config-file "nodes-$port.conf" --cluster-node-timeout 2000 \
-      --cluster-replica-validity-factor 0 \
+      --cluster-replica-validity-factor 0 --cluster-require-full-coverage no \
       --save "" --appendonly no --pidfile "$dir/$port.pid" --logfile "$dir/$port.log"
   done
   for port in $ports; do

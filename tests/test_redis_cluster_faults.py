@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from .conftest import Cluster
-from .harness import ROOT, Probe, api, free_cluster_base, token_for, unique, wait_until
+from .harness import ROOT, Instance, Probe, api, free_cluster_base, token_for, unique, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -29,6 +29,16 @@ def redis_cluster() -> Iterator[int]:
     assert started.returncode == 0, started.stderr
     yield base
     subprocess.run([SCRIPT, "stop", str(base)], capture_output=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def fleet(redis_cluster: int) -> Iterator[Cluster]:
+    """Instances A and B on this test's cluster, under a prefix of their own."""
+    started = Cluster(unique("fault"), ("A", "B"), redis_url=f"redis://127.0.0.1:{redis_cluster}/0", REDIS_BACKOFF_MAX="0.5")
+    try:
+        yield started
+    finally:
+        started.close()
 
 
 def master_of(base: int, key: str) -> int:
@@ -60,56 +70,60 @@ def healthy_masters(port: int) -> int:
     return sum(1 for flag in flags if "master" in flag and "fail" not in flag)
 
 
-async def test_a_master_failover_loses_and_duplicates_no_acknowledged_event(redis_cluster: int) -> None:
-    base = redis_cluster
-    prefix = unique("failover")
-    fleet = Cluster(prefix, ("A", "B"), redis_url=f"redis://127.0.0.1:{base}/0", REDIS_BACKOFF_MAX="0.5")
-    probes: list[Probe] = []
-    try:
-        a, b = fleet.instances
-        user = unique("alice")
-        token = await token_for(a.url, user)
-        for instance in (a, b):
-            probe = Probe(f"{user}@{instance.name}")
-            probes.append(await probe.connect(instance.url, token))
-        there = probes[1]
-        acknowledged: list[int] = []
-        refused = 0
+class Numbered:
+    """Numbered events emitted to one user's two sockets (one on each instance), and the checks
+    a fault must pass: every acknowledged event on both sockets, once, in order."""
 
-        async def emit(n: int) -> None:
-            nonlocal refused
-            status, _ = await api(a.url, f"/api/emit/users/{user}", {"event": "n", "data": n})
-            if status == 202:
-                acknowledged.append(n)
-            else:
-                assert status == 503, status  # never a 5xx of another kind, never a hang
-                refused += 1
+    def __init__(self, fleet: Cluster, probes: list[Probe]) -> None:
+        self.fleet, self.probes = fleet, probes
+        self.user = unique("alice")
+        self.acknowledged: list[int] = []
+        self.refused = 0
+        self.sent = 0
 
-        for n in range(20):
-            await emit(n)
-        await there.wait_for("n", 20)
-        # The master holding the history (every publish's script runs there) dies.
-        victim = master_of(base, f"{{{prefix}}}:replay")
-        kill_node(base, victim)
-        killed_at = time.monotonic()
-        n = 20
-        while len([k for k in acknowledged if k >= 20]) < 20:
-            assert time.monotonic() - killed_at < 30, f"no failover within 30 s ({refused} refused)"
-            await emit(n)
-            n += 1
-            await asyncio.sleep(0.05)
-        alive = next(port for port in range(base, base + 6) if port != victim)
-        await wait_until(lambda: healthy_masters(alive) == 3, "a replica promoted to master")
-        for probe in probes:
-            await probe.wait_for("n", len(acknowledged), timeout=20)
+    async def open(self) -> None:
+        token = await token_for(self.fleet.a.url, self.user)
+        for instance in self.fleet.instances:
+            probe = Probe(f"{self.user}@{instance.name}")
+            self.probes.append(await probe.connect(instance.url, token))
+
+    async def emit(self, via: Instance) -> None:
+        status, _ = await api(via.url, f"/api/emit/users/{self.user}", {"event": "n", "data": self.sent})
+        if status == 202:
+            self.acknowledged.append(self.sent)
+        else:
+            assert status == 503, status  # never a 5xx of another kind, never a hang
+            self.refused += 1
+        self.sent += 1
+
+    async def all_delivered_once_in_order(self) -> None:
+        for probe in self.probes:
+            await probe.wait_for("n", len(self.acknowledged), timeout=20)
             got = probe.of("n")
             assert len(got) == len(set(got)), "an event was delivered twice"
-            assert [k for k in got if k in set(acknowledged)] == acknowledged  # all, in order
-        print(f"failover: {refused} emits answered 503 during {time.monotonic() - killed_at:.1f}s")
-    finally:
-        for probe in probes:
-            await probe.close()
-        fleet.close()
+            assert [k for k in got if k in set(self.acknowledged)] == self.acknowledged  # all, in order
+
+
+async def test_a_master_failover_loses_and_duplicates_no_acknowledged_event(
+    redis_cluster: int, fleet: Cluster, probes: list[Probe]
+) -> None:
+    base, events = redis_cluster, Numbered(fleet, probes)
+    await events.open()
+    for _ in range(20):
+        await events.emit(fleet.a)
+    await probes[1].wait_for("n", 20)
+    # The master holding the history (every publish's script runs there) dies.
+    victim = master_of(base, f"{{{fleet.prefix}}}:replay")
+    kill_node(base, victim)
+    killed_at = time.monotonic()
+    while len([k for k in events.acknowledged if k >= 20]) < 20:
+        assert time.monotonic() - killed_at < 30, f"no failover within 30 s ({events.refused} refused)"
+        await events.emit(fleet.a)
+        await asyncio.sleep(0.05)
+    alive = next(port for port in range(base, base + 6) if port != victim)
+    await wait_until(lambda: healthy_masters(alive) == 3, "a replica promoted to master")
+    await events.all_delivered_once_in_order()
+    print(f"failover: {events.refused} emits answered 503 during {time.monotonic() - killed_at:.1f}s")
 
 
 def node_ids(base: int) -> dict[int, str]:
@@ -154,48 +168,90 @@ def migrate_slot_of(base: int, key: str, target: int, pause: float = 0.5) -> Non
         dst.close()
 
 
-async def test_moving_the_historys_slot_under_traffic_loses_and_duplicates_nothing(redis_cluster: int) -> None:
-    base = redis_cluster
-    prefix = unique("reshard")
-    fleet = Cluster(prefix, ("A", "B"), redis_url=f"redis://127.0.0.1:{base}/0", REDIS_BACKOFF_MAX="0.5")
-    probes: list[Probe] = []
+async def test_moving_the_historys_slot_under_traffic_loses_and_duplicates_nothing(
+    redis_cluster: int, fleet: Cluster, probes: list[Probe]
+) -> None:
+    base, events = redis_cluster, Numbered(fleet, probes)
+    await events.open()
+    history = f"{{{fleet.prefix}}}:replay"
+    source = master_of(base, history)
+    target = next(port for port in node_ids(base) if port != source)
+    moving: asyncio.Future[None] | None = None
+    while moving is None or not moving.done() or events.sent < 100:
+        if events.sent == 20:  # the slot moves while events flow, in both directions of the seam
+            moving = asyncio.get_running_loop().run_in_executor(None, migrate_slot_of, base, history, target)
+        await events.emit(fleet.instances[events.sent % 2])
+        await asyncio.sleep(0.01)
+    assert moving is not None
+    await moving
+    assert master_of(base, history) == target
+    await events.all_delivered_once_in_order()
+    assert events.refused <= 5, f"{events.refused} emits refused while one slot moved"
+    print(f"reshard: {len(events.acknowledged)} acknowledged, {events.refused} refused")
+
+
+def shard_without(base: int, keys: list[str]) -> tuple[int, list[int]]:
+    """A master owning none of `keys`' slots, and its replicas' ports."""
+    owners = {master_of(base, key) for key in keys}
+    client = redis.Redis(port=base)
     try:
-        a, b = fleet.instances
-        user = unique("alice")
-        token = await token_for(a.url, user)
-        for instance in (a, b):
-            probe = Probe(f"{user}@{instance.name}")
-            probes.append(await probe.connect(instance.url, token))
-        acknowledged: list[int] = []
-        refused = 0
-        history = f"{{{prefix}}}:replay"
-        source = master_of(base, history)
-        target = next(port for port in node_ids(base) if port != source)
-        moving: asyncio.Future[None] | None = None
-        n = 0
-        while moving is None or not moving.done() or n < 100:
-            if n == 20:  # the slot moves while events flow, in both directions of the seam
-                moving = asyncio.get_running_loop().run_in_executor(None, migrate_slot_of, base, history, target)
-            instance = a if n % 2 == 0 else b
-            status, _ = await api(instance.url, f"/api/emit/users/{user}", {"event": "n", "data": n})
-            if status == 202:
-                acknowledged.append(n)
-            else:
-                assert status == 503, status
-                refused += 1
-            n += 1
-            await asyncio.sleep(0.01)
-        assert moving is not None
-        await moving
-        assert master_of(base, history) == target
-        for probe in probes:
-            await probe.wait_for("n", len(acknowledged), timeout=20)
-            got = probe.of("n")
-            assert len(got) == len(set(got)), "an event was delivered twice"
-            assert [k for k in got if k in set(acknowledged)] == acknowledged
-        assert refused <= 5, f"{refused} emits refused while one slot moved"
-        print(f"reshard: {len(acknowledged)} acknowledged, {refused} refused")
+        nodes = client.execute_command("CLUSTER", "NODES").decode().splitlines()
     finally:
-        for probe in probes:
-            await probe.close()
-        fleet.close()
+        client.close()
+    ids = node_ids(base)
+    master = next(port for port in ids if port not in owners)
+    replicas = [
+        int(line.split()[1].split("@")[0].rsplit(":", 1)[1])
+        for line in nodes
+        if line.split()[3] == ids[master]
+    ]
+    return master, replicas
+
+
+def user_on(base: int, port: int, prefix: str, *, owned: bool) -> str:
+    """A user id whose record key (`<prefix>:users:<id>`) lives (or does not) on the master at `port`."""
+    for n in range(1000):
+        user = f"u{n}"
+        if (master_of(base, f"{prefix}:users:{user}") == port) == owned:
+            return user
+    raise AssertionError("no such user id in 1,000 tries")
+
+
+async def test_a_whole_shard_down_is_reported_and_the_rest_keeps_working(
+    redis_cluster: int, fleet: Cluster, probes: list[Probe]
+) -> None:
+    base = redis_cluster
+    prefix = fleet.prefix
+    a, b = fleet.instances
+    master, replicas = shard_without(base, [f"{{{prefix}}}:replay", f"{{{prefix}:presence}}:instances"])
+    # Chosen while every node answers (the seed node may be in the shard that dies).
+    alive_user = user_on(base, master, prefix, owned=False)
+    lost_user = user_on(base, master, prefix, owned=True)
+    for port in (master, *replicas):
+        kill_node(base, port)  # the whole shard: no replica can take over
+    await wait_until(
+        lambda: a.readyz()[1]["bus"].get("unreachable_shards") == [f"127.0.0.1:{master}"],
+        "/readyz to name the dead shard", timeout=15,
+    )
+    status, body = a.readyz()
+    assert status == 200 and body["ready"] is True  # what lives elsewhere is still served
+
+    # Broadcasts and users whose records live on other shards: as before.
+    probe = Probe(alive_user)
+    probes.append(await probe.connect(b.url, await token_for(a.url, alive_user)))
+    assert (await api(a.url, "/api/emit/all", {"event": "news", "data": 1}))[0] == 202
+    assert (await api(a.url, f"/api/emit/users/{alive_user}", {"event": "dm", "data": 2}))[0] == 202
+    assert await probe.wait_for("news") == [1]
+    assert await probe.wait_for("dm") == [2]
+
+    # A user whose record lives on the dead shard: accepted as in any Redis outage (without
+    # the backend's rooms, which cannot be read) and reached; the REST calls that need the
+    # record answer 503, never a 500 or a hang.
+    lost = Probe(lost_user)
+    probes.append(await lost.connect(b.url, await token_for(a.url, lost_user)))
+    assert (await api(a.url, f"/api/emit/users/{lost_user}", {"event": "dm", "data": 3}))[0] == 202
+    assert await lost.wait_for("dm") == [3]
+    status, body = await api(a.url, f"/api/users/{lost_user}/rooms/team:x", method="PUT")
+    assert status == 503 and body["error"]["code"] == "bus_unavailable", body
+    status, body = await api(a.url, f"/api/users/{alive_user}/rooms/team:x", method="PUT")
+    assert status == 200, body

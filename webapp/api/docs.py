@@ -123,6 +123,9 @@ class HealthOut(BaseModel):
 class BusState(BaseModel):
     kind: str
     connected: bool
+    unreachable_shards: list[str] | None = Field(
+        default=None, description="on a Redis Cluster, the masters (host:port) that do not answer; absent when none"
+    )
 
 
 class ReadyOut(BaseModel):

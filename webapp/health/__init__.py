@@ -30,9 +30,15 @@ async def metrics() -> Response:
 async def readyz() -> Response:
     """200 when the bus is connected and subscribed and the instance is not draining, else 503.
 
+    On a Redis Cluster, `bus.unreachable_shards` lists the masters that do not answer.
+
     Only what a load balancer needs: errors and counters are behind the API key (/api/status)."""
     service = realtime()
     ready = service.ready
-    response = jsonify({"ready": ready, "bus": {"kind": service.bus.kind, "connected": service.bus.ready}})
+    bus: dict[str, object] = {"kind": service.bus.kind, "connected": service.bus.ready}
+    if unreachable := service.bus.unreachable_shards:
+        # A Redis Cluster shard is down: the instance still serves what lives elsewhere.
+        bus["unreachable_shards"] = unreachable
+    response = jsonify({"ready": ready, "bus": bus})
     response.status_code = 200 if ready else 503
     return response

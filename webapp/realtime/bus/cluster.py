@@ -8,6 +8,7 @@ together share a hash tag, so they live in one slot; classic pub/sub reaches eve
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
@@ -61,6 +62,48 @@ class Topology:
             # A cluster client keeps one pool per node; its retries follow MOVED/ASK and failovers.
             return RedisCluster.from_url(self._url, **self._tls, **options)
         return Redis.from_url(self._url, **self._tls, **options)
+
+
+class ShardWatch:
+    """Pings every master of a cluster now and then, so /readyz can say which shards are down.
+
+    A shard whose master and replicas are all gone leaves its slots uncovered: commands on its
+    keys fail while the rest of the cluster (with cluster-require-full-coverage no) goes on.
+    """
+
+    def __init__(self, client: Callable[[], Client | None], *, interval: float = 2.0, timeout: float = 1.0) -> None:
+        self._client = client
+        self._interval = interval
+        self._timeout = timeout
+        self._task: asyncio.Task[None] | None = None
+        self.unreachable: list[str] = []  # "host:port" of the masters that did not answer
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch_forever(), name="redis-shard-watch")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _watch_forever(self) -> None:
+        while True:
+            client = self._client()
+            if isinstance(client, RedisCluster):
+                self.unreachable = [name for name in await asyncio.gather(*map(self._down, client.get_primaries())) if name]
+            await asyncio.sleep(self._interval)
+
+    async def _down(self, node: ClusterNode) -> str | None:
+        """The node's name when it does not answer a PING in time, else None."""
+        client = self._client()
+        assert isinstance(client, RedisCluster)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await client.execute_command("PING", target_nodes=node)
+        except Exception:  # noqa: BLE001 - whatever the reason, it did not answer
+            return f"{node.host}:{node.port}"
+        return None
 
 
 def nodes_of(client: Client) -> list[tuple[str, int]]:

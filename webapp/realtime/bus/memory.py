@@ -87,6 +87,10 @@ class MemoryBus:
         return self._task is not None and not self._task.done()
 
     @property
+    def unreachable_shards(self) -> list[str]:
+        return []  # one process, no shards
+
+    @property
     def position(self) -> Offset | None:
         return self._position
 

@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from .base import ZERO, BusUnavailable, Entry, GapHandler, History, MessageHandler, Offset, cancel, dispatch
-from .cluster import REDIS_FAILURES, Client, Topology, nodes_of, owner_of
+from .cluster import REDIS_FAILURES, Client, ShardWatch, Topology, nodes_of, owner_of
 from .tls import TlsOptions, certificate_problem
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class RedisBus:
         self._sender: asyncio.Task[None] | None = None
         self._client: Client | None = None  # made at the first connection, once the topology is known
         self._sub_pool: ConnectionPool | None = None
+        self._shards: ShardWatch | None = None  # on a cluster: which masters do not answer
         self._outgoing: list[tuple[str, bytes, asyncio.Future[Offset | None]]] = []
         self._outgoing_ready = asyncio.Event()
         self._inbox: deque[tuple[str, bytes]] = deque()
@@ -158,11 +159,15 @@ class RedisBus:
             client_name=f"{self._name}:sub",
             **self._tls,
         )
+        self._shards = ShardWatch(lambda: self._client, timeout=self._timeout)
+        self._shards.start()
         self._reader = asyncio.create_task(self._run(), name="redis-bus-reader")
         self._deliverer = asyncio.create_task(self._deliver_forever(), name="redis-bus-deliverer")
         self._sender = asyncio.create_task(self._send_forever(), name="redis-bus-publisher")
 
     async def close(self) -> None:
+        if self._shards is not None:
+            await self._shards.close()
         for task in (self._reader, self._deliverer, self._sender):
             await cancel(task)
         self._reader = self._deliverer = self._sender = None
@@ -441,6 +446,11 @@ class RedisBus:
     # --- consuming ----------------------------------------------------------------------------
 
     @property
+    def unreachable_shards(self) -> list[str]:
+        """On a cluster, the masters that did not answer the last PING ("host:port")."""
+        return list(self._shards.unreachable) if self._shards is not None else []
+
+    @property
     def ready(self) -> bool:
         return self._conn is not None and not self._initial and not self._holding and not self._owed
 
@@ -655,6 +665,7 @@ class RedisBus:
         return {
             "kind": self.kind,
             "cluster": self._topology.known,  # None until Redis has told (or REDIS_CLUSTER did)
+            "unreachable_shards": self.unreachable_shards,
             "connected": self._conn is not None,
             "channels": len(self._confirmed),
             "wanted": len(self._wanted),
