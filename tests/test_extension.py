@@ -53,6 +53,9 @@ def test_gateways_belong_to_the_app_that_declares_them() -> None:
     assert realtime.settings.channel_prefix == "ext-unit" and realtime.settings.redis_url is None
     with pytest.raises(ValueError, match="registered already"):
         realtime.gateway("after")(after)
+    for taken in ("connect", "join", "disconnect"):  # the server's own, and Socket.IO's reserved names
+        with pytest.raises(ValueError):
+            realtime.gateway(taken)
     assert app.extensions["tokens"] is realtime.signer
 
 

@@ -150,6 +150,16 @@ class TestConfig:
         assert settings.redis_url is None and settings.port == 5000 and settings.channel_prefix == "webapp"
         assert settings.api_keys == () and settings.cors_origins == ()
 
+    def test_an_apps_realtime_config_reads_as_the_environment_would(self) -> None:
+        settings = Settings.from_config(
+            {"SECRET_KEY": "app-secret", "REALTIME_CORS_ORIGINS": ["https://a.test", "https://b.test"],
+             "REALTIME_DEMO_LOGIN": False, "REALTIME_SOCKET_RATE": 5, "OTHER": object()}
+        )
+        assert settings.cors_origins == ("https://a.test", "https://b.test")
+        assert settings.demo_login is False and settings.socket_rate == 5 and settings.secret_keys == ("app-secret",)
+        with pytest.raises(ConfigError, match="REALTIME_PORT must be"):
+            Settings.from_config({"REALTIME_PORT": object()})
+
     def test_production_turns_the_demo_login_off_unless_asked(self) -> None:
         secrets = {"WEBAPP_ENV": "production", "SECRET_KEY": "k" * 32, "API_KEYS": "a" * 20}
         assert Settings.from_env(secrets).demo_login is False

@@ -187,9 +187,9 @@ class Settings:
         and validated as from_env reads the environment; the app's own SECRET_KEY signs tokens
         unless REALTIME_SECRET_KEY(S) is given."""
         values = {
-            name.removeprefix("REALTIME_"): str(value)
+            name.removeprefix("REALTIME_"): _as_text(name, value)
             for name, value in config.items()
-            if name.startswith("REALTIME_") and value is not None
+            if name.startswith("REALTIME_") and name != "REALTIME_SETTINGS" and value is not None
         }
         if "SECRET_KEY" not in values and "SECRET_KEYS" not in values and config.get("SECRET_KEY"):
             values["SECRET_KEY"] = str(config["SECRET_KEY"])
@@ -220,6 +220,17 @@ class Settings:
                 "in REDIS_URL): the connection is encrypted, but a man in the middle can read and "
                 "forge every event. Prefer REDIS_TLS_CA with the CA that signed Redis's certificate."
             )
+
+
+def _as_text(name: str, value: object) -> str:
+    """A config value as the environment would spell it: lists comma-joined, booleans as words."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    if isinstance(value, list | tuple | set | frozenset) and all(isinstance(item, str) for item in value):
+        return ",".join(value)
+    raise ConfigError(f"{name} must be a string, a number, a boolean or a list of strings, got {type(value).__name__}")
 
 
 def _check_redis_url(url: str) -> None:

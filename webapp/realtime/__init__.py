@@ -21,6 +21,7 @@ from .. import serving
 from ..auth.tokens import TokenSigner
 from ..config import Settings
 from ..metrics import Metrics
+from ..names import event_name_problem
 from . import gateway, jsoncodec
 from .bus import Bus, MemoryBus, RedisBus
 from .bus.cluster import Topology
@@ -38,6 +39,8 @@ from .server import GuardedServer, engineio_logger
 from .state import SocketState
 
 EXTENSION = "realtime"
+# Events the server handles itself (gateway.register): a gateway must not replace them.
+BUILT_IN_EVENTS = frozenset({"connect", "disconnect", "whoami", "join", "leave", "room_send", "who"})
 log = logging.getLogger(__name__)
 
 
@@ -77,6 +80,10 @@ class Realtime:
                 return {"text": data["text"]}
         """
 
+        problem = event_name_problem(event)
+        if problem is not None or event in BUILT_IN_EVENTS:
+            raise ValueError(problem or f"{event!r} is one of the server's own events")
+
         def register(handler: gateway.Handler) -> gateway.Handler:
             if event in self._gateways:
                 raise ValueError(f"a gateway for {event!r} is registered already")
@@ -90,7 +97,10 @@ class Realtime:
     def init_app(self, app: Quart) -> None:
         """Build the services for `app` from `REALTIME_SETTINGS` (a Settings, as create_app
         passes) or else from its `REALTIME_*` config keys; they start and stop with the app."""
-        settings: Settings = app.config.get("REALTIME_SETTINGS") or Settings.from_config(app.config)
+        settings: Settings | None = app.config.get("REALTIME_SETTINGS")
+        if settings is None:
+            settings = Settings.from_config(app.config)
+            settings.warn_about_defaults()  # create_app warns for its own; an extension says it too
         self.settings = settings
         manager = FleetManager()
         self.sio = GuardedServer(

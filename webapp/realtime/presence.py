@@ -63,13 +63,14 @@ return 0
 """
 
 Announce = Callable[[str, str, str], Awaitable[None]]  # room, user, "join" | "leave"
+PAGE_MAX = 1000
 
 
 def _room_call(pipe: Any, counts: str, members: str, share: str, *args: object) -> None:
-    """Queue the room script on a pipeline: EVAL, since a cluster pipeline refuses EVALSHA (Redis
-    caches the script by its hash anyway); its three keys share presence's hash tag."""
+    """Queue the room script on a pipeline: EVAL, since redis-py loads a script before a pipeline
+    runs it only on a single node (on a cluster, EVALSHA would meet NOSCRIPT), and Redis caches
+    the script by its hash anyway; its three keys share presence's hash tag."""
     pipe.execute_command("EVAL", _ROOM_SCRIPT, 3, counts, members, share, *args)
-PAGE_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,10 @@ class Presence:
                 socket_timeout=self._timeout, socket_connect_timeout=self._timeout,
                 client_name=f"{self._prefix}:{self._tag}",
             )
-            self._redis = client
+            if self._redis is None:
+                self._redis = client
+            else:  # another caller made one while the topology was asked for
+                await client.aclose()
         return self._redis
 
     async def close(self) -> None:
@@ -187,8 +191,9 @@ class Presence:
                 await self._reap(self._tag)
             except REDIS_FAILURES as exc:
                 log.warning("presence: could not withdraw this instance's share: %s", exc)
-            await self._redis.aclose()
-            self._redis = None
+            finally:
+                await self._redis.aclose()
+                self._redis = None
 
     # --- this instance's sockets ---------------------------------------------------------------
 

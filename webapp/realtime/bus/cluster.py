@@ -58,7 +58,6 @@ class Topology:
     async def client(self, **options: Any) -> Client:
         """A command client of the right kind for REDIS_URL, with `options` for its connections."""
         if await self.cluster():
-            options.pop("connection_pool", None)
             # A cluster client keeps one pool per node; its retries follow MOVED/ASK and failovers.
             return RedisCluster.from_url(self._url, **self._tls, **options)
         return Redis.from_url(self._url, **self._tls, **options)
@@ -95,12 +94,12 @@ class ShardWatch:
             await asyncio.sleep(self._interval)
 
     async def _down(self, node: ClusterNode) -> str | None:
-        """The node's name when it does not answer a PING in time, else None."""
-        client = self._client()
-        assert isinstance(client, RedisCluster)
+        """The node's name when it does not answer a PING in time, else None. Asked of the
+        node itself: through the cluster client, each failure would also make the next
+        command of the instance rediscover the topology first."""
         try:
             async with asyncio.timeout(self._timeout):
-                await client.execute_command("PING", target_nodes=node)
+                await node.execute_command("PING")
         except Exception:  # noqa: BLE001 - whatever the reason, it did not answer
             return f"{node.host}:{node.port}"
         return None

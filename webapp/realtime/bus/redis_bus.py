@@ -188,11 +188,12 @@ class RedisBus:
     async def publish(self, channel: str, message: bytes) -> Offset | None:
         """Hand a message to Redis; raises BusUnavailable when Redis did not confirm it.
 
-        Concurrent publishes are sent together: one MULTI, one round trip, one pooled
-        connection per batch instead of per message. Order is kept (one queue, one sender).
+        Concurrent publishes are sent together: one round trip (a MULTI when there is a
+        history), one pooled connection per batch instead of per message. Order is kept (one
+        queue, one sender).
         """
         if self._client is None or self._sender is None:
-            raise BusUnavailable("the Redis bus is not running")
+            raise BusUnavailable("Redis has not been reached yet")
         done: asyncio.Future[Offset | None] = asyncio.get_running_loop().create_future()
         self._outgoing.append((channel, message, done))
         self._outgoing_ready.set()
@@ -277,10 +278,13 @@ class RedisBus:
         """The command client, once the topology is known (raises while Redis cannot tell)."""
         if await self._topology.cluster():
             # One pool per node, MOVED and ASK followed; the history's key decides the slot of
-            # every publish script, so a batch stays one MULTI on one node.
+            # every publish script, so a batch stays one MULTI on one node. No retries on a lost
+            # connection, as below: a script whose reply was lost may have run, and running it
+            # again would record the event twice under a new offset.
             return await self._topology.client(
                 max_connections=self._max_connections, socket_timeout=self._timeout,
                 socket_connect_timeout=self._timeout, client_name=f"{self._name}:pub",
+                retry=Retry(NoBackoff(), 0),
             )
         # Publishing borrows from a blocking pool so a burst waits for a connection instead of
         # failing. No retries: a batch whose reply was lost may have been applied, and sending
