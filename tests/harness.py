@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,43 @@ def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = No
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+def wait_answering(
+    proc: subprocess.Popen[bytes], answers: Callable[[], bool], what: str, timeout: float, log: Callable[[], str]
+) -> None:
+    """Wait until a process the test started answers (`answers()` holds), bounded; fail at once,
+    with its log, if it exits. Polled: a starting server announces nothing a test could await."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log()}")
+        try:
+            if answers():
+                return
+        except OSError:
+            pass  # not listening yet
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not answer within {timeout}s:\n{log()}")
+        time.sleep(0.02)
+
+
+def http_status(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
+    """The status and body of a GET, whatever the status."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return int(answer.status), bytes(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def redis_pongs(port: int, tls: ssl.SSLContext | None = None) -> bool:
+    """Whether a redis-server on 127.0.0.1:`port` answers PING (over TLS with `tls`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw:
+        sock = tls.wrap_socket(raw, server_hostname="127.0.0.1") if tls is not None else raw
+        with sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+
+
 class Instance:
     """One `hypercorn webapp.asgi:app` process on its own port."""
 
@@ -122,20 +160,17 @@ class Instance:
 
     def wait_serving(self, timeout: float = 20.0, ready: bool = True) -> None:
         """Wait until /healthz answers (and, with `ready`, until /readyz says ready)."""
-        path = "/readyz" if ready else "/healthz"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                status, _ = http_get(self.url + path, timeout=1.0)
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name} not serving {path} after {timeout}s:\n{self.output()}")
+        self.wait_answering("/readyz" if ready else "/healthz", timeout)
+
+    def wait_answering(self, path: str, timeout: float = 20.0, body: bytes = b"") -> None:
+        """Wait until GET `path` answers 200 (with a body starting with `body`)."""
+        assert self.proc is not None
+
+        def answers() -> bool:
+            status, got = http_status(self.url + path)
+            return status == 200 and got.startswith(body)
+
+        wait_answering(self.proc, answers, f"{self.name} on {path}", timeout, self.output)
 
     def readyz(self) -> tuple[int, dict[str, Any]]:
         return http_get(self.url + "/readyz")
@@ -325,16 +360,8 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.02)
-        raise TimeoutError(f"redis-server on {self.port} did not start")
+        wait_answering(self.proc, lambda: redis_pongs(self.port), f"redis-server on {self.port}", timeout, str)
+        return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:

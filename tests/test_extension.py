@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,7 +70,8 @@ def example(tmp_path: Path) -> Iterator[tuple[list[Instance], str]]:
     instances = [Instance(name, env, app="example:asgi").start() for name in ("A", "B")]
     try:
         for instance in instances:
-            _wait_socketio(instance)
+            # The example has no /healthz: Engine.IO answering a handshake says it serves.
+            instance.wait_answering("/socket.io/?EIO=4&transport=polling", body=b"0{")
         yield instances, prefix
     finally:
         for instance in instances:
@@ -80,23 +79,6 @@ def example(tmp_path: Path) -> Iterator[tuple[list[Instance], str]]:
         client = redis.Redis.from_url(REDIS_URL)
         forget(client, prefix)
         client.close()
-
-
-def _wait_socketio(instance: Instance, timeout: float = 20.0) -> None:
-    """The example has no /healthz: wait until Engine.IO answers a handshake."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert instance.proc is not None
-        if instance.proc.poll() is not None:
-            raise RuntimeError(f"{instance.name} exited:\n{instance.output()}")
-        try:
-            with urllib.request.urlopen(instance.url + "/socket.io/?EIO=4&transport=polling", timeout=1) as answer:
-                if answer.read().startswith(b"0{"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{instance.name} not serving Socket.IO:\n{instance.output()}")
 
 
 @pytest.mark.cluster

@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import redis
 
 from .conftest import Cluster, running
-from .harness import ROOT, Probe, api, free_port, http_get, token_for, unique, wait_until
+from .harness import ROOT, Probe, api, free_port, http_status, token_for, unique, wait_answering, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -48,17 +47,10 @@ class Nginx:
         return f"http://127.0.0.1:{self.port}"
 
     def wait_serving(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
-            try:
-                if http_get(self.url + "/healthz", timeout=1.0)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"nginx not serving:\n{(self.prefix / 'logs' / 'error.log').read_text()}")
+        wait_answering(
+            self.proc, lambda: http_status(self.url + "/healthz")[0] == 200, "nginx", timeout,
+            lambda: (self.prefix / "logs" / "error.log").read_text(),
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:

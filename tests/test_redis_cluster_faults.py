@@ -119,7 +119,7 @@ async def test_a_master_failover_loses_and_duplicates_no_acknowledged_event(
     while len([k for k in events.acknowledged if k >= 20]) < 20:
         assert time.monotonic() - killed_at < 30, f"no failover within 30 s ({events.refused} refused)"
         await events.emit(fleet.a)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # pacing: about 20 emits a second, not a wait for anything
     alive = next(port for port in range(base, base + 6) if port != victim)
     await wait_until(lambda: healthy_masters(alive) == 3, "a replica promoted to master")
     await events.all_delivered_once_in_order()
@@ -181,7 +181,7 @@ async def test_moving_the_historys_slot_under_traffic_loses_and_duplicates_nothi
         if events.sent == 20:  # the slot moves while events flow, in both directions of the seam
             moving = asyncio.get_running_loop().run_in_executor(None, migrate_slot_of, base, history, target)
         await events.emit(fleet.instances[events.sent % 2])
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # pacing the traffic, not a wait for anything
     assert moving is not None
     await moving
     assert master_of(base, history) == target

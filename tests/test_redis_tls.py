@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .certs import Certs, make_certs
-from .harness import Instance, Probe, api, free_port, instance_env, token_for, unique, wait_until
+from .harness import (
+    Instance,
+    Probe,
+    api,
+    free_port,
+    instance_env,
+    redis_pongs,
+    token_for,
+    unique,
+    wait_answering,
+    wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -47,19 +56,11 @@ class TlsRedisServer:
                 stderr=subprocess.STDOUT,
             )
         context = ssl.create_default_context(cafile=self.certs.ca)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw, \
-                        context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.02)
-        raise TimeoutError(f"redis-server with TLS on {self.port} did not start:\n{self.log.read_text()}")
+        wait_answering(
+            self.proc, lambda: redis_pongs(self.port, context), f"redis-server with TLS on {self.port}", timeout,
+            self.log.read_text,
+        )
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

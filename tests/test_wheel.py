@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-import urllib.request
 import venv
 from pathlib import Path
 
 import pytest
 
-from .harness import ROOT, free_port
+from .harness import ROOT, free_port, http_status, wait_answering
 
 pytestmark = pytest.mark.cluster
 
@@ -19,11 +17,6 @@ pytestmark = pytest.mark.cluster
 def _run(*command: str | Path, cwd: Path) -> None:
     result = subprocess.run([str(part) for part in command], check=False, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
-def _get(url: str) -> tuple[int, bytes]:
-    with urllib.request.urlopen(url, timeout=5) as answer:
-        return answer.status, answer.read()
 
 
 @pytest.mark.timeout(600)
@@ -51,19 +44,15 @@ def test_an_installed_wheel_serves_the_demo_page_and_the_api_docs(tmp_path: Path
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                status, page = _get(base + "/")
-                break
-            except OSError:
-                assert server.poll() is None, server.communicate()[0].decode()[-3000:]
-                assert time.monotonic() < deadline, "the installed app did not serve"
-                time.sleep(0.1)
+        wait_answering(
+            server, lambda: http_status(base + "/healthz")[0] == 200, "the installed app", 30,
+            lambda: server.communicate()[0].decode()[-3000:] if server.poll() is not None else "",
+        )
+        status, page = http_status(base + "/", timeout=5)
         assert status == 200 and b"Log in" in page, page[:500]  # the template, from the package
         for asset in ("/static/demo.js", "/static/demo.css", "/static/vendor/socket.io/socket.io.min.js",
                       "/static/vendor/swagger-ui/swagger-ui-bundle.js", "/docs", "/openapi.json"):
-            assert _get(base + asset)[0] == 200, asset
+            assert http_status(base + asset, timeout=5)[0] == 200, asset
     finally:
         server.terminate()
         server.wait(15)
