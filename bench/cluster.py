@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -52,6 +53,15 @@ OURS = AppSpec(
 )
 BASELINE = AppSpec("baseline", "bench.baseline_app:app", channel=lambda prefix: f"{prefix}:socketio")
 APPS = (OURS, BASELINE)
+
+
+def forget(client: Any, prefix: str) -> None:
+    """Delete every key the app wrote under `prefix`: its own, and those whose hash tag starts
+    with it (the history's `{prefix}:replay`, presence's `{prefix:presence}:...`). One key at a
+    time, so that keys of different cluster slots never meet in one command."""
+    for pattern in (f"{prefix}:*", f"{{{prefix}:*", f"{{{prefix}}}:*"):
+        for key in client.scan_iter(match=pattern, count=1000):
+            client.delete(key)
 
 
 def subscribers(redis_url: str, channel: str) -> int:
@@ -272,12 +282,13 @@ class Cluster:
         self._forget_keys()
 
     def _forget_keys(self) -> None:
-        # Our app keeps a replay stream under the prefix; leave Redis as the run found it.
-        client = redis.Redis.from_url(self.redis_url)
+        # Our app keeps a replay stream and presence under the prefix; leave Redis as the run found it.
+        client: Any = redis.Redis.from_url(self.redis_url)
         try:
-            keys = list(client.scan_iter(match=f"{self.prefix}:*", count=1000))
-            if keys:
-                client.delete(*keys)
+            if str(client.info("cluster").get("cluster_enabled", 0)) == "1":
+                client.close()
+                client = redis.RedisCluster.from_url(self.redis_url)  # its scan covers every node
+            forget(client, self.prefix)
         except redis.RedisError:
             pass
         finally:

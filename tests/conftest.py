@@ -13,6 +13,7 @@ import redis
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
+from bench.cluster import forget
 from webapp import Settings, create_app
 
 from .harness import (
@@ -22,7 +23,6 @@ from .harness import (
     SECRET_KEY,
     Instance,
     Probe,
-    forget,
     free_cluster_base,
     instance_env,
     unique,

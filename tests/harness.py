@@ -61,14 +61,6 @@ def free_cluster_base() -> int:
     raise RuntimeError("no free ports for a local Redis Cluster")
 
 
-def forget(client: Any, prefix: str) -> None:
-    """Delete every key a test's instances wrote under `prefix` (the history's and presence's
-    carry hash tags)."""
-    for pattern in (f"{prefix}:*", f"{{{prefix}:*", f"{{{prefix}}}:*"):
-        for key in client.scan_iter(pattern):
-            client.delete(key)
-
-
 def unique(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
 

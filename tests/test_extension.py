@@ -10,10 +10,11 @@ import pytest
 import redis
 from quart import Quart
 
+from bench.cluster import forget
 from webapp.auth.tokens import TokenSigner
 from webapp.realtime import Realtime
 
-from .harness import REDIS_URL, ROOT, Instance, Probe, forget, unique
+from .harness import REDIS_URL, ROOT, Instance, Probe, unique
 
 SECRET = "example-secret-0123456789abcdef"
 

@@ -12,6 +12,7 @@ import pytest
 import redis
 import socketio
 
+from bench.cluster import forget
 from webapp.auth.tokens import TokenSigner
 from webapp.client import RecoveringClient
 
@@ -23,7 +24,6 @@ from .harness import (
     Probe,
     api,
     fence,
-    forget,
     instance_env,
     token_for,
     unique,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import redis
 from itsdangerous import URLSafeSerializer
 
 from webapp.auth.tokens import InvalidToken, TokenSigner
@@ -18,6 +19,7 @@ from webapp.config import ConfigError, Settings
 from webapp.logs import RedactTokens, redact
 from webapp.realtime import envelope
 from webapp.realtime.bus import ZERO, BusUnavailable, MemoryBus, Offset
+from webapp.realtime.bus.cluster import Topology
 from webapp.realtime.bus.redis_bus import offset_of
 from webapp.realtime.limits import RateLimiter
 from webapp.realtime.outbox import Outbox
@@ -150,6 +152,16 @@ class TestConfig:
         assert settings.redis_url is None and settings.port == 5000 and settings.channel_prefix == "webapp"
         assert settings.api_keys == () and settings.cors_origins == ()
 
+    async def test_redis_cluster_forced_either_way_asks_redis_nothing(self) -> None:
+        assert Settings.from_env({"REDIS_CLUSTER": "1"}).redis_cluster is True
+        assert Settings.from_env({"REDIS_CLUSTER": "0"}).redis_cluster is False
+        assert Settings.from_env({}).redis_cluster is None  # asked of Redis at the first connection
+        nobody = "redis://127.0.0.1:1/0"  # nothing listens there: asking would fail
+        assert await Topology(nobody, forced=True, timeout=0.2).cluster() is True
+        assert await Topology(nobody, forced=False, timeout=0.2).cluster() is False
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await Topology(nobody, forced=None, timeout=0.2).cluster()
+
     def test_an_apps_realtime_config_reads_as_the_environment_would(self) -> None:
         settings = Settings.from_config(
             {"SECRET_KEY": "app-secret", "REALTIME_CORS_ORIGINS": ["https://a.test", "https://b.test"],
@@ -160,10 +172,13 @@ class TestConfig:
         with pytest.raises(ConfigError, match="REALTIME_PORT must be"):
             Settings.from_config({"REALTIME_PORT": object()})
 
-    def test_production_turns_the_demo_login_off_unless_asked(self) -> None:
+    def test_production_turns_the_demo_login_off_unless_asked(self, caplog: pytest.LogCaptureFixture) -> None:
         secrets = {"WEBAPP_ENV": "production", "SECRET_KEY": "k" * 32, "API_KEYS": "a" * 20}
         assert Settings.from_env(secrets).demo_login is False
-        assert Settings.from_env({**secrets, "DEMO_LOGIN": "true"}).demo_login is True
+        asked = Settings.from_env({**secrets, "DEMO_LOGIN": "true"})
+        assert asked.demo_login is True
+        asked.warn_about_defaults()
+        assert "DEMO_LOGIN is on in production" in caplog.text
         assert Settings.from_env({}).demo_login is True  # development: the demo works out of the box
 
     def test_parses_lists(self) -> None:
