@@ -6,11 +6,13 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
 redis_answers() { .venv/bin/python -c 'import redis; redis.Redis(socket_connect_timeout=1).ping()' 2>/dev/null; }
+# The fault, TLS and cluster tests start redis-servers of their own (redis-cli builds the cluster;
+# openssl makes the TLS test's certificates), even when a Redis already answers on 6379.
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
+  echo "webapp: installing redis-server, redis-tools and openssl"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools openssl >/dev/null
+fi
 if ! redis_answers; then
-  if ! command -v redis-server >/dev/null 2>&1; then
-    echo "webapp: installing redis-server"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-  fi
   echo "webapp: starting redis-server on 127.0.0.1:6379"
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
     --logfile /tmp/webapp-ci-redis.log
