@@ -434,3 +434,13 @@ def test_hypercorn_refuses_frames_past_the_apps_own_cap() -> None:
     # what the Procfile's --config loads (16 MiB is hypercorn's own default)
     assert Config.from_object("webapp.serving.hypercorn").websocket_max_message_size == frame_cap()
     assert "--config python:webapp.serving.hypercorn" in (Path(__file__).parent.parent / "Procfile").read_text()
+
+
+def test_hypercorns_grace_outlasts_the_drain() -> None:
+    from hypercorn.config import Config
+
+    from webapp.serving import GRACE_MARGIN, graceful_timeout
+
+    assert graceful_timeout({"SHUTDOWN_TIMEOUT": "20"}) == 20 + GRACE_MARGIN
+    assert graceful_timeout({"SHUTDOWN_TIMEOUT": "soon"}) == graceful_timeout({}) == Settings.shutdown_timeout + GRACE_MARGIN
+    assert Config.from_object("webapp.serving.hypercorn").graceful_timeout == graceful_timeout()

@@ -16,36 +16,40 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from .config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
+N = TypeVar("N", int, float)
 
 
-def frame_cap(environ: os._Environ[str] | dict[str, str] | None = None) -> int:
-    """The largest WebSocket frame the app takes: twice MAX_PAYLOAD_BYTES (the default when the
-    variable is unusable: the app itself reports that configuration error, in one line)."""
-    raw = (os.environ if environ is None else environ).get("MAX_PAYLOAD_BYTES", "")
-    try:
-        payload = int(raw) if raw.strip() else Settings.max_payload_bytes
-    except ValueError:
-        payload = Settings.max_payload_bytes
+# Hypercorn's grace beyond the drain's own deadline.
+GRACE_MARGIN = 5.0
+
+
+def frame_cap(environ: Mapping[str, str] | None = None) -> int:
+    """The largest WebSocket frame the app takes: twice MAX_PAYLOAD_BYTES."""
+    payload = _setting(environ, "MAX_PAYLOAD_BYTES", int, Settings.max_payload_bytes)
     return Settings(max_payload_bytes=payload).frame_cap
 
 
-def graceful_timeout(environ: os._Environ[str] | dict[str, str] | None = None) -> float:
+def graceful_timeout(environ: Mapping[str, str] | None = None) -> float:
     """Hypercorn's grace after its shutdown starts: the SIGTERM drain's SHUTDOWN_TIMEOUT and a
     margin, so hypercorn never cuts connections the drain is still closing politely."""
-    raw = (os.environ if environ is None else environ).get("SHUTDOWN_TIMEOUT", "")
+    return _setting(environ, "SHUTDOWN_TIMEOUT", float, Settings.shutdown_timeout) + GRACE_MARGIN
+
+
+def _setting(environ: Mapping[str, str] | None, name: str, cast: Callable[[str], N], default: N) -> N:
+    """A number from the environment, or `default` when it is unset or unusable: hypercorn reads
+    this module before the app starts, and the app itself reports a bad value, in one line."""
+    raw = (os.environ if environ is None else environ).get(name, "")
     try:
-        drain = float(raw) if raw.strip() else Settings.shutdown_timeout
+        return cast(raw) if raw.strip() else default
     except ValueError:
-        drain = Settings.shutdown_timeout
-    return drain + GRACE_MARGIN
-
-
-GRACE_MARGIN = 5.0
+        return default
 
 
 def check_graceful_timeout(settings: Settings, argv: list[str]) -> None:

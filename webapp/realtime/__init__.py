@@ -79,7 +79,6 @@ class Realtime:
             async def chat(sid, data):
                 return {"text": data["text"]}
         """
-
         problem = event_name_problem(event)
         if problem is not None or event in BUILT_IN_EVENTS:
             raise ValueError(problem or f"{event!r} is one of the server's own events")
@@ -118,13 +117,12 @@ class Realtime:
         self.bus: Bus = MemoryBus(settings.replay_max_len, settings.replay_max_age)
         # Every Redis client built from the URL takes these: one TLS policy for all of them.
         tls = tls_options(settings.redis_url, settings.redis_tls_verify, settings.redis_tls_ca)
-        # One node or a cluster, decided once for every Redis client of the instance.
-        topology = (
-            Topology(settings.redis_url, forced=settings.redis_cluster, timeout=settings.redis_timeout, tls=tls)
-            if settings.redis_url
-            else None
-        )
+        topology: Topology | None = None
         if settings.redis_url:
+            # One node or a cluster, decided once for every Redis client of the instance.
+            topology = Topology(
+                settings.redis_url, forced=settings.redis_cluster, timeout=settings.redis_timeout, tls=tls
+            )
             self.bus = RedisBus(
                 settings.redis_url,
                 timeout=settings.redis_timeout,

@@ -113,12 +113,10 @@ class Presence:
         self._prefix = f"{{{prefix}:presence}}"
         self._tag = tag
         self._instance_id = instance_id
-        self._url = redis_url
         self._memory = redis_url is None  # one instance: presence is this instance's counts
         self._topology = topology if topology is not None or redis_url is None else Topology(
             redis_url, forced=None, timeout=timeout, tls=tls
         )
-        self._tls: TlsOptions = tls or {}
         self._ttl = ttl
         self._timeout = timeout
         self.announce = announce

@@ -29,7 +29,6 @@ class Topology:
 
     def __init__(self, url: str, *, forced: bool | None, timeout: float, tls: TlsOptions | None = None) -> None:
         self._url = url
-        self._forced = forced
         self._timeout = timeout
         self._tls: TlsOptions = tls or {}
         self._known: bool | None = forced
@@ -91,6 +90,8 @@ class ShardWatch:
             client = self._client()
             if isinstance(client, RedisCluster):
                 self.unreachable = [name for name in await asyncio.gather(*map(self._down, client.get_primaries())) if name]
+            elif client is not None:
+                return  # one node: no shards to watch
             await asyncio.sleep(self._interval)
 
     async def _down(self, node: ClusterNode) -> str | None:
