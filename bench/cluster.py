@@ -24,6 +24,8 @@ from typing import Any
 
 import redis
 
+from webapp.realtime.bus.partitions import CLUSTER_PARTITIONS, Partitions
+
 from . import procfs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +43,7 @@ class AppSpec:
     target: str
     channel: Callable[[str], str]
     env: Mapping[str, str] = field(default_factory=dict)
+    sharded: bool = False  # on a Redis Cluster its channels are shard channels (SSUBSCRIBE)
 
 
 OURS = AppSpec(
@@ -50,6 +53,7 @@ OURS = AppSpec(
     # The per-socket rate limit protects production from abusive clients; the gateway workload
     # measures propagation, so it is lifted. Short drain so instances stop quickly.
     env={"SOCKET_RATE": "100000", "SOCKET_BURST": "1000000", "SHUTDOWN_TIMEOUT": "1"},
+    sharded=True,
 )
 BASELINE = AppSpec("baseline", "bench.baseline_app:app", channel=lambda prefix: f"{prefix}:socketio")
 APPS = (OURS, BASELINE)
@@ -64,22 +68,49 @@ def forget(client: Any, prefix: str) -> None:
             client.delete(key)
 
 
-def subscribers(redis_url: str, channel: str) -> int:
-    """Connections subscribed to `channel` (classic pub/sub): on a Redis Cluster, summed over its
-    nodes, since PUBSUB NUMSUB counts only the node it is asked."""
+def is_cluster(redis_url: str) -> bool:
     client = redis.Redis.from_url(redis_url)
     try:
-        if str(client.info("cluster").get("cluster_enabled", 0)) != "1":
-            return int(dict(client.pubsub_numsub(channel)).get(channel.encode(), 0))
-        nodes = client.execute_command("CLUSTER", "NODES").decode()
+        return str(client.info("cluster").get("cluster_enabled", 0)) == "1"
     finally:
         client.close()
+
+
+def wired(prefix: str, channel: str) -> str:
+    """The name our app gives `channel` on a Redis Cluster (its partition's hash tag first)."""
+    return Partitions(f"{{{prefix}}}:replay", CLUSTER_PARTITIONS, sharded=True).wire(channel)
+
+
+def publish_raw(redis_url: str, prefix: str, channel: str, message: bytes) -> None:
+    """Publish bytes where our app's instances listen for `channel`: PUBLISH on one node, SPUBLISH
+    of the channel's wired name on a cluster (as anyone able to reach Redis could)."""
+    if not is_cluster(redis_url):
+        with redis.Redis.from_url(redis_url) as client:
+            client.publish(channel, message)
+        return
+    with redis.RedisCluster.from_url(redis_url) as cluster:
+        name = wired(prefix, channel)
+        cluster.get_node_from_key(name).redis_connection.execute_command("SPUBLISH", name, message)
+
+
+def subscribers(redis_url: str, channel: str, *, sharded_prefix: str | None = None) -> int:
+    """Connections subscribed to `channel`: on a Redis Cluster, summed over its nodes, since
+    PUBSUB NUMSUB counts only the node it is asked; with `sharded_prefix`, our app's shard
+    channel for it there (SHARDNUMSUB)."""
+    if not is_cluster(redis_url):
+        with redis.Redis.from_url(redis_url) as client:
+            return int(dict(client.pubsub_numsub(channel)).get(channel.encode(), 0))
+    command = ("PUBSUB", "NUMSUB", channel)
+    if sharded_prefix is not None:
+        command = ("PUBSUB", "SHARDNUMSUB", wired(sharded_prefix, channel))
+    with redis.Redis.from_url(redis_url) as client:
+        nodes = client.execute_command("CLUSTER", "NODES").decode()
     total = 0
     for line in nodes.splitlines():
         host, port = line.split()[1].split("@")[0].rsplit(":", 1)
         node = redis.Redis(host=host or "127.0.0.1", port=int(port))
         try:
-            total += int(dict(node.pubsub_numsub(channel)).get(channel.encode(), 0))
+            total += int(node.execute_command(*command)[1])
         except redis.RedisError:
             continue  # a failed node holds nobody
         finally:
@@ -256,7 +287,7 @@ class Cluster:
         # /readyz says "connected"; Redis itself says who will hear a broadcast.
         channel = self.app.channel(self.prefix)
         while True:
-            count = subscribers(self.redis_url, channel)
+            count = subscribers(self.redis_url, channel, sharded_prefix=self.prefix if self.app.sharded else None)
             if count >= len(self.servers):
                 return
             if time.monotonic() > deadline:

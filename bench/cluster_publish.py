@@ -22,6 +22,7 @@ import asyncio
 import statistics
 import subprocess
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -143,12 +144,17 @@ def run() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--base", type=int, default=7300, help="the local cluster's first port")
     args = parser.parse_args()
+    on_local_cluster(args.base, main(args.base, args.rounds, args.count, args.batch))
+
+
+def on_local_cluster(base: int, work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` with a local cluster of scripts/redis-cluster.sh on ports `base`.., then stop it."""
     script = str(ROOT / "scripts" / "redis-cluster.sh")
-    subprocess.run([script, "start", str(args.base)], check=True, capture_output=True, timeout=60)
+    subprocess.run([script, "start", str(base)], check=True, capture_output=True, timeout=60)
     try:
-        asyncio.run(main(args.base, args.rounds, args.count, args.batch))
+        asyncio.run(work)
     finally:
-        subprocess.run([script, "stop", str(args.base)], check=False, capture_output=True, timeout=60)
+        subprocess.run([script, "stop", str(base)], check=False, capture_output=True, timeout=60)
 
 
 if __name__ == "__main__":

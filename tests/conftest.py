@@ -23,6 +23,7 @@ from .harness import (
     SECRET_KEY,
     Instance,
     Probe,
+    RawSocket,
     free_cluster_base,
     instance_env,
     unique,
@@ -112,12 +113,12 @@ def running(redis_client: redis.Redis, cluster: Cluster) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def bus_redis(cluster: Cluster) -> Iterator[redis.Redis]:
-    """A client of the Redis the cluster fixture's instances use (a cluster's seed node): its
-    PUBLISH reaches every node, its PUBSUB counts that node's subscribers (the instances')."""
-    client = redis.Redis.from_url(cluster.redis_url)
-    yield client
-    client.close()
+async def wires() -> AsyncIterator[list[RawSocket]]:
+    """Raw sockets a test opened (the recovery tests' `Wire`s), closed after it."""
+    opened: list[RawSocket] = []
+    yield opened
+    for wire in opened:
+        await wire.close()
 
 
 @pytest.fixture(scope="session")

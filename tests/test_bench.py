@@ -8,6 +8,7 @@ ones.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from typing import Any
@@ -23,22 +24,40 @@ from .harness import ROOT, free_cluster_base, wait_until
 from .test_wire import _serve
 
 
+def on_a_cluster(module: str, count: int) -> str:
+    """Run a cluster benchmark for one short round on a local cluster of its own; its output."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--rounds", "1", "--count", str(count), "--base", str(free_cluster_base())],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 @pytest.mark.bench
 @pytest.mark.cluster
 def test_the_cluster_publish_benchmark_runs_and_sees_both_modes() -> None:
     """No timing asserted: that every message is delivered, and where each mode does work."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.cluster_publish", "--rounds", "1", "--count", "3000",
-         "--base", str(free_cluster_base())],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith(("classic", "sharded"))}
+    output = on_a_cluster("bench.cluster_publish", 3000)
+    rows = {line.split()[0]: line.split() for line in output.splitlines() if line.startswith(("classic", "sharded"))}
     # mode, publishes/s, CPU all nodes, CPU owner, nodes working, delivered (3 subscribers x 3,000).
     # Classic makes every node work; sharded, the owner and its replica (a cluster's own cron can
     # make a third look busy in so short a run).
-    assert rows["classic"][4] == "6" and int(rows["sharded"][4]) < 6, result.stdout
-    assert rows["classic"][5] == rows["sharded"][5] == "9,000", result.stdout
+    assert rows["classic"][4] == "6" and int(rows["sharded"][4]) < 6, output
+    assert rows["classic"][5] == rows["sharded"][5] == "9,000", output
+
+
+@pytest.mark.bench
+@pytest.mark.cluster
+def test_the_cluster_shards_benchmark_runs_and_spreads_the_scripts() -> None:
+    """No timing asserted: where the app's publish scripts run, with one partition and with 16."""
+    output = on_a_cluster("bench.cluster_shards", 2000)
+    shares = {
+        line.split()[0]: [int(part) for part in re.findall(r"(\d+)%", line)]
+        for line in output.splitlines() if line.startswith(("1 partition", "16 partitions"))
+    }
+    assert sorted(shares["1"]) == [0, 0, 100], output  # every script on one master
+    assert all(15 <= share <= 55 for share in shares["16"]), output  # about a third each
 
 
 @pytest.mark.bench

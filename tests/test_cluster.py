@@ -6,9 +6,9 @@ import asyncio
 
 import orjson
 import pytest
-import redis
 import socketio
 
+from bench.cluster import publish_raw
 from bench.cluster import subscribers as count_subscribers
 from webapp.auth.tokens import TokenSigner
 
@@ -204,7 +204,7 @@ async def test_bad_tokens_are_refused_with_invalid_token(cluster: Cluster, kind:
 
 
 async def test_garbage_on_our_channels_is_dropped_and_consumption_goes_on(
-    cluster: Cluster, probes: list[Probe], bus_redis: redis.Redis
+    cluster: Cluster, probes: list[Probe]
 ) -> None:
     c = await cast(cluster, probes)
     alice = c["alice_a"].user  # type: ignore[attr-defined]
@@ -221,24 +221,22 @@ async def test_garbage_on_our_channels_is_dropped_and_consumption_goes_on(
         (f"{prefix}:user:{alice}", b'{"v": 1, "id": "x", "scope": "user", "user_id": "a", "event": "disconnect", "ts": 1}'),
     ]
     for channel, raw in garbage:
-        bus_redis.publish(channel, raw)
+        publish_raw(cluster.redis_url, prefix, channel, raw)
     status, _ = await api(cluster.a.url, "/api/emit/all", {"event": "after", "data": "still alive"})
     assert status == 202
     await fence(cluster.b.url, c.values())
     for probe in c.values():
         assert without_fences(probe) == [("after", "still alive")], probe.name
     # Every instance drops the five broadcast ones; the two on alice's channel on both (alice on A
-    # and B). Waited for, not assumed done by the fence: on a cluster the garbage, sent to another
-    # node, crosses the cluster bus, while the fence is published where the instances listen.
+    # and B). Waited for, not assumed done by the fence: on a cluster the garbage and the fence
+    # travel on different shards' connections, in no order between them.
     await wait_until(
         lambda: sum(i.status()[1]["dropped_invalid"] for i in cluster.instances) - before == 2 * len(garbage),
         "every instance to drop the garbage",
     )
 
 
-async def test_an_envelope_published_twice_is_delivered_once(
-    cluster: Cluster, probes: list[Probe], bus_redis: redis.Redis
-) -> None:
+async def test_an_envelope_published_twice_is_delivered_once(cluster: Cluster, probes: list[Probe]) -> None:
     """What a batch Redis applied although its reply was lost, then retried, looks like."""
     c = await cast(cluster, probes)
     alice = c["alice_a"].user  # type: ignore[attr-defined]
@@ -246,21 +244,20 @@ async def test_an_envelope_published_twice_is_delivered_once(
         {"v": 1, "id": unique("env"), "scope": "user", "user_id": alice, "event": "dm", "data": 1, "ts": 1}
     )
     for _ in range(2):
-        bus_redis.publish(f"{cluster.prefix}:user:{alice}", twice)
+        publish_raw(cluster.redis_url, cluster.prefix, f"{cluster.prefix}:user:{alice}", twice)
     await fence(cluster.b.url, c.values())
     assert without_fences(c["alice_a"]) == [("dm", 1)]
     assert without_fences(c["alice_b"]) == [("dm", 1)]
 
 
-async def test_last_socket_leaving_releases_the_users_channel(
-    cluster: Cluster, probes: list[Probe], bus_redis: redis.Redis
-) -> None:
+async def test_last_socket_leaving_releases_the_users_channel(cluster: Cluster, probes: list[Probe]) -> None:
     user = unique("dave")
     channel = f"{cluster.prefix}:user:{user}"
     token = await token_for(cluster.a.url, user)
 
     def subscribers() -> int:
-        return count_subscribers(cluster.redis_url, channel)  # on a cluster: over every node
+        # On a cluster: the shard channel, over every node.
+        return count_subscribers(cluster.redis_url, channel, sharded_prefix=cluster.prefix)
 
     first = await open_probe(probes, "dave1", cluster.a.url, token)
     # confirmed before the connection was accepted: no waiting needed here

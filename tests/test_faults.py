@@ -12,6 +12,9 @@ import aiohttp
 import pytest
 import redis
 
+from bench.cluster import subscribers
+
+from .conftest import BACKENDS
 from .harness import (
     API_KEY,
     REDIS_URL,
@@ -171,10 +174,16 @@ async def test_outbox_is_bounded_and_counts_what_it_drops(
     assert body["outbox"] == {"waiting": 0, "delivered_late": 3, "dropped": 2}
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The Redis the test's instances use: one node, then the session's local Redis Cluster."""
+    return REDIS_URL if request.param == "redis" else str(request.getfixturevalue("redis_cluster_url"))
+
+
 async def test_sigkill_leaves_the_other_instance_serving(
-    instances: list[Instance], probes: list[Probe], redis_client: redis.Redis
+    instances: list[Instance], probes: list[Probe], backend: str
 ) -> None:
-    a, b, prefix, alice, token, alice_a, alice_b = await pair(instances, probes, "kill", REDIS_URL)
+    a, b, prefix, alice, token, alice_a, alice_b = await pair(instances, probes, "kill", backend)
     lost = asyncio.Event()
     alice_a.client.on("disconnect", lambda *_: lost.set())
 
@@ -183,7 +192,7 @@ async def test_sigkill_leaves_the_other_instance_serving(
     assert b.readyz()[0] == 200
     channel = f"{prefix}:user:{alice}"
     await wait_until(
-        lambda: dict(redis_client.pubsub_numsub(channel))[channel.encode()] == 1, "Redis to drop A's subscriptions"
+        lambda: subscribers(backend, channel, sharded_prefix=prefix) == 1, "Redis to drop A's subscriptions"
     )
     # the client of the dead instance comes back through a live one (as a load balancer would send it)
     back = Probe("alice@A->B")
@@ -195,9 +204,9 @@ async def test_sigkill_leaves_the_other_instance_serving(
 
 
 async def test_sigterm_drains_tells_clients_and_exits_zero(
-    instances: list[Instance], probes: list[Probe], redis_client: redis.Redis
+    instances: list[Instance], probes: list[Probe], backend: str
 ) -> None:
-    a, b, prefix, gina, _, on_a, on_b = await pair(instances, probes, "drain", REDIS_URL, SHUTDOWN_TIMEOUT="5")
+    a, b, prefix, gina, _, on_a, on_b = await pair(instances, probes, "drain", backend, SHUTDOWN_TIMEOUT="5")
     reasons: list[str] = []
     on_a.client.on("disconnect", lambda reason=None: reasons.append(str(reason)))
 
@@ -209,9 +218,8 @@ async def test_sigterm_drains_tells_clients_and_exits_zero(
     notice = await on_a.wait_for("server_shutdown")
     assert notice == [{"reason": "instance shutting down", "instance": "A", "reconnect": True}]
     await wait_until(lambda: reasons, "the client to see the disconnect")
-    channel = f"{prefix}:user:{gina}"
-    assert dict(redis_client.pubsub_numsub(channel))[channel.encode()] == 1  # only B's remains
-    assert dict(redis_client.pubsub_numsub(f"{prefix}:all"))[f"{prefix}:all".encode()] == 1
+    for channel in (f"{prefix}:user:{gina}", f"{prefix}:all"):
+        assert subscribers(backend, channel, sharded_prefix=prefix) == 1  # only B's remains
     assert "drained; 0 sockets left" in a.output()
     assert (await api(b.url, f"/api/emit/users/{gina}", {"event": "dm", "data": "still here"}))[0] == 202
     assert await on_b.wait_for("dm") == ["still here"]

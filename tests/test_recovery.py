@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -38,14 +37,6 @@ class Wire(RawSocket):
         while got[-1][0] != name:
             got.append(await self.event())
         return got
-
-
-@pytest.fixture
-async def wires() -> AsyncIterator[list[Wire]]:
-    opened: list[Wire] = []
-    yield opened
-    for wire in opened:
-        await wire.close()
 
 
 def fleet(instances: list[Instance], prefix: str, names: tuple[str, ...] = ("A", "B"), **env: str) -> list[Instance]:

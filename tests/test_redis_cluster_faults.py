@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from bench.cluster import wired
+
 from .conftest import Cluster
 from .harness import ROOT, Instance, Probe, api, free_cluster_base, token_for, unique, wait_until
 
@@ -112,8 +114,8 @@ async def test_a_master_failover_loses_and_duplicates_no_acknowledged_event(
     for _ in range(20):
         await events.emit(fleet.a)
     await probes[1].wait_for("n", 20)
-    # The master holding the history (every publish's script runs there) dies.
-    victim = master_of(base, f"{{{fleet.prefix}}}:replay")
+    # The master owning the user's channel (its partition's history and shard channel) dies.
+    victim = master_of(base, wired(fleet.prefix, f"{fleet.prefix}:user:{events.user}"))
     kill_node(base, victim)
     killed_at = time.monotonic()
     while len([k for k in events.acknowledged if k >= 20]) < 20:
@@ -123,6 +125,8 @@ async def test_a_master_failover_loses_and_duplicates_no_acknowledged_event(
     alive = next(port for port in range(base, base + 6) if port != victim)
     await wait_until(lambda: healthy_masters(alive) == 3, "a replica promoted to master")
     await events.all_delivered_once_in_order()
+    # Both instances followed the user's channel to the promoted replica.
+    assert all(i.status()[1]["bus"]["moved_channels"] >= 1 for i in fleet.instances)
     print(f"failover: {events.refused} emits answered 503 during {time.monotonic() - killed_at:.1f}s")
 
 
@@ -168,12 +172,14 @@ def migrate_slot_of(base: int, key: str, target: int, pause: float = 0.5) -> Non
         dst.close()
 
 
-async def test_moving_the_historys_slot_under_traffic_loses_and_duplicates_nothing(
+async def test_moving_a_subscribed_user_channels_slot_under_traffic_loses_and_duplicates_nothing(
     redis_cluster: int, fleet: Cluster, probes: list[Probe]
 ) -> None:
+    """Redis tells the subscribers (`sunsubscribe`) once the slot has moved; the instances follow
+    the channel to its new shard and read its history from where they were."""
     base, events = redis_cluster, Numbered(fleet, probes)
     await events.open()
-    history = f"{{{fleet.prefix}}}:replay"
+    history = wired(fleet.prefix, f"{fleet.prefix}:user:{events.user}")  # the slot of channel and history
     source = master_of(base, history)
     target = next(port for port in node_ids(base) if port != source)
     moving: asyncio.Future[None] | None = None
@@ -186,6 +192,7 @@ async def test_moving_the_historys_slot_under_traffic_loses_and_duplicates_nothi
     await moving
     assert master_of(base, history) == target
     await events.all_delivered_once_in_order()
+    assert all(i.status()[1]["bus"]["moved_channels"] >= 1 for i in fleet.instances)  # told, and followed
     assert events.refused <= 5, f"{events.refused} emits refused while one slot moved"
     print(f"reshard: {len(events.acknowledged)} acknowledged, {events.refused} refused")
 
@@ -209,49 +216,64 @@ def shard_without(base: int, keys: list[str]) -> tuple[int, list[int]]:
 
 
 def user_on(base: int, port: int, prefix: str, *, owned: bool) -> str:
-    """A user id whose record key (`<prefix>:users:<id>`) lives (or does not) on the master at `port`."""
+    """A user id whose record (`<prefix>:users:<id>`) and channel both live (or neither lives) on
+    the master at `port`."""
     for n in range(1000):
         user = f"u{n}"
-        if (master_of(base, f"{prefix}:users:{user}") == port) == owned:
+        keys = (f"{prefix}:users:{user}", wired(prefix, f"{prefix}:user:{user}"))
+        if all((master_of(base, key) == port) == owned for key in keys):
             return user
     raise AssertionError("no such user id in 1,000 tries")
 
 
-async def test_a_whole_shard_down_is_reported_and_the_rest_keeps_working(
-    redis_cluster: int, fleet: Cluster, probes: list[Probe]
-) -> None:
+def fixed_keys(prefix: str) -> list[str]:
+    """What every instance needs whatever its users: the broadcast channels and presence's table."""
+    return [wired(prefix, f"{prefix}:all"), wired(prefix, f"{prefix}:authenticated"), f"{{{prefix}:presence}}:instances"]
+
+
+async def test_a_whole_shard_down_is_reported_and_the_rest_keeps_working(redis_cluster: int, probes: list[Probe]) -> None:
     base = redis_cluster
-    prefix = fleet.prefix
-    a, b = fleet.instances
-    master, replicas = shard_without(base, [f"{{{prefix}}}:replay", f"{{{prefix}:presence}}:instances"])
+    # A prefix whose fixed keys leave one shard free: that shard dies (with three keys on three
+    # shards, about one prefix in three).
+    prefix = next(p for p in (unique("fault") for _ in range(200)) if len({master_of(base, k) for k in fixed_keys(p)}) < 3)
+    master, replicas = shard_without(base, fixed_keys(prefix))
     # Chosen while every node answers (the seed node may be in the shard that dies).
     alive_user = user_on(base, master, prefix, owned=False)
     lost_user = user_on(base, master, prefix, owned=True)
-    for port in (master, *replicas):
-        kill_node(base, port)  # the whole shard: no replica can take over
-    await wait_until(
-        lambda: a.readyz()[1]["bus"].get("unreachable_shards") == [f"127.0.0.1:{master}"],
-        "/readyz to name the dead shard", timeout=15,
-    )
-    status, body = a.readyz()
-    assert status == 200 and body["ready"] is True  # what lives elsewhere is still served
+    fleet = Cluster(prefix, ("A", "B"), redis_url=f"redis://127.0.0.1:{base}/0", REDIS_BACKOFF_MAX="0.5")
+    try:
+        a, b = fleet.instances
+        for port in (master, *replicas):
+            kill_node(base, port)  # the whole shard: no replica can take over
+        await wait_until(
+            lambda: a.readyz()[1]["bus"].get("unreachable_shards") == [f"127.0.0.1:{master}"],
+            "/readyz to name the dead shard", timeout=15,
+        )
+        status, body = a.readyz()
+        assert status == 200 and body["ready"] is True  # what lives elsewhere is still served
 
-    # Broadcasts and users whose records live on other shards: as before.
-    probe = Probe(alive_user)
-    probes.append(await probe.connect(b.url, await token_for(a.url, alive_user)))
-    assert (await api(a.url, "/api/emit/all", {"event": "news", "data": 1}))[0] == 202
-    assert (await api(a.url, f"/api/emit/users/{alive_user}", {"event": "dm", "data": 2}))[0] == 202
-    assert await probe.wait_for("news") == [1]
-    assert await probe.wait_for("dm") == [2]
+        # Broadcasts and users whose channel and record live on other shards: as before.
+        probe = Probe(alive_user)
+        probes.append(await probe.connect(b.url, await token_for(a.url, alive_user)))
+        assert (await api(a.url, "/api/emit/all", {"event": "news", "data": 1}))[0] == 202
+        for n in range(3):
+            assert (await api(a.url, f"/api/emit/users/{alive_user}", {"event": "dm", "data": n}))[0] == 202
+        assert await probe.wait_for("news") == [1]
+        assert await probe.wait_for("dm", 3) == [0, 1, 2]
 
-    # A user whose record lives on the dead shard: accepted as in any Redis outage (without
-    # the backend's rooms, which cannot be read) and reached; the REST calls that need the
-    # record answer 503, never a 500 or a hang.
-    lost = Probe(lost_user)
-    probes.append(await lost.connect(b.url, await token_for(a.url, lost_user)))
-    assert (await api(a.url, f"/api/emit/users/{lost_user}", {"event": "dm", "data": 3}))[0] == 202
-    assert await lost.wait_for("dm") == [3]
-    status, body = await api(a.url, f"/api/users/{lost_user}/rooms/team:x", method="PUT")
-    assert status == 503 and body["error"]["code"] == "bus_unavailable", body
-    status, body = await api(a.url, f"/api/users/{alive_user}/rooms/team:x", method="PUT")
-    assert status == 200, body
+        # A user whose channel and record live on the dead shard: accepted as in any Redis outage
+        # (without the backend's rooms, which cannot be read), and every emit to it answers 503,
+        # never a 500 or a hang; so do the REST calls that need its record.
+        lost = Probe(lost_user)
+        probes.append(await lost.connect(b.url, await token_for(a.url, lost_user)))
+        statuses = [(await api(a.url, f"/api/emit/users/{lost_user}", {"event": "dm", "data": n}))[0] for n in range(3)]
+        assert statuses == [503, 503, 503]
+        status, body = await api(a.url, f"/api/users/{lost_user}/rooms/team:x", method="PUT")
+        assert status == 503 and body["error"]["code"] == "bus_unavailable", body
+        status, body = await api(a.url, f"/api/users/{alive_user}/rooms/team:x", method="PUT")
+        assert status == 200, body
+        assert (await api(b.url, "/api/emit/all", {"event": "news", "data": 2}))[0] == 202
+        assert await probe.wait_for("news", 2) == [1, 2] and await lost.wait_for("news") == [2]
+        assert lost.of("dm") == []
+    finally:
+        fleet.close()

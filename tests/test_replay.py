@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 import redis
 
-from webapp.realtime.bus import BusUnavailable, Offset, RedisBus
+from webapp.realtime.bus import BusUnavailable, Mark, Position, RedisBus
 
 from .harness import REDIS_URL, RedisServer, unique, wait_until
 
@@ -27,13 +27,13 @@ def kill_subscriber(redis_client: redis.Redis, name: str) -> None:
 class Collected:
     def __init__(self) -> None:
         self.messages: list[bytes] = []
-        self.offsets: list[Offset | None] = []
+        self.offsets: list[Mark | None] = []
         self.gaps: list[str] = []
 
-    async def on_message(self, _: str, message: bytes, offset: Offset | None) -> None:
+    async def on_message(self, _: str, message: bytes, mark: Mark | None) -> None:
         # The live copy carries its offset spliced in; the replayed copy is the stored envelope.
         self.messages.append(message.split(b'"m":', 1)[-1].rstrip(b"}"))
-        self.offsets.append(offset)
+        self.offsets.append(mark)
 
     async def on_gap(self, reason: str) -> None:
         self.gaps.append(reason)
@@ -145,7 +145,8 @@ async def test_live_messages_carry_the_offset_the_history_holds(redis_client: re
         for n in range(3):
             await publisher.publish(channel, env(str(n)))
         await wait_until(lambda: len(got.messages) == 3, "three messages")
-        history = await subscriber.history(Offset(0, 0), [channel])
-        assert [e.offset for e in history.entries] == got.offsets
-        assert subscriber.position == got.offsets[-1] == await subscriber.end()
+        history = await subscriber.history(Position(), [channel])
+        assert [e.mark for e in history.entries] == got.offsets
+        last = got.offsets[-1]
+        assert last is not None and subscriber.position == Position({0: last.offset}) == await subscriber.end()
     redis_client.delete(f"{prefix}:replay", f"{prefix}:epoch")

@@ -18,8 +18,9 @@ from webapp.auth.tokens import InvalidToken, TokenSigner
 from webapp.config import ConfigError, Settings
 from webapp.logs import RedactTokens, redact
 from webapp.realtime import envelope
-from webapp.realtime.bus import ZERO, BusUnavailable, MemoryBus, Offset
+from webapp.realtime.bus import ZERO, BusUnavailable, Mark, MemoryBus, Offset, Position
 from webapp.realtime.bus.cluster import Topology
+from webapp.realtime.bus.partitions import Partitions
 from webapp.realtime.bus.redis_bus import offset_of
 from webapp.realtime.limits import RateLimiter
 from webapp.realtime.outbox import Outbox
@@ -212,7 +213,7 @@ class TestMemoryBus:
         got: list[tuple[str, bytes]] = []
         done = asyncio.Event()
 
-        async def handler(channel: str, message: bytes, offset: Offset | None) -> None:
+        async def handler(channel: str, message: bytes, mark: Mark | None) -> None:
             got.append((channel, message))
             if message == b"last":
                 done.set()
@@ -236,7 +237,7 @@ class TestMemoryBus:
         bus = MemoryBus()
         done = asyncio.Event()
 
-        async def handler(channel: str, message: bytes, offset: Offset | None) -> None:
+        async def handler(channel: str, message: bytes, mark: Mark | None) -> None:
             if message == b"boom":
                 raise RuntimeError("boom")
             done.set()
@@ -278,7 +279,7 @@ class TestOutbox:
         got: list[bytes] = []
         all_in = asyncio.Event()
 
-        async def handler(channel: str, message: bytes, offset: Offset | None) -> None:
+        async def handler(channel: str, message: bytes, mark: Mark | None) -> None:
             got.append(message)
             if len(got) == 3:
                 all_in.set()
@@ -340,6 +341,38 @@ class TestOffsets:
         # far ahead of the clock: forged by someone publishing on our channels
         assert offset_of(b'{"offset":"99999999999999-0","v":1}') is None
 
+    def test_a_position_is_an_offset_per_partition(self) -> None:
+        one = Position.parse("1700000000000-3", 1)
+        assert one == Position({0: Offset(1700000000000, 3)}) and str(one) == "1700000000000-3"
+        many = Position.parse("7:5-1,2:9-0", 16)
+        assert many is not None and str(many) == "2:9-0,7:5-1"  # one spelling, by partition
+        for bad in ("", "junk", "16:5-1", "2:5-1,2:6-0", "-1:5-1", "2:5-1,", "2:5", ",".join(f"{p}:1-0" for p in range(17))):
+            assert Position.parse(bad, 16) is None, bad
+        assert Position.parse("3:5-1", 1) is None  # a cluster's position on one node
+        assert many.covers(Mark(2, Offset(9, 0))) and not many.covers(Mark(2, Offset(9, 1)))
+        assert not many.covers(Mark(4, Offset(0, 1)))  # a partition it knows nothing of
+        assert many.advance(Mark(4, Offset(1, 0))) and not many.advance(Mark(4, Offset(0, 9)))
+        merged = Position({1: Offset(5, 0), 2: Offset(1, 0)}).merged(Position({2: Offset(3, 0), 3: Offset(1, 1)}))
+        assert merged == Position({1: Offset(5, 0), 2: Offset(3, 0), 3: Offset(1, 1)})
+        assert merged.only([2, 9]) == Position({2: Offset(3, 0)})
+
+    def test_partitions_spread_over_the_slots_and_keep_channel_and_history_in_one(self) -> None:
+        from redis.crc import key_slot
+
+        single = Partitions("{wa}:replay")
+        assert single.wire("wa:user:alice") == "wa:user:alice" and single.stream(0) == "{wa}:replay"
+        parts = Partitions("{wa}:replay", 16, sharded=True)
+        slots = [key_slot(parts.stream(p).encode()) for p in range(16)]
+        assert [slot * 16 // 16384 for slot in slots] == list(range(16))  # one per sixteenth
+        for n in range(200):
+            channel = f"wa:user:u{n}"
+            wired = parts.wire(channel)
+            assert key_slot(wired.encode()) == slots[parts.of(channel)]
+            assert parts.unwire(wired) == (channel, parts.of(channel))
+        assert parts.unwire("wa:user:alice") is None  # not ours: no tag
+        other = parts.wire("wa:user:u1").replace("wa:user:u1", "wa:user:u2")
+        assert parts.of("wa:user:u1") == parts.of("wa:user:u2") or parts.unwire(other) is None
+
     def test_recent_ids_are_bounded(self) -> None:
         recent = _RecentIds(2)
         assert not recent.check_and_add("a")
@@ -351,10 +384,10 @@ class TestOffsets:
 class TestMemoryHistory:
     async def test_offsets_increase_and_history_reads_after_one(self) -> None:
         bus = MemoryBus(history_max=100)
-        got: list[Offset | None] = []
+        got: list[Mark | None] = []
 
-        async def handler(channel: str, message: bytes, offset: Offset | None) -> None:
-            got.append(offset)
+        async def handler(channel: str, message: bytes, mark: Mark | None) -> None:
+            got.append(mark)
 
         await bus.start(handler, no_gap)
         try:
@@ -362,12 +395,12 @@ class TestMemoryHistory:
             for n in range(5):
                 await bus.publish("a" if n % 2 == 0 else "b", str(n).encode())
             end = await bus.end()
-            history = await bus.history(ZERO, ["a"])
+            history = await bus.history(Position(), ["a"])
             assert [e.message for e in history.entries] == [b"0", b"2", b"4"]
             assert history.complete and history.end == end
-            offsets = [e.offset for e in history.entries]
+            offsets = [e.mark.offset for e in history.entries]
             assert offsets == sorted(offsets) and len(set(offsets)) == 3
-            later = await bus.history(offsets[0], ["a", "b"])
+            later = await bus.history(Position({0: offsets[0]}), ["a", "b"])
             assert [e.message for e in later.entries] == [b"1", b"2", b"3", b"4"]
         finally:
             await bus.close()
@@ -383,7 +416,7 @@ class TestMemoryHistory:
             history = await bus.history(first, ["a"])
             assert not history.complete  # "1" was trimmed
             assert [e.message for e in history.entries] == [b"2", b"3"]
-            assert (await bus.history(history.entries[0].offset, ["a"])).complete
+            assert (await bus.history(Position({0: history.entries[0].mark.offset}), ["a"])).complete
         finally:
             await bus.close()
 

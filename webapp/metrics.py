@@ -78,6 +78,7 @@ class _RealtimeCollector(Collector):
             ("replayed", "Messages replayed from the history after a gap"),
             ("gaps", "Gaps past the history's retention"),
             ("epoch_changes", "Times Redis was found to have lost its data"),
+            ("moved_channels", "Channels followed to another shard (failover, reshard)"),
         ):
             if isinstance(bus.get(key), int):
                 yield _counter(f"webapp_bus_{key}", help_text, bus[key])

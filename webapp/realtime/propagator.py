@@ -5,8 +5,9 @@ Channels: `all`, `authenticated`, `user:<id>` (held while a socket of that user 
 `room:<room>` (held while a socket here is in that room) and `node:<tag>` (this instance's
 own, for `emit(to=sid)`, disconnects and joins of its sockets asked for elsewhere).
 
-Sockets that opted in to recovery get each event's offset as a last argument, their missed
-events right after their CONNECT reply, and nothing live before those.
+Sockets that opted in to recovery get their position as a last argument of each event (the
+event's offset, or on a cluster an offset per partition), their missed events right after
+their CONNECT reply, and nothing live before those.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from socketio import packet as sio_packet
 
 from ..names import is_room_name
 from . import envelope
-from .bus import Bus, BusUnavailable, Offset
+from .bus import Bus, BusUnavailable, Mark, Position
 from .outbox import Outbox
 from .presence import Presence
 from .recovery import Recovery, Request, Session
@@ -57,7 +58,7 @@ class SubscriptionFailed(Exception):
     """Redis is there but did not confirm a user's channel: the socket must not be accepted."""
 
 
-Delivery = tuple[str, Any, "Offset | None"]  # event, data, offset
+Delivery = tuple[str, Any, "Mark | None"]  # event, data, where the bus holds it
 
 
 class Propagator:
@@ -210,7 +211,7 @@ class Propagator:
             return self.channels_of(sid)
 
         assert self.recovery is not None
-        session = await self.recovery.open(sid, user_id, request, rejoin)
+        session = await self.recovery.open(sid, user_id, request, rejoin, self.channels_of(sid))
         if session.failure is not None:  # a fresh start: without the rooms of the old session
             for room in entered:
                 await self.leave_room(sid, room, by_backend=True)
@@ -329,8 +330,8 @@ class Propagator:
             elif session.replay or missed:
                 self.send([sid], "recovered", {"missed": missed})
             session.replay = []
-        for event, data, offset in waiting or ():
-            self.deliver([sid], event, data, offset)
+        for event, data, mark in waiting or ():
+            self.deliver([sid], event, data, mark)
 
     def _replay(self, sid: str, session: Session) -> int:
         missed = 0
@@ -344,8 +345,8 @@ class Propagator:
             if env.origin.sid == session.origin or session.origin in env.skip:
                 continue  # its own answer: the socket had it directly
             missed += 1
-            self._frames_to(sid, self._encode(env.event or "", env.data, entry.offset))
-            session.offset = entry.offset
+            session.sent.advance(entry.mark)
+            self._frames_to(sid, self._encode(env.event or "", env.data, str(session.sent)))
         return missed
 
     def origin_of(self, sid: str) -> str:
@@ -360,7 +361,7 @@ class Propagator:
         if session is not None and self.recovery is not None:
             # Still attached while the bus catches up to now, so what it was sent is all it
             # was addressed by up to that position (an idle socket's old offset needs this).
-            position: Offset | None
+            position: Position | None
             try:
                 position = await self.bus.sync()
             except BusUnavailable:
@@ -527,7 +528,7 @@ class Propagator:
 
     # --- consuming ----------------------------------------------------------------------
 
-    async def on_message(self, channel: str, raw: bytes, offset: Offset | None) -> None:
+    async def on_message(self, channel: str, raw: bytes, mark: Mark | None) -> None:
         """Deliver one consumed message to the local sockets it addresses; drop garbage."""
         env = self._addressed(channel, raw)
         if env is None:
@@ -542,7 +543,7 @@ class Propagator:
         self.deliveries_by_scope[env.scope] += len(sids)
         if self.observe_lag is not None:
             self.observe_lag(max(0.0, time.time() - env.ts))
-        self.deliver(sids, env.event or "", env.data, offset)
+        self.deliver(sids, env.event or "", env.data, mark)
 
     def _recipients(self, env: envelope.Envelope) -> list[str]:
         """The local sockets an envelope addresses."""
@@ -623,12 +624,13 @@ class Propagator:
         """Send an event straight to local sockets (no bus): answers, errors, notices."""
         self.deliver(sids, event, data, None)
 
-    def deliver(self, sids: list[str], event: str, data: Any, offset: Offset | None) -> None:
+    def deliver(self, sids: list[str], event: str, data: Any, mark: Mark | None) -> None:
         """Encode one Socket.IO packet and queue it for each socket (as rooms do).
 
-        Recoverable sockets get the offset as a last argument (one more encoding, shared by
-        all of them); a message without one (sent directly, or published outside the history)
-        carries the offset each such socket already holds.
+        Recoverable sockets get their position as a last argument (one more encoding, shared
+        by all of them on one Redis node, and by those holding the same position on a
+        cluster); a message without one (sent directly, or published outside the history)
+        carries the position each such socket already holds.
         """
         if not sids:
             return
@@ -638,25 +640,29 @@ class Propagator:
                 self._frames_to(sid, frames)
             return
         plain: list[eio_packet.Packet] | None = None
-        stamped: list[eio_packet.Packet] | None = None
+        stamped: dict[str, list[eio_packet.Packet]] = {}
+        # One partition: a socket's position is the event's offset, the same for everyone.
+        shared = str(mark.offset) if mark is not None and self.bus.partitions == 1 else None
         for sid in sids:
             waiting = self._connecting.get(sid)
             if waiting is not None:
-                waiting.append((event, data, offset))
+                waiting.append((event, data, mark))
                 continue
             session = self.sessions.get(sid)
             if session is None:
                 plain = plain or self._encode(event, data, None)
                 self._frames_to(sid, plain)
-            elif offset is None:
-                self._frames_to(sid, self._encode(event, data, session.offset))
-            elif offset > session.floor:
-                stamped = stamped or self._encode(event, data, offset)
-                session.offset = offset
-                self._frames_to(sid, stamped)
+            elif mark is None:
+                self._frames_to(sid, self._encode(event, data, str(session.sent)))
+            elif not session.floor.covers(mark):
+                session.sent.advance(mark)
+                stamp = shared or str(session.sent)
+                if stamp not in stamped:
+                    stamped[stamp] = self._encode(event, data, stamp)
+                self._frames_to(sid, stamped[stamp])
 
-    def _encode(self, event: str, data: Any, offset: Offset | None) -> list[eio_packet.Packet]:
-        args = [event, data] if offset is None else [event, data, str(offset)]
+    def _encode(self, event: str, data: Any, stamp: str | None) -> list[eio_packet.Packet]:
+        args = [event, data] if stamp is None else [event, data, stamp]
         encoded = self.sio.packet_class(sio_packet.EVENT, namespace=NAMESPACE, data=args).encode()
         parts = encoded if isinstance(encoded, list) else [encoded]
         # Shared by every recipient: an Engine.IO packet caches its encoding, so each frame is

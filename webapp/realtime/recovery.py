@@ -1,9 +1,11 @@
 """Connection state recovery (Socket.IO v4's protocol) on top of the bus's history.
 
 A socket that opts in (handshake auth `recover: true`) gets a private session id, `pid`, in
-its CONNECT reply, and every event it receives carries the event's offset as a last argument.
-When it reconnects, to any instance, it sends `{pid, offset}`; the instance reads the history
-after that offset and sends what the socket was addressed by, before anything live.
+its CONNECT reply, and every event it receives carries the socket's position as a last argument:
+the event's offset on one Redis node; on a cluster, one offset per partition its events came
+from (`3:<ms>-<seq>,7:<ms>-<seq>`), since each partition numbers its own history. When it
+reconnects, to any instance, it sends `{pid, offset}`; the instance reads the histories after
+that position and sends what the socket was addressed by, before anything live.
 
 The pid is signed, not stored: it names the user (a stolen pid is useless to anyone else),
 the sid its gateway answers are tagged with, where the session started and which Redis data
@@ -30,7 +32,7 @@ import orjson
 from itsdangerous import BadSignature
 
 from ..auth.tokens import signed_serializer
-from .bus import ZERO, Bus, BusUnavailable, Entry, Offset
+from .bus import Bus, BusUnavailable, Entry, Position
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ def requested(auth: Any) -> Request | None:
         return None
     pid, offset = auth.get("pid"), auth.get("offset")
     if isinstance(pid, str) and pid:
-        return Request(pid[:512], offset[:64] if isinstance(offset, str) else None)
+        return Request(pid[:2048], offset[:1024] if isinstance(offset, str) else None)
     if auth.get("recover") is True:
         return Request(None, None)
     return None
@@ -66,8 +68,9 @@ class Session:
 
     pid: str
     origin: str  # the sid its gateway answers carry on the bus: the session's first sid
-    offset: Offset  # what the socket holds: the last offset sent to it (or where it started)
-    floor: Offset  # live messages at or below it were read already, or predate the socket
+    start: Position  # where the session began, in every partition
+    sent: Position  # what the socket holds: per partition of its channels, the last offset sent
+    floor: Position  # live messages at or below it were read already, or predate the socket
     replay: list[Entry] = field(default_factory=list)  # missed entries, sent right after CONNECT
     failure: str | None = None  # why a requested recovery failed, sent after CONNECT
     rooms: set[str] = field(default_factory=set)  # the rooms the socket joined itself
@@ -97,8 +100,11 @@ class Recovery:
         self.recovered = 0
         self.failed: dict[str, int] = {}
 
-    async def open(self, sid: str, user_id: str | None, request: Request, rejoin: Rejoin) -> Session:
-        """A session for a socket that opted in: resumed when its pid allows, else a new one.
+    async def open(
+        self, sid: str, user_id: str | None, request: Request, rejoin: Rejoin, channels: list[str]
+    ) -> Session:
+        """A session for a socket that opted in: resumed when its pid allows, else a new one
+        for a socket on `channels`.
 
         Resuming calls `rejoin` with the rooms the session had joined, before the history is read.
         """
@@ -112,19 +118,22 @@ class Recovery:
             else:
                 self.recovered += 1
                 return session
-        session = await self._start(sid, user_id)
+        session = await self._start(sid, user_id, channels)
         session.failure = failure
         return session
 
-    async def _start(self, sid: str, user_id: str | None) -> Session:
+    async def _start(self, sid: str, user_id: str | None, channels: list[str]) -> Session:
         try:
             start = await self._bus.end()
         except BusUnavailable:
             # The outage mode: accepted anyway. The instance's own catch-up after Redis comes
             # back starts at its position, so nothing after it can be missed.
-            start = self._bus.position or ZERO
+            start = self._bus.position or Position()
         pid = self._signer.dumps({"u": user_id, "s": sid, "o": str(start), "e": self._bus.epoch})
-        return Session(pid=pid, origin=sid, offset=start, floor=start)
+        return Session(pid=pid, origin=sid, start=start, sent=start.only(self._partitions(channels)), floor=start)
+
+    def _partitions(self, channels: list[str]) -> set[int]:
+        return {self._bus.partition_of(channel) for channel in channels}
 
     async def _resume(self, user_id: str | None, rejoin: Rejoin, pid: str, sent: str | None) -> Session:
         try:
@@ -133,50 +142,57 @@ class Recovery:
             raise RecoveryFailed("unknown_session") from None
         if not isinstance(claims, dict) or claims.get("u") != user_id or not isinstance(claims.get("s"), str):
             raise RecoveryFailed("unknown_session")  # forged, or another user's
-        start = Offset.parse(claims.get("o"))
-        offset = start if sent is None else Offset.parse(sent)
-        if start is None or offset is None or offset < start:
+        partitions = self._bus.partitions
+        start = Position.parse(claims.get("o"), partitions)
+        # No offset: the socket was sent nothing after its start.
+        held = Position() if sent is None else Position.parse(sent, partitions)
+        if start is None or held is None or any(held.at(p) < start.at(p) for p in held.partitions()):
             raise RecoveryFailed("invalid_offset")
         if claims.get("e") != self._bus.epoch:
             raise RecoveryFailed("history_lost")  # Redis lost its data since the session began
         try:
-            since = offset
+            since = start.merged(held)
             ended = await self._ended(pid)
             if ended is not None:
                 left_at, last_sent, position = ended
                 if time.time() - left_at > self.window:
                     raise RecoveryFailed("expired")
-                if last_sent == offset and position > offset:
+                if (held if sent is not None else start.only(last_sent.partitions())) == last_sent:
                     # It received all it was sent, and it had been sent all it was addressed by
                     # up to `position`: an idle socket's old offset need not be in the history.
-                    since = position
+                    since = since.merged(position)
             channels = await rejoin(await self._rooms(pid))
             history = await self._bus.history(since, channels)
         except BusUnavailable:
             raise RecoveryFailed("bus_unavailable") from None
         if not history.complete:
             raise RecoveryFailed("expired")  # the history no longer holds all it missed
+        shown = set(held.partitions()) | self._partitions(channels)
         return Session(
-            pid=pid, origin=claims["s"], offset=history.end, floor=history.end, replay=history.entries
+            # What it holds until the replay moves it: where the history was read from.
+            pid=pid, origin=claims["s"], start=start, sent=since.only(shown), floor=history.end,
+            replay=history.entries,
         )
 
-    async def ended(self, session: Session, position: Offset | None) -> None:
+    async def ended(self, session: Session, position: Position | None) -> None:
         """Remember, for the window, when a session's socket left and what it had been sent."""
         value = orjson.dumps(
-            {"at": time.time(), "last": str(session.offset), "pos": str(max(position or ZERO, session.offset))}
+            {"at": time.time(), "last": str(session.sent), "pos": str((position or Position()).merged(session.sent))}
         )
         try:
             await self._bus.remember(self._key(session.pid), value, self._record_ttl)
         except BusUnavailable as exc:
             log.warning("could not record the end of a recoverable session: %s", exc)
 
-    async def _ended(self, pid: str) -> tuple[float, Offset, Offset] | None:
+    async def _ended(self, pid: str) -> tuple[float, Position, Position] | None:
         raw = await self._bus.recall(self._key(pid))
         if raw is None:
             return None  # still connected somewhere, or its instance died before it could say
+        partitions = self._bus.partitions
         try:
             record = orjson.loads(raw)
-            last, position = Offset.parse(record["last"]), Offset.parse(record["pos"])
+            last = Position.parse(record["last"], partitions) if record["last"] else Position()
+            position = Position.parse(record["pos"], partitions) if record["pos"] else Position()
             left_at = float(record["at"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None

@@ -2,7 +2,7 @@
 
 The same app runs on both. On a cluster, commands go through redis-py's `RedisCluster` (it
 follows MOVED and ASK, and learns the topology); keys a script or a transaction touches
-together share a hash tag, so they live in one slot; classic pub/sub reaches every node.
+together share a hash tag, so they live in one slot (see `partitions.py`).
 """
 
 from __future__ import annotations
@@ -104,24 +104,3 @@ class ShardWatch:
         except Exception:  # noqa: BLE001 - whatever the reason, it did not answer
             return f"{node.host}:{node.port}"
         return None
-
-
-def nodes_of(client: Client) -> list[tuple[str, int]]:
-    """The cluster's nodes as this client last saw them (none for a single node): where a
-    subscriber can go when its node is gone."""
-    if not isinstance(client, RedisCluster):
-        return []
-    found: list[ClusterNode] = client.get_nodes()
-    return [(node.host, int(node.port)) for node in found]
-
-
-def owner_of(client: Client, key: str) -> tuple[str, int] | None:
-    """The master that owns `key`'s slot, as this client last saw the topology (None for a
-    single node, or a topology not known yet)."""
-    if not isinstance(client, RedisCluster):
-        return None
-    try:
-        node: ClusterNode | None = client.get_node_from_key(key)
-    except Exception:  # noqa: BLE001 - an unknown topology: no preference
-        return None
-    return None if node is None else (node.host, int(node.port))

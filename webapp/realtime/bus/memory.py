@@ -9,7 +9,19 @@ from collections import deque
 from collections.abc import Collection
 from typing import Any
 
-from .base import ZERO, BusUnavailable, Entry, GapHandler, History, MessageHandler, Offset, cancel, dispatch
+from .base import (
+    ZERO,
+    BusUnavailable,
+    Entry,
+    GapHandler,
+    History,
+    Mark,
+    MessageHandler,
+    Offset,
+    Position,
+    cancel,
+    dispatch,
+)
 
 
 class MemoryBus:
@@ -46,24 +58,24 @@ class MemoryBus:
         self._task = None
         self._advanced.set()  # a sync waiting for the consumer stops waiting
 
-    async def publish(self, channel: str, message: bytes) -> Offset:
+    async def publish(self, channel: str, message: bytes) -> Mark:
         if self._task is None:
             raise BusUnavailable("the in-memory bus is not running")
-        entry = Entry(self._next_offset(), channel, message)
+        entry = Entry(Mark(0, self._next_offset()), channel, message)
         if self._history_max:
             self._history.append(entry)
-            self._trim(entry.offset)
+            self._trim(entry.mark.offset)
         # like Redis: who gets it is decided at publish time
         self._queue.put_nowait((entry, channel in self._channels))
-        return entry.offset
+        return entry.mark
 
-    async def sync(self) -> Offset:
+    async def sync(self) -> Position:
         """The position once everything published until now has been consumed."""
         target = self._last
         while self.ready and (self._position or ZERO) < target:
             self._advanced.clear()
             await self._advanced.wait()
-        return self._position or ZERO
+        return Position({0: self._position or ZERO})
 
     def _next_offset(self) -> Offset:
         ms = int(time.time() * 1000)
@@ -72,8 +84,8 @@ class MemoryBus:
 
     def _trim(self, newest: Offset) -> None:
         horizon = newest.ms - int(self._history_age * 1000)
-        while self._history and (len(self._history) > self._history_max or self._history[0].offset.ms < horizon):
-            self._trimmed = self._history.popleft().offset
+        while self._history and (len(self._history) > self._history_max or self._history[0].mark.offset.ms < horizon):
+            self._trimmed = self._history.popleft().mark.offset
 
     async def subscribe(self, channel: str) -> bool:
         self._channels.add(channel)
@@ -91,20 +103,27 @@ class MemoryBus:
         return []  # one process, no shards
 
     @property
-    def position(self) -> Offset | None:
-        return self._position
+    def partitions(self) -> int:
+        return 1
+
+    def partition_of(self, channel: str) -> int:
+        return 0
+
+    @property
+    def position(self) -> Position | None:
+        return None if self._position is None else Position({0: self._position})
 
     @property
     def epoch(self) -> str | None:
         return self._epoch
 
-    async def end(self) -> Offset:
-        return self._last
+    async def end(self) -> Position:
+        return Position({0: self._last})
 
-    async def history(self, after: Offset, channels: Collection[str]) -> History:
-        wanted = set(channels)
-        entries = [e for e in self._history if e.offset > after and e.channel in wanted]
-        return History(entries, max(after, self._last), complete=self._trimmed <= after)
+    async def history(self, after: Position, channels: Collection[str]) -> History:
+        wanted, since = set(channels), after.at(0)
+        entries = [e for e in self._history if e.mark.offset > since and e.channel in wanted]
+        return History(entries, Position({0: max(since, self._last)}), complete=self._trimmed <= since)
 
     async def remember(self, key: str, value: bytes, ttl: float) -> None:
         now = time.monotonic()
@@ -145,6 +164,6 @@ class MemoryBus:
         while True:
             entry, ours = await self._queue.get()
             if ours:
-                await dispatch(self._handler, entry.channel, entry.message, entry.offset)
-            self._position = entry.offset
+                await dispatch(self._handler, entry.channel, entry.message, entry.mark)
+            self._position = entry.mark.offset
             self._advanced.set()

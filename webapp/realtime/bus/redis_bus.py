@@ -1,10 +1,12 @@
-"""Redis pub/sub for live delivery, and one Redis Stream as the history that gives every event an offset.
+"""Redis pub/sub for live delivery, and a Redis Stream per partition as the history that gives
+every event an offset.
 
-Each publish runs one script: XADD to the history stream (the entry id is the event's offset),
-trim the stream by count and age, then PUBLISH the envelope with the offset spliced in as its
-first field. Pub/sub on one connection keeps the server's execution order, so live messages
-arrive in offset order; after any gap the subscriber reads the stream from the last offset it
-consumed, then drops live messages at or below it: exactly once, in order, no clock involved.
+Each publish runs one script: XADD to its partition's history stream (the entry id is the
+event's offset), trim the stream by count and age, then PUBLISH (one node) or SPUBLISH (a
+cluster) the envelope with the offset spliced in as its first field. Pub/sub on one connection
+keeps the server's execution order, so live messages arrive in offset order within a partition;
+after any gap a subscriber reads its partitions' streams from the last offsets consumed, then
+drops live messages at or below them: exactly once, in order, no clock involved.
 """
 
 from __future__ import annotations
@@ -15,25 +17,41 @@ import random
 import re
 import time
 import uuid
-from collections import deque
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from .base import ZERO, BusUnavailable, Entry, GapHandler, History, MessageHandler, Offset, cancel, dispatch
-from .cluster import REDIS_FAILURES, Client, ShardWatch, Topology, nodes_of, owner_of
-from .tls import TlsOptions, certificate_problem
+from .base import (
+    ZERO,
+    BusUnavailable,
+    Entry,
+    GapHandler,
+    History,
+    Mark,
+    MessageHandler,
+    Offset,
+    Position,
+    cancel,
+    dispatch,
+)
+from .cluster import REDIS_FAILURES, Client, ShardWatch, Topology
+from .partitions import CLUSTER_PARTITIONS, Partitions
+from .subscriber import Node, Subscriber
+from .tls import TlsOptions, log_failure
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] history stream; ARGV: channel, envelope, max length, max age in ms. Returns the offset.
-# A script is atomic: the history and the live message can never disagree.
+# KEYS[1] history stream; ARGV: channel, envelope, max length, max age in ms, PUBLISH or SPUBLISH.
+# Returns the offset. A script is atomic: the history and the live message can never disagree.
+# On a cluster the channel carries the stream's hash tag: Redis refuses a script that would
+# publish on a shard channel of another slot.
 _PUBLISH_AND_RECORD = """
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'c', ARGV[1], 'm', ARGV[2])
 local ms = tonumber(string.match(id, '^%d+'))
@@ -42,7 +60,7 @@ local message = ARGV[2]
 if string.byte(message, 1) == 123 and string.byte(message, 2) == 34 then
   message = '{"offset":"' .. id .. '",' .. string.sub(message, 2)
 end
-redis.call('PUBLISH', ARGV[1], message)
+redis.call(ARGV[5], ARGV[1], message)
 return id
 """
 _OFFSET_MARK = b'{"offset":"'
@@ -65,12 +83,13 @@ def offset_of(message: bytes) -> Offset | None:
 
 
 class RedisBus:
-    """Redis pub/sub with one subscriber connection, read by one task and delivered by another.
+    """Redis pub/sub and histories, on one node or a Redis Cluster.
 
-    The reader only parses replies: subscription confirmations are handled as they arrive and
-    are never stuck behind a backlog of deliveries. The set of channels this instance should
-    hold is the truth; after any reconnect all of it is subscribed again, then the history is
-    read from the last offset consumed before anything live is delivered.
+    Publishing goes through one queue and one sender: concurrent publishes travel together. On
+    a cluster, channels are spread over partitions (`bus/partitions.py`), each in one slot: a
+    publish touches only the shard that owns its channel, and the instance holds one subscriber
+    connection per shard it needs (`bus/subscriber.py`), following the channels when a failover
+    or a reshard moves their slots.
     """
 
     kind = "redis"
@@ -92,6 +111,7 @@ class RedisBus:
         name: str = "webapp",
         tls: TlsOptions | None = None,
         topology: Topology | None = None,
+        partitions: int = CLUSTER_PARTITIONS,
     ) -> None:
         self._url = url
         self._tls: TlsOptions = tls or {}
@@ -99,83 +119,82 @@ class RedisBus:
         self._topology = topology or Topology(url, forced=None, timeout=timeout, tls=tls)
         # Named connections: `CLIENT LIST` shows which instance each belongs to.
         self._name = re.sub(r"[^A-Za-z0-9_.:-]", "_", name)[:100]
-        self._timeout = timeout
-        self._backoff_min = backoff_min
-        self._backoff_max = backoff_max
-        self._idle_ping = idle_ping
+        self.timeout = timeout
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.idle_ping = idle_ping
         self._max_connections = max_connections
         self._history_key = history_key
         self._history_max = history_max
         self._history_age_ms = int(history_age * 1000)
         self._epoch_key = epoch_key
-        self._sync_channel = sync_channel
-        self._queued_marker: asyncio.Future[Offset | None] | None = None  # a sync marker not sent yet
-        self._syncs: list[tuple[Offset, asyncio.Future[Offset]]] = []
+        self.sync_channel = sync_channel
+        self._cluster_partitions = partitions
+        # One partition until Redis says it is a cluster.
+        self._parts = Partitions(history_key or "", 1)
+        self._queued_marker: asyncio.Future[Mark | None] | None = None  # a sync marker not sent yet
+        self._syncs: list[tuple[Mark, asyncio.Future[Position]]] = []
         self._wanted: set[str] = set()
-        self._confirmed: set[str] = set()
-        self._initial: set[str] = set()
-        self._waiters: dict[tuple[str, str], deque[asyncio.Future[bool]]] = {}
-        self._conn: AbstractConnection | None = None
-        self._send_lock = asyncio.Lock()
-        self._handler: MessageHandler | None = None
+        self._placed: dict[str, Subscriber] = {}  # each wanted channel: the subscriber holding it
+        self._subscribers: dict[Node, Subscriber] = {}
+        self._held_in: dict[int, int] = {}  # partition -> wanted channels in it
+        self._slots: list[tuple[int, int, Node]] = []  # a cluster's slot ranges and their masters
+        self._reroute = asyncio.Event()
+        self.handler: MessageHandler | None = None
         self._on_gap: GapHandler | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._deliverer: asyncio.Task[None] | None = None
-        self._sender: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._booted = False
         self._client: Client | None = None  # made at the first connection, once the topology is known
         self._sub_pool: ConnectionPool | None = None
         self._shards: ShardWatch | None = None  # on a cluster: which masters do not answer
-        self._outgoing: list[tuple[str, bytes, asyncio.Future[Offset | None]]] = []
+        self._outgoing: list[tuple[str, bytes, asyncio.Future[Mark | None]]] = []
         self._outgoing_ready = asyncio.Event()
-        self._inbox: deque[tuple[str, bytes]] = deque()
-        self._inbox_ready = asyncio.Event()
-        self._position: Offset | None = None  # the last offset consumed; None before the first connection
+        self._position: Position | None = None  # the offsets consumed; None before the first connection
         self._epoch: str | None = None
-        self._epoch_before: str | None = None
-        self._holding = False  # reconnected, waiting for its subscriptions to be confirmed
-        self._owed = False  # a catch-up from `_position` is owed before anything live
-        self._from_start = False  # ... from the start of the history (Redis lost its data)
-        self._generation = 0  # counts connections: a catch-up knows whether another gap began
         self.reconnects = 0
         self.replayed = 0
         self.deduplicated = 0
         self.gaps = 0
         self.epoch_changes = 0
+        self.moved_channels = 0  # followed to another shard after a failover or a reshard
         self.last_error: str | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self, handler: MessageHandler, on_gap: GapHandler) -> None:
-        self._handler, self._on_gap = handler, on_gap
-        if self._sync_channel is not None and self._history_key is not None:
-            self._wanted.add(self._sync_channel)
-        # RESP2 on the subscriber: its replies are plain arrays this loop reads itself (RESP3
+        self.handler, self._on_gap = handler, on_gap
+        if self.sync_channel is not None and self._history_key is not None:
+            self._wanted.add(self.sync_channel)
+        # RESP2 on subscribers: their replies are plain arrays the reader parses itself (RESP3
         # would route them to push handlers instead).
         self._sub_pool = ConnectionPool.from_url(
             self._url,
-            socket_timeout=self._timeout,
-            socket_connect_timeout=self._timeout,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
             protocol=2,
             client_name=f"{self._name}:sub",
             **self._tls,
         )
-        self._shards = ShardWatch(lambda: self._client, timeout=self._timeout)
+        self._shards = ShardWatch(lambda: self._client, timeout=self.timeout)
         self._shards.start()
-        self._reader = asyncio.create_task(self._run(), name="redis-bus-reader")
-        self._deliverer = asyncio.create_task(self._deliver_forever(), name="redis-bus-deliverer")
-        self._sender = asyncio.create_task(self._send_forever(), name="redis-bus-publisher")
+        self._tasks = [
+            asyncio.create_task(self._boot(), name="redis-bus-boot"),
+            asyncio.create_task(self._send_forever(), name="redis-bus-publisher"),
+        ]
 
     async def close(self) -> None:
         if self._shards is not None:
             await self._shards.close()
-        for task in (self._reader, self._deliverer, self._sender):
+        for task in self._tasks:
             await cancel(task)
-        self._reader = self._deliverer = self._sender = None
+        self._tasks = []
         for _, _, done in self._outgoing:
             if not done.done():
                 done.set_exception(BusUnavailable("the Redis bus closed"))
         self._outgoing = []
-        await self._drop_connection()
+        for subscriber in self._subscribers.values():
+            await subscriber.close()
+        self._subscribers.clear()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -183,58 +202,249 @@ class RedisBus:
             await self._sub_pool.disconnect()
             self._sub_pool = None
 
+    async def _boot(self) -> None:
+        """Learn the topology, the epoch and where the histories end, then hold what is wanted."""
+        delay = self.backoff_min
+        while True:
+            try:
+                if self._client is None:
+                    self._client = await self._open_client()
+                    if isinstance(self._client, RedisCluster):
+                        self._parts = Partitions(
+                            self._history_key or "{webapp}:replay", self._cluster_partitions, sharded=True
+                        )
+                await self.lost_its_data()
+                # The process's first connection owes nothing: it starts at the ends of the histories.
+                self._position = await self.end() if self.has_history else Position()
+                if self.sharded:
+                    await self._read_slots()
+                break
+            except asyncio.CancelledError:
+                raise
+            except (*REDIS_FAILURES, BusUnavailable) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log_failure(log, "Redis not reached", exc, delay)
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, self.backoff_max)
+            self.reconnects += 1
+        self._booted = True
+        if not self.sharded:
+            self._subscriber_for("")  # the one connection, whatever it holds
+        for channel in sorted(self._wanted):
+            self._count(channel, +1)
+            subscriber = self._subscriber_for(channel)
+            if subscriber is not None:
+                subscriber.wanted.add(channel)  # subscribed when its connection is made
+                self._placed[channel] = subscriber
+        for subscriber in self._subscribers.values():
+            subscriber.start()
+        if self.sharded:
+            self._tasks.append(asyncio.create_task(self._route_forever(), name="redis-bus-router"))
+
+    # --- where channels live ------------------------------------------------------------------
+
+    @property
+    def sharded(self) -> bool:
+        return self._parts.sharded
+
+    @property
+    def partitions(self) -> int:
+        return self._parts.count
+
+    def partition_of(self, channel: str) -> int:
+        return self._parts.of(channel)
+
+    def wire(self, channel: str) -> str:
+        return self._parts.wire(channel)
+
+    def unwire(self, name: str) -> tuple[str, int] | None:
+        return self._parts.unwire(name)
+
+    def _subscriber_for(self, channel: str) -> Subscriber | None:
+        """The subscriber of the node that owns the channel, made if needed (not started);
+        None while no node owns its slot (a shard wholly down)."""
+        node: Node = None
+        if self.sharded:
+            node = self._owner(key_slot(self.wire(channel).encode()))
+            if node is None:
+                return None
+        subscriber = self._subscribers.get(node)
+        if subscriber is None:
+            subscriber = self._subscribers[node] = Subscriber(self, node)
+        return subscriber
+
+    def _owner(self, slot: int) -> Node:
+        for low, high, node in self._slots:
+            if low <= slot <= high:
+                return node
+        return None
+
+    async def _read_slots(self) -> None:
+        """The slot map, from the first node that answers (a dead shard's nodes do not)."""
+        client = self._require_client()
+        assert isinstance(client, RedisCluster)
+        failure: BaseException | None = None
+        for node in client.get_nodes():
+            try:
+                async with asyncio.timeout(self.timeout):
+                    found: dict[tuple[int, int], dict[str, Any]] = await client.cluster_slots(target_nodes=node)  # type: ignore[assignment]
+            except (*REDIS_FAILURES, TimeoutError) as exc:
+                failure = exc
+                continue
+            self._slots = sorted(
+                (int(low), int(high), (str(about["primary"][0]), int(about["primary"][1])))
+                for (low, high), about in found.items()
+            )
+            return
+        raise BusUnavailable(f"no node of the cluster told its slots: {failure}")
+
+    async def connect_subscriber(self, node: Node) -> AbstractConnection:
+        """A new subscriber connection to `node` (REDIS_URL's own for None); raises what redis-py raises."""
+        assert self._sub_pool is not None
+        conn: AbstractConnection = self._sub_pool.make_connection()  # type: ignore[no-untyped-call]
+        if node is not None:
+            conn.host, conn.port = node  # type: ignore[attr-defined]
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        return conn
+
+    def lost(self, subscriber: Subscriber) -> None:
+        """A subscriber's connection failed: on a cluster its node may be gone for good."""
+        if self.sharded:
+            self._reroute.set()
+
+    def moved(self, subscriber: Subscriber) -> None:
+        """Redis dropped a channel on a subscriber's node unasked: its slot moved."""
+        self._reroute.set()
+
+    async def _route_forever(self) -> None:
+        """On a cluster: follow slots that moved (a failover or a reshard) and retry channels
+        whose shard was down, from a fresh read of the slot map. A node can tell us a channel
+        left before every node agrees where it went: the map is then read again until it does."""
+        delay = self.backoff_min
+        while True:
+            unplaced = any(channel not in self._placed for channel in self._wanted)
+            try:
+                await asyncio.wait_for(self._reroute.wait(), timeout=1.0 if unplaced else None)
+            except TimeoutError:
+                pass
+            self._reroute.clear()
+            try:
+                await self._read_slots()
+                settled = await self._rebalance()
+            except BusUnavailable as exc:
+                log.warning("reading the cluster's slots failed (%s); retrying in %.1fs", exc, delay)
+                settled = False
+            if settled:
+                delay = self.backoff_min
+                continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.backoff_max)
+            self._reroute.set()
+
+    async def _rebalance(self) -> bool:
+        """Hold every wanted channel on the subscriber of its slot's owner; False while some
+        channel Redis moved away still has its old owner in the map (read too early)."""
+        moves: dict[Subscriber, list[str]] = {}
+        settled = True
+        for channel in sorted(self._wanted):
+            target = self._subscriber_for(channel)
+            current = self._placed.get(channel)
+            if target is not None and target is current and channel in current.displaced:
+                settled = False
+                continue
+            if target is None or target is current:
+                continue
+            if current is not None:
+                current.forget(channel)
+            self._placed[channel] = target
+            moves.setdefault(target, []).append(channel)
+            self.moved_channels += current is not None
+        for target, channels in moves.items():
+            log.info("holding %d channels on %s now", len(channels), target.name)
+            await target.adopt(channels)
+            if not target.connected and not target.started:
+                target.start()
+        for node, subscriber in list(self._subscribers.items()):
+            if not subscriber.wanted:
+                del self._subscribers[node]
+                await subscriber.close()
+        return settled
+
+    def _count(self, channel: str, change: int) -> bool:
+        """Count a wanted channel in (or out of) its partition; True when the partition was empty."""
+        partition = self._parts.of(channel)
+        before = self._held_in.get(partition, 0)
+        if before + change:
+            self._held_in[partition] = before + change
+        else:
+            self._held_in.pop(partition, None)
+        return before == 0
+
     # --- publishing ---------------------------------------------------------------------------
 
-    async def publish(self, channel: str, message: bytes) -> Offset | None:
+    async def publish(self, channel: str, message: bytes) -> Mark | None:
         """Hand a message to Redis; raises BusUnavailable when Redis did not confirm it.
 
-        Concurrent publishes are sent together: one round trip (a MULTI when there is a
-        history), one pooled connection per batch instead of per message. Order is kept (one
-        queue, one sender).
+        Concurrent publishes are sent together: one round trip per partition (a MULTI when
+        there is a history), one pooled connection per batch instead of per message. Order is
+        kept (one queue, one sender).
         """
-        if self._client is None or self._sender is None:
+        if self._client is None or not self._booted:
             raise BusUnavailable("Redis has not been reached yet")
-        done: asyncio.Future[Offset | None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[Mark | None] = asyncio.get_running_loop().create_future()
         self._outgoing.append((channel, message, done))
         self._outgoing_ready.set()
         return await done
 
-    async def sync(self) -> Offset:
-        """The position once everything published until now has been consumed here.
+    async def sync(self) -> Position:
+        """The position once everything published until now on this instance's own channel
+        has been consumed here.
 
-        A marker on this instance's own channel goes through the history like any event; once
-        the deliverer passes it, nothing published before it is still on its way. (An instance
-        with no traffic of its own sees its position stand still while the history moves on.)
-        Callers share a marker that is still waiting to be sent: a drain costs one, not one per
-        socket.
+        A marker on that channel goes through the history like any event; once the deliverer
+        passes it, nothing published before it on its partition is still on its way. Callers
+        share a marker that is still waiting to be sent: a drain costs one, not one per socket.
         """
-        if self._sync_channel is None or self._history_key is None:
-            return self._position or ZERO
-        if self._client is None or self._sender is None:
+        if self.sync_channel is None or not self.has_history:
+            return self.position_now()
+        if self._client is None or not self._booted:
             raise BusUnavailable("the Redis bus is not running")
         sent = self._queued_marker
         if sent is None:
             sent = self._queued_marker = asyncio.get_running_loop().create_future()
-            self._outgoing.append((self._sync_channel, b'{"sync":1}', sent))
+            self._outgoing.append((self.sync_channel, b'{"sync":1}', sent))
             self._outgoing_ready.set()
         marker = await asyncio.shield(sent)
-        if marker is None or (self._position is not None and self._position >= marker):
-            return self._position or ZERO
-        reached: asyncio.Future[Offset] = asyncio.get_running_loop().create_future()
+        if marker is None or self.position_now().covers(marker):
+            return self.position_now()
+        reached: asyncio.Future[Position] = asyncio.get_running_loop().create_future()
         self._syncs.append((marker, reached))
         try:
-            return await asyncio.wait_for(reached, self._timeout)
+            return await asyncio.wait_for(reached, self.timeout)
         except TimeoutError:
             raise BusUnavailable("this instance did not consume its sync marker in time") from None
         finally:
-            self._syncs = [(o, f) for o, f in self._syncs if f is not reached]
+            self._syncs = [(m, f) for m, f in self._syncs if f is not reached]
 
-    def _advance(self, offset: Offset) -> None:
-        self._position = offset
+    def advance(self, mark: Mark) -> bool:
+        """Record a consumed message; False when it was consumed before (a duplicate)."""
+        if self._position is None:
+            self._position = Position()
+        if not self._position.advance(mark):
+            return False
         if self._syncs:
             for marker, reached in self._syncs:
-                if marker <= offset and not reached.done():
-                    reached.set_result(offset)
+                if not reached.done() and self._position.covers(marker):
+                    reached.set_result(self._position.copy())
+        return True
+
+    def rewind(self, partitions: Collection[int]) -> None:
+        """Forget the offsets of partitions whose history Redis lost: all of it is new."""
+        old = self.position_now()
+        self._position = Position({p: old.at(p) for p in old.partitions() if p not in partitions})
 
     async def _send_forever(self) -> None:
         while True:
@@ -243,47 +453,66 @@ class RedisBus:
             while self._outgoing:
                 batch, self._outgoing = self._outgoing, []
                 self._queued_marker = None  # taken: a later sync needs a marker of its own
-                result = await self._send_batch(batch)
-                for index, (_, _, done) in enumerate(batch):
+                results = await self._send_batch(batch)
+                for (_, _, done), result in zip(batch, results, strict=True):
                     if done.done():
                         continue
                     if isinstance(result, Exception):
                         done.set_exception(BusUnavailable(f"Redis did not confirm the publish: {result}"))
                     else:
-                        done.set_result(result[index])
+                        done.set_result(result)
 
     async def _send_batch(
-        self, batch: list[tuple[str, bytes, asyncio.Future[Offset | None]]]
-    ) -> list[Offset | None] | Exception:
-        """The offset of each message (None without a history), or what went wrong."""
+        self, batch: list[tuple[str, bytes, asyncio.Future[Mark | None]]]
+    ) -> list[Mark | None | Exception]:
+        """Where each message now sits (None without a history), or what went wrong with it.
+        One round trip per partition, all partitions at once."""
+        groups: dict[int, list[int]] = {}
+        for index, (channel, _, _) in enumerate(batch):
+            groups.setdefault(self._parts.of(channel), []).append(index)
+        sent = await asyncio.gather(
+            *(self._send_group(partition, [batch[i] for i in indexes]) for partition, indexes in groups.items())
+        )
+        results: list[Mark | None | Exception] = [None] * len(batch)
+        for (partition, indexes), outcome in zip(groups.items(), sent, strict=True):
+            for position, index in enumerate(indexes):
+                if isinstance(outcome, Exception):
+                    results[index] = outcome
+                elif not self.has_history:
+                    results[index] = None
+                else:
+                    offset = Offset.parse(outcome[position])
+                    results[index] = Mark(partition, offset) if offset is not None else None
+        return results
+
+    async def _send_group(
+        self, partition: int, group: list[tuple[str, bytes, asyncio.Future[Mark | None]]]
+    ) -> list[Any] | Exception:
+        """Publish messages of one partition: their replies, or what went wrong."""
         assert self._client is not None
         try:
-            if len(batch) == 1:
-                channel, message, _ = batch[0]
-                replies = [await self._client.execute_command(*self._publish_args(channel, message))]
-            else:
-                # MULTI/EXEC: Redis applies the batch whole or not at all, never in part.
-                # (Without a history, PUBLISH names no key: a cluster cannot run it in a MULTI.)
-                async with self._client.pipeline(transaction=self._history_key is not None) as pipe:
-                    for channel, message, _ in batch:
-                        pipe.execute_command(*self._publish_args(channel, message))
-                    replies = await pipe.execute()
+            if len(group) == 1:
+                channel, message, _ = group[0]
+                return [await self._client.execute_command(*self._publish_args(channel, message))]
+            # MULTI/EXEC: Redis applies the batch whole or not at all, never in part. (Without a
+            # history a publish names no key, and a cluster cannot run it in a MULTI.)
+            async with self._client.pipeline(transaction=self.has_history) as pipe:
+                for channel, message, _ in group:
+                    pipe.execute_command(*self._publish_args(channel, message))
+                return list(await pipe.execute())
         except REDIS_FAILURES as exc:
             return exc
-        if self._history_key is None:
-            return [None] * len(batch)
-        return [Offset.parse(reply) for reply in replies]
 
     async def _open_client(self) -> Client:
         """The command client, once the topology is known (raises while Redis cannot tell)."""
         if await self._topology.cluster():
-            # One pool per node, MOVED and ASK followed; the history's key decides the slot of
-            # every publish script, so a batch stays one MULTI on one node. No retries on a lost
-            # connection, as below: a script whose reply was lost may have run, and running it
-            # again would record the event twice under a new offset.
+            # One pool per node, MOVED and ASK followed; every key a script or MULTI touches
+            # carries one partition's hash tag. No retries on a lost connection, as below: a
+            # script whose reply was lost may have run, and running it again would record the
+            # event twice under a new offset.
             return await self._topology.client(
-                max_connections=self._max_connections, socket_timeout=self._timeout,
-                socket_connect_timeout=self._timeout, client_name=f"{self._name}:pub",
+                max_connections=self._max_connections, socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout, client_name=f"{self._name}:pub",
                 retry=Retry(NoBackoff(), 0),
             )
         # Publishing borrows from a blocking pool so a burst waits for a connection instead of
@@ -292,9 +521,9 @@ class RedisBus:
         pool = BlockingConnectionPool.from_url(
             self._url,
             max_connections=self._max_connections,
-            timeout=self._timeout,
-            socket_timeout=self._timeout,
-            socket_connect_timeout=self._timeout,
+            timeout=self.timeout,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
             retry=Retry(NoBackoff(), 0),
             client_name=f"{self._name}:pub",
             **self._tls,
@@ -302,74 +531,145 @@ class RedisBus:
         return Redis(connection_pool=pool)
 
     def _publish_args(self, channel: str, message: bytes) -> tuple[Any, ...]:
-        if self._history_key is None:
-            return ("PUBLISH", channel, message)
+        verb = "SPUBLISH" if self.sharded else "PUBLISH"
+        if not self.has_history:
+            return (verb, self.wire(channel), message)
         # EVAL, not EVALSHA: Redis caches the script by its hash anyway, and a restarted Redis
         # (empty script cache) then needs no NOSCRIPT dance in the middle of a MULTI.
         return (
-            "EVAL", _PUBLISH_AND_RECORD, 1, self._history_key,
-            channel, message, self._history_max, self._history_age_ms,
+            "EVAL", _PUBLISH_AND_RECORD, 1, self._parts.stream(self._parts.of(channel)),
+            self.wire(channel), message, self._history_max, self._history_age_ms, verb,
         )
 
     # --- history ------------------------------------------------------------------------------
 
     @property
-    def position(self) -> Offset | None:
-        return self._position
+    def has_history(self) -> bool:
+        return self._history_key is not None
+
+    @property
+    def position(self) -> Position | None:
+        return None if self._position is None else self._position.copy()
+
+    def position_now(self) -> Position:
+        return Position() if self._position is None else self._position.copy()
 
     @property
     def epoch(self) -> str | None:
         return self._epoch
 
-    async def end(self) -> Offset:
-        """The newest offset in the history (everything later arrives live)."""
+    async def lost_its_data(self) -> bool:
+        """Read the epoch (set once per Redis data set); True when it changed since last read:
+        Redis lost its data (a restart without persistence), and on one node everything in its
+        new history is new to us, whatever its ids. (On a cluster the epoch lives on one shard,
+        and a shard restarting empty has a replica to take over: a change is only counted.)"""
+        if self._epoch_key is None or not self.has_history:
+            return False
         client = self._require_client()
-        if self._history_key is None:
-            raise BusUnavailable("this bus keeps no history")
+        mine = uuid.uuid4().hex
         with _answered():
-            newest = await client.xrevrange(self._history_key, count=1)
-        return (Offset.parse(newest[0][0]) or ZERO) if newest else ZERO
+            previous = await client.set(self._epoch_key, mine, nx=True, get=True)
+        before, self._epoch = self._epoch, _text(previous) if previous is not None else mine
+        if before is None or before == self._epoch:
+            return False
+        self.epoch_changes += 1
+        if self.sharded:
+            log.warning("the epoch of the cluster's data changed: a shard lost its data")
+            return False
+        log.warning("Redis lost its data since we last saw it (new epoch); replaying its whole history")
+        return True
 
-    async def history(self, after: Offset, channels: Collection[str] | None) -> History:
-        """Every entry after `after` on `channels` (None: all), in order; `complete` is False
-        when the stream already trimmed something after `after` (too old, or too far back)."""
+    async def end(self) -> Position:
+        """The newest offset of every partition's history (everything later arrives live)."""
         client = self._require_client()
-        if self._history_key is None:
+        if not self.has_history:
             raise BusUnavailable("this bus keeps no history")
-        wanted = None if channels is None else set(channels)
+        streams = [self._parts.stream(p) for p in range(self._parts.count)]
+        with _answered():
+            if len(streams) == 1:
+                newest = [await client.xrevrange(streams[0], count=1)]
+            else:
+                async with client.pipeline(transaction=False) as pipe:
+                    for stream in streams:
+                        pipe.xrevrange(stream, count=1)
+                    newest = await pipe.execute()
+        return Position({
+            p: (Offset.parse(found[0][0]) or ZERO) if found else ZERO for p, found in enumerate(newest)
+        })
+
+    async def history(self, after: Position, channels: Collection[str] | None) -> History:
+        """Every entry after `after` on `channels` (None: all), in order within each partition;
+        `complete` is False when a stream already trimmed something after `after` (too old, or
+        too far back)."""
+        partitions = range(self._parts.count) if channels is None else {self._parts.of(c) for c in channels}
+        return await self.read(after, partitions, None if channels is None else set(channels))
+
+    async def read(self, after: Position, partitions: Collection[int], wanted: set[str] | None) -> History:
+        """What `history` reads, partition by partition, all at once."""
+        if not self.has_history:
+            raise BusUnavailable("this bus keeps no history")
+        chosen = sorted(partitions)
+        read = await asyncio.gather(*(self._read_partition(p, after.at(p), wanted) for p in chosen))
+        end = after.copy()
+        entries: list[Entry] = []
+        complete = True
+        for partition, (found, last, whole) in zip(chosen, read, strict=True):
+            entries.extend(found)
+            end.advance(Mark(partition, last))
+            complete = complete and whole
+        if len(chosen) > 1:
+            entries.sort(key=lambda entry: entry.mark.offset)  # about publish order across partitions
+        return History(entries, end, complete)
+
+    async def _read_partition(
+        self, partition: int, after: Offset, wanted: set[str] | None
+    ) -> tuple[list[Entry], Offset, bool]:
+        client = self._require_client()
+        stream = self._parts.stream(partition)
         entries: list[Entry] = []
         end = after
         with _answered():
             while True:
-                chunk = await client.xrange(self._history_key, min=f"({end}", max="+", count=_READ_CHUNK) or []
+                chunk = await client.xrange(stream, min=f"({end}", max="+", count=_READ_CHUNK) or []
                 for raw_id, fields in chunk:
                     fields = fields or {}
                     offset = Offset.parse(raw_id)
                     if offset is None:
                         continue
                     end = offset
-                    channel = _text(fields.get(b"c"))
-                    if wanted is None or channel in wanted:
-                        entries.append(Entry(offset, channel, _bytes(fields.get(b"m"))))
+                    named = self._parts.unwire(_text(fields.get(b"c")))
+                    if named is not None and (wanted is None or named[0] in wanted):
+                        entries.append(Entry(Mark(partition, offset), named[0], _bytes(fields.get(b"m"))))
                 if len(chunk) < _READ_CHUNK:
                     break
             # Checked after reading: anything trimmed meanwhile counts as lost too.
-            complete = await self._nothing_trimmed_after(client, after)
-        return History(entries, end, complete)
+            complete = await self._nothing_trimmed_after(client, stream, after)
+        return entries, end, complete
 
-    async def _nothing_trimmed_after(self, client: Client, after: Offset) -> bool:
+    async def _nothing_trimmed_after(self, client: Client, stream: str, after: Offset) -> bool:
         """Trimming removes from the head: nothing after `after` is gone while `after` itself
         (always an id the stream once held) is still there, or while nothing was ever trimmed.
         Conservative at one point: `after` trimmed with its successor kept reads as a loss."""
-        assert self._history_key is not None
         try:
-            info = await client.xinfo_stream(self._history_key)
+            info = await client.xinfo_stream(stream)
         except ResponseError:  # no such key: nothing was ever written, so nothing trimmed
             return True
         first = info.get("first-entry")
         if not first or info.get("entries-added") == info.get("length"):
             return True
         return (Offset.parse(first[0]) or ZERO) <= after
+
+    async def deliver(self, channel: str, message: bytes, mark: Mark | None) -> None:
+        """Hand one consumed message to the handler (a bug there must not stop consumption)."""
+        assert self.handler is not None
+        await dispatch(self.handler, channel, message, mark)
+
+    def offset_in(self, message: bytes) -> Offset | None:
+        return offset_of(message) if self.has_history else None
+
+    async def on_gap(self, reason: str) -> None:
+        assert self._on_gap is not None
+        await self._on_gap(reason)
 
     async def remember(self, key: str, value: bytes, ttl: float) -> None:
         with _answered():
@@ -403,51 +703,54 @@ class RedisBus:
     # --- subscriptions ------------------------------------------------------------------------
 
     async def subscribe(self, channel: str) -> bool:
-        """Hold `channel`. True once Redis confirmed it; False while Redis is unreachable (it is
-        made on recovery); BusUnavailable when Redis is there but did not confirm in time."""
+        """Hold `channel`. True once Redis confirmed it; False while Redis (or, on a cluster,
+        the channel's shard) is unreachable: it is made on recovery; BusUnavailable when Redis
+        is there but did not confirm in time."""
+        if channel in self._wanted:
+            subscriber = self._placed.get(channel)
+            return subscriber is not None and channel in subscriber.confirmed
         self._wanted.add(channel)
-        return await self._command("subscribe", channel)
+        if not self._booted:
+            return False
+        if self._count(channel, +1) and self.sharded and self.has_history:
+            await self._start_partition_at_its_end(self._parts.of(channel))
+        subscriber = self._subscriber_for(channel)
+        if subscriber is None:
+            return False  # the router retries once a node owns the slot
+        self._placed[channel] = subscriber
+        if not subscriber.started:
+            # A shard not held so far: its connection first. Answering before it is made would
+            # accept a socket whose events published meanwhile reach nobody.
+            subscriber.start()
+            try:
+                await asyncio.wait_for(subscriber.tried.wait(), self.timeout)
+            except TimeoutError:
+                pass
+        return await subscriber.hold(channel)
+
+    async def _start_partition_at_its_end(self, partition: int) -> None:
+        """A partition nothing here held: what it recorded meanwhile is no concern of ours, and a
+        later catch-up must not replay it to sockets that came after."""
+        client = self._require_client()
+        try:
+            with _answered():
+                newest = await client.xrevrange(self._parts.stream(partition), count=1)
+        except BusUnavailable:
+            return  # its shard is down: the catch-up after it comes back starts where we were
+        offset = Offset.parse(newest[0][0]) if newest else None
+        if offset is not None:
+            self.advance(Mark(partition, offset))
 
     async def unsubscribe(self, channel: str) -> None:
+        if channel not in self._wanted:
+            return
         self._wanted.discard(channel)
-        try:
-            await self._command("unsubscribe", channel)
-        except BusUnavailable as exc:  # the reconnect after a failure subscribes only what is wanted
-            log.warning("%s", exc)
+        self._count(channel, -1)
+        subscriber = self._placed.pop(channel, None)
+        if subscriber is not None:
+            await subscriber.release(channel)
 
-    async def _command(self, kind: str, channel: str) -> bool:
-        conn = self._conn
-        if conn is None:
-            return False
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        queue = self._waiters.setdefault((kind, channel), deque())
-        queue.append(waiter)
-        try:
-            if not await self._send(conn, kind.upper(), channel):
-                return False
-            return await asyncio.wait_for(asyncio.shield(waiter), self._timeout)
-        except REDIS_FAILURES as exc:
-            raise BusUnavailable(f"Redis did not confirm {kind} {channel}: {exc or 'timed out'}") from None
-        finally:
-            if waiter in queue:
-                queue.remove(waiter)
-            if not queue:
-                self._waiters.pop((kind, channel), None)
-
-    async def _send(self, conn: AbstractConnection, *args: str) -> bool:
-        """Write a command on the subscriber connection; False if that connection is gone.
-
-        Never on a connection the bus dropped (redis-py would silently reconnect it, and
-        nobody would read that orphan subscriber), and never triggering a read: the reader
-        task owns all reads.
-        """
-        async with self._send_lock:
-            if conn is not self._conn or not conn.is_connected:
-                return False
-            await conn.send_command(*args, check_health=False)
-            return True
-
-    # --- consuming ----------------------------------------------------------------------------
+    # --- state --------------------------------------------------------------------------------
 
     @property
     def unreachable_shards(self) -> list[str]:
@@ -456,222 +759,22 @@ class RedisBus:
 
     @property
     def ready(self) -> bool:
-        return self._conn is not None and not self._initial and not self._holding and not self._owed
-
-    async def _run(self) -> None:
-        delay = self._backoff_min
-        while True:
-            try:
-                await self._connect()
-                delay = self._backoff_min
-                await self._read_forever()
-            except asyncio.CancelledError:
-                raise
-            except (*REDIS_FAILURES, BusUnavailable) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                problem = certificate_problem(exc)
-                if problem is not None:
-                    # Retrying helps only once Redis presents another certificate: say what to change.
-                    log.error(
-                        "Redis's TLS certificate could not be verified (%s); retrying in %.1fs. Set "
-                        "REDIS_TLS_CA to the CA that signed it (REDIS_TLS_VERIFY=none encrypts without "
-                        "verifying: a man in the middle can then read and forge every event)",
-                        problem, delay,
-                    )
-                else:
-                    log.warning("Redis subscriber lost (%s); retrying in %.1fs", self.last_error, delay)
-            except Exception:  # keep the consumer alive whatever a bug throws
-                self.last_error = "internal error"
-                log.exception("Redis consumer failed; restarting it")
-            await self._drop_connection()
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
-            delay = min(delay * 2, self._backoff_max)
-            self.reconnects += 1
-
-    async def _connect(self) -> None:
-        if self._client is None:
-            self._client = await self._open_client()
-        owed = await self._owes_catch_up()
-        conn = await self._subscriber()
-        self._conn = conn
-        self._generation += 1
-        self._initial = set(self._wanted)
-        # Nothing live is delivered until the history after our position has been.
-        self._holding = self._owed = owed
-        if self._initial:
-            await self._send(conn, "SUBSCRIBE", *sorted(self._initial))
-        self.last_error = None
-        log.info("Redis subscriber connected; subscribing %d channels", len(self._initial))
-        self._release_when_confirmed()
-
-    async def _subscriber(self) -> AbstractConnection:
-        """A connection for SUBSCRIBE: to REDIS_URL's node or, on a cluster, first to the master
-        that owns the history's slot, where every publish script runs: its messages then reach
-        us without a hop over the cluster bus, which costs a tail of tens of milliseconds
-        (measured: W5's p99 31 ms against 3 ms). Then any node that answers (classic pub/sub
-        reaches every node of a cluster)."""
-        assert self._sub_pool is not None
-        others = nodes_of(self._client) if self._client is not None else []
-        owner = owner_of(self._client, self._history_key) if self._client is not None and self._history_key else None
-        if owner is not None:
-            others = sorted(others, key=lambda node: node != owner)
-            candidates: list[dict[str, object]] = [{"host": host, "port": port} for host, port in others]
-            candidates.append({})
-        else:
-            candidates = [{}, *({"host": host, "port": port} for host, port in others)]
-        failure: BaseException | None = None
-        for where in candidates:
-            conn: AbstractConnection = self._sub_pool.make_connection()  # type: ignore[no-untyped-call]
-            for attribute, value in where.items():
-                setattr(conn, attribute, value)
-            try:
-                await conn.connect()  # type: ignore[no-untyped-call]
-            except REDIS_FAILURES as exc:
-                await conn.disconnect(nowait=True)
-                failure = exc
-                continue
-            except BaseException:
-                await conn.disconnect(nowait=True)
-                raise
-            return conn
-        assert failure is not None
-        raise failure
-
-    async def _owes_catch_up(self) -> bool:
-        """Whether this (re)connect owes a catch-up; checks first whether Redis lost its data."""
-        if self._history_key is None:
+        """Every subscriber connected and caught up, but those of shards known to be down."""
+        if not self._booted:
             return False
-        if self._epoch_key is not None:
-            client = self._require_client()
-            mine = uuid.uuid4().hex
-            previous = await client.set(self._epoch_key, mine, nx=True, get=True)
-            self._epoch_before, self._epoch = self._epoch, _text(previous) if previous is not None else mine
-        if self._position is None:
-            # The process's first connection owes nothing: start at the end of the history.
-            self._position = await self.end()
-            return False
-        if self._epoch_before is not None and self._epoch != self._epoch_before:
-            # Redis lost its data (a restart without persistence): everything in its new
-            # history is new to us, whatever its ids.
-            self.epoch_changes += 1
-            self._from_start = True
-            log.warning("Redis lost its data since we last saw it (new epoch); replaying its whole history")
-        return True
-
-    async def _read_forever(self) -> None:
-        assert self._conn is not None
-        conn = self._conn
-        pinged = False
-        while True:
-            reply = await conn.read_response(timeout=self._idle_ping)
-            if reply is None:
-                # Silence can hide a dead peer: ping, and give up if the pong never comes.
-                if pinged:
-                    raise TimeoutError("Redis did not answer PING")
-                await self._send(conn, "PING")
-                pinged = True
-                continue
-            pinged = False
-            kind = reply[0]
-            if kind == b"message":
-                self._inbox.append((reply[1].decode(), reply[2]))
-                self._inbox_ready.set()
-            elif kind in (b"subscribe", b"unsubscribe"):
-                self._confirm(kind.decode(), reply[1].decode())
-                self._release_when_confirmed()
-
-    def _release_when_confirmed(self) -> None:
-        if self._holding and not self._initial:
-            self._holding = False
-            self._inbox_ready.set()  # the deliverer catches up, then goes live
-
-    async def _deliver_forever(self) -> None:
-        assert self._handler is not None
-        handler = self._handler
-        while True:
-            await self._inbox_ready.wait()
-            self._inbox_ready.clear()
-            if self._holding:
-                continue
-            if self._owed and not await self._catch_up():
-                continue
-            inbox = self._inbox
-            while inbox and not self._holding and not self._owed:
-                channel, message = inbox.popleft()
-                offset = offset_of(message)
-                if offset is not None:
-                    if self._position is not None and offset <= self._position:
-                        self.deduplicated += 1  # already delivered by the catch-up
-                        continue
-                    self._advance(offset)
-                if channel != self._sync_channel:
-                    await dispatch(handler, channel, message, offset)
-
-    async def _catch_up(self) -> bool:
-        """Deliver what was published after our position on the channels held; False to retry."""
-        assert self._handler is not None and self._on_gap is not None
-        since = ZERO if self._from_start else (self._position or ZERO)
-        generation = self._generation
-        try:
-            # Every channel: one confirmed while this runs must get its entries too.
-            history = await self.history(since, None)
-        except BusUnavailable as exc:
-            log.warning("catching up from %s failed (%s); retrying", since, exc)
-            asyncio.get_running_loop().call_later(self._backoff_min, self._inbox_ready.set)
-            return False
-        replayed = 0
-        for entry in history.entries:
-            self._advance(entry.offset)
-            if entry.channel in self._confirmed and entry.channel != self._sync_channel:
-                replayed += 1
-                await dispatch(self._handler, entry.channel, entry.message, entry.offset)
-        self.replayed += replayed
-        self._advance(history.end)
-        self._from_start = False
-        if generation == self._generation:
-            self._owed = False  # else another gap began meanwhile: catch up again from here
-        log.info("Redis subscriber caught up from %s: %d replayed", since, replayed)
-        if not history.complete:
-            self.gaps += 1
-            log.error(
-                "events after %s were trimmed from the history before this instance could read "
-                "them (outage longer than the retention); its sockets are told", since,
-            )
-            await self._on_gap("gap")
-        self._inbox_ready.set()
-        return True
-
-    def _confirm(self, kind: str, channel: str) -> None:
-        if kind == "subscribe":
-            self._confirmed.add(channel)
-            self._initial.discard(channel)
-        else:
-            self._confirmed.discard(channel)
-        queue = self._waiters.get((kind, channel))
-        while queue:
-            waiter = queue.popleft()
-            if not waiter.done():
-                waiter.set_result(True)
-                break
-
-    async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        self._confirmed.clear()
-        self._initial.clear()
-        for queue in self._waiters.values():
-            for waiter in queue:
-                if not waiter.done():
-                    waiter.set_result(False)
-        if conn is not None:
-            await conn.disconnect(nowait=True)
+        down = set(self.unreachable_shards)
+        return all(s.ready or s.name in down for s in self._subscribers.values())
 
     def status(self) -> dict[str, Any]:
+        subscribers = list(self._subscribers.values())
         return {
             "kind": self.kind,
             "cluster": self._topology.known,  # None until Redis has told (or REDIS_CLUSTER did)
+            "partitions": self._parts.count,
             "unreachable_shards": self.unreachable_shards,
-            "connected": self._conn is not None,
-            "channels": len(self._confirmed),
+            "connected": bool(subscribers) and all(s.connected for s in subscribers),
+            "subscribers": len(subscribers),
+            "channels": sum(len(s.confirmed) for s in subscribers),
             "wanted": len(self._wanted),
             "position": str(self._position) if self._position is not None else None,
             "reconnects": self.reconnects,
@@ -679,6 +782,7 @@ class RedisBus:
             "deduplicated": self.deduplicated,
             "gaps": self.gaps,
             "epoch_changes": self.epoch_changes,
+            "moved_channels": self.moved_channels,
             "last_error": self.last_error,
         }
 

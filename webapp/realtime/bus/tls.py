@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import TypedDict
 from urllib.parse import urlsplit
@@ -45,3 +46,18 @@ def certificate_problem(exc: BaseException) -> str | None:
             return seen.verify_message or str(seen)
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def log_failure(log: logging.Logger, what: str, exc: BaseException, delay: float) -> None:
+    """Say why Redis could not be used and when it is tried again. A refused certificate is an
+    error that retrying alone does not mend: the message says what to change."""
+    problem = certificate_problem(exc)
+    if problem is not None:
+        log.error(
+            "Redis's TLS certificate could not be verified (%s); retrying in %.1fs. Set "
+            "REDIS_TLS_CA to the CA that signed it (REDIS_TLS_VERIFY=none encrypts without "
+            "verifying: a man in the middle can then read and forge every event)",
+            problem, delay,
+        )
+    else:
+        log.warning("%s (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
