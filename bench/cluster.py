@@ -205,8 +205,9 @@ class Server:
         return self.worker_pid != 0
 
     def _find_worker(self) -> int:
-        # With --workers 0 hypercorn serves in its own process; otherwise its master spawns one
-        # worker (beside multiprocessing's resource tracker), and that worker does the work.
+        # With WEB_CONCURRENCY unset hypercorn serves in its own process; otherwise its master
+        # spawns workers (beside multiprocessing's resource tracker): the first one found is
+        # measured, so CPU figures with WEB_CONCURRENCY > 1 cover one worker only.
         assert self._proc is not None
         for pid in procfs.children(self._proc.pid):
             try:

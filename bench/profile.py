@@ -25,6 +25,7 @@ _FRAME = re.compile(r"^(.*) \((.*?)(?::\d+)?\)$")
 RESULTS = Path(__file__).resolve().parent / "results"
 SET_UP = 4.0  # seconds for the load generator to connect (and settle) its sockets before sampling starts
 W2_RATE = 8  # emits/s: W2's sweep becomes one step, 8,000 deliveries/s on 1,000 sockets
+W4_RATE = 1500  # about the handshakes/s one instance completes
 
 
 def top(collapsed: Path, limit: int) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
@@ -60,7 +61,7 @@ def _frame(raw: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
-    parser.add_argument("--workload", default="w1", choices=["w1", "w2", "w3"])
+    parser.add_argument("--workload", default="w1", choices=["w1", "w2", "w3", "w4"])
     parser.add_argument("--app", default="ours", choices=[app.name for app in APPS])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": SET_UP + 2 * args.seconds + 2,
             "half_seconds": 0,
             **({"rates": [W2_RATE], "min_emits": 0} if "rates" in workload.params else {}),
+            # W4 is a burst of handshakes: enough sockets for it to last the sampling windows.
+            **({"sockets": int(W4_RATE * (SET_UP + 2 * args.seconds + 2))} if workload.key == "w4" else {}),
         }
         load = start_job(
             {

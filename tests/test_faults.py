@@ -250,6 +250,39 @@ async def test_sigterm_turns_unready_first_and_drains_after_the_delay(
     assert instance.proc.returncode == 0
 
 
+async def test_web_concurrency_workers_serve_as_instances_and_drain_on_the_parents_sigterm(
+    instances: list[Instance], probes: list[Probe]
+) -> None:
+    """WEB_CONCURRENCY=2: two hypercorn workers share the port, each an instance of its own (a
+    user's event reaches the user's sockets on both); SIGTERM to hypercorn's parent alone, as
+    `docker stop` sends it, drains both: every socket is told why, and the server exits 0."""
+    server = launch(instances, "W", unique("workers"), REDIS_URL, WEB_CONCURRENCY="2", SHUTDOWN_TIMEOUT="5")
+    server.wait_serving()
+    walt = unique("walt")
+    token = await token_for(server.url, walt)
+    held: dict[str, Probe] = {}  # a socket on each worker
+    for n in range(40):  # the kernel hands each connection to either worker
+        probe = Probe(f"walt{n}")
+        probes.append(probe)
+        await probe.connect(server.url, token)
+        held.setdefault((await probe.client.call("whoami"))["instance"], probe)
+        if len(held) == 2:
+            break
+    assert len(held) == 2, f"every connection went to one worker: {list(held)}"
+    assert all(name.startswith("W.") for name in held), held  # INSTANCE_ID, then the worker's pid
+    assert (await api(server.url, f"/api/emit/users/{walt}", {"event": "dm", "data": 1}))[0] == 202
+    for probe in held.values():
+        assert await probe.wait_for("dm") == [1]
+
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)  # the parent only
+    for probe in held.values():
+        notice = await probe.wait_for("server_shutdown")
+        assert notice[0]["reconnect"] is True and notice[0]["instance"] in held
+    await wait_until(lambda: server.proc.poll() is not None, "hypercorn to exit", timeout=15)  # type: ignore[union-attr]
+    assert server.proc.returncode == 0
+
+
 async def test_slow_consumer_delays_nobody_and_its_connection_is_freed(
     instances: list[Instance], probes: list[Probe]
 ) -> None:

@@ -477,3 +477,18 @@ def test_hypercorns_grace_outlasts_the_drain() -> None:
     assert graceful_timeout({"SHUTDOWN_TIMEOUT": "20"}) == 20 + GRACE_MARGIN
     assert graceful_timeout({"SHUTDOWN_TIMEOUT": "soon"}) == graceful_timeout({}) == Settings.shutdown_timeout + GRACE_MARGIN
     assert Config.from_object("webapp.serving.hypercorn").graceful_timeout == graceful_timeout()
+
+
+def test_web_concurrency_sets_hypercorns_workers() -> None:
+    """One worker serves in hypercorn's own process (where SIGTERM lands); more are processes of
+    their own. A value the app refuses at start leaves hypercorn's default to that one line."""
+    from hypercorn.config import Config
+
+    from webapp.serving import worker_count
+
+    assert worker_count({}) == worker_count({"WEB_CONCURRENCY": "1"}) == worker_count({"WEB_CONCURRENCY": "x"}) == 0
+    assert worker_count({"WEB_CONCURRENCY": "3"}) == 3
+    assert Config.from_object("webapp.serving.hypercorn").workers == worker_count()
+    assert "--workers" not in (Path(__file__).parent.parent / "Procfile").read_text()  # the config decides
+    with pytest.raises(ConfigError, match="WEB_CONCURRENCY"):
+        Settings.from_env({"WEB_CONCURRENCY": "0"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import re
 import socket
@@ -43,6 +44,8 @@ class Settings:
     port: int = 5000
     channel_prefix: str = "webapp"
     instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # Hypercorn's worker processes (the Procfile's config reads it too); each is an instance.
+    web_concurrency: int = 1
     cors_origins: tuple[str, ...] = ()
     demo_login: bool = True
     token_ttl: int = 3600
@@ -170,6 +173,7 @@ class Settings:
             "presence_ttl": _float(get("PRESENCE_TTL"), "PRESENCE_TTL", 15.0, 1.0, 3600),
             "socket_max_queue": _int(get("SOCKET_MAX_QUEUE"), "SOCKET_MAX_QUEUE", 1000, 10, 10_000_000),
             "socket_write_timeout": _float(get("SOCKET_WRITE_TIMEOUT"), "SOCKET_WRITE_TIMEOUT", 10.0, 0.5, 600),
+            "web_concurrency": _int(get("WEB_CONCURRENCY"), "WEB_CONCURRENCY", 1, 1, 64),
         }
         if values["recovery_window"] > values["replay_max_age"]:  # type: ignore[operator]
             raise ConfigError(
@@ -178,6 +182,9 @@ class Settings:
         instance_id = get("INSTANCE_ID")
         if instance_id is not None:
             values["instance_id"] = instance_id[:64]
+        if values["web_concurrency"] != 1 and multiprocessing.parent_process() is not None:
+            # One of hypercorn's workers: an instance of its own (presence, its own channels).
+            values["instance_id"] = f"{str(values.get('instance_id', socket.gethostname()))[:50]}.{os.getpid()}"
         return cls(**values)  # type: ignore[arg-type]
 
     @classmethod
@@ -207,6 +214,12 @@ class Settings:
                 "REDIS_URL is not set: using the in-memory bus. Events reach only sockets "
                 "of this one instance."
             )
+            if self.web_concurrency > 1:
+                log.warning(
+                    "WEB_CONCURRENCY=%d without REDIS_URL: each worker process is an instance of its "
+                    "own, and no event crosses from one to another. Set REDIS_URL, or WEB_CONCURRENCY=1.",
+                    self.web_concurrency,
+                )
         if not self.api_keys:
             log.warning("API_KEYS is not set: every /api/* call will answer 401.")
         if self.production and self.demo_login:

@@ -12,6 +12,7 @@ oversized frame before it is buffered. Command-line flags still override these.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -75,9 +76,17 @@ def check_graceful_timeout(settings: Settings, argv: list[str]) -> None:
         )
 
 
+def worker_count(environ: Mapping[str, str] | None = None) -> int:
+    """Hypercorn's worker processes: none beside its own for WEB_CONCURRENCY=1 (it serves in its
+    own process), else WEB_CONCURRENCY, each an instance of its own sharing the port."""
+    wanted = _setting(environ, "WEB_CONCURRENCY", int, 1)
+    return 0 if wanted <= 1 else min(wanted, 64)
+
+
 class hypercorn:
     websocket_max_message_size = frame_cap()
     graceful_timeout = graceful_timeout()
+    workers = worker_count()
 
 
 def bound_writes(timeout: float) -> int:
@@ -98,26 +107,77 @@ def bound_writes(timeout: float) -> int:
         return 0
     tuned = 0
     try:
-        entries = list(Path("/proc/self/fd").iterdir())
+        serving = serving_sockets()
     except OSError:  # no /proc: the timeout cannot be set, and the server runs without it
         log.warning("SOCKET_WRITE_TIMEOUT: /proc/self/fd cannot be read; a peer that stops reading holds its connection")
         return 0
-    for entry in entries:
+    for fd, _ in serving:
+        sock = socket.socket(fileno=fd)
         try:
-            fd = int(entry.name)
-            sock = socket.socket(fileno=fd)
-        except (ValueError, OSError):
-            continue  # not a socket (or already closed)
-        try:
-            if sock.type == socket.SOCK_STREAM and _serving_socket(sock):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
-                tuned += 1
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
+            tuned += 1
         except OSError:
             pass
         finally:
             sock.detach()  # the descriptor stays the server's
     log.info("SOCKET_WRITE_TIMEOUT: writes give up after %.1fs on %d server sockets", timeout, tuned)
     return tuned
+
+
+def serving_sockets(*, listening: bool = False) -> list[tuple[int, int]]:
+    """The descriptors (and inodes) of the TCP sockets this process's server accepts on (with
+    `listening`, only those listening already); raises OSError without /proc."""
+    found = []
+    for entry in Path("/proc/self/fd").iterdir():
+        try:
+            fd = int(entry.name)
+            sock = socket.socket(fileno=fd)
+        except (ValueError, OSError):
+            continue  # not a socket (or already closed)
+        try:
+            wanted = sock.type == socket.SOCK_STREAM and _serving_socket(sock)
+            if wanted and (not listening or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                found.append((fd, os.fstat(fd).st_ino))
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+    return found
+
+
+async def listening_stopped(every: float = 0.25) -> None:
+    """Return once the server, having listened, no longer listens on any of its sockets.
+
+    In one of hypercorn's worker processes, that is how the worker learns that its parent began
+    the shutdown: the parent got SIGTERM (from `docker stop`, say), the worker may not have.
+    The app starts before the server listens, so the sockets are watched from the moment they
+    listen.
+    """
+    watched: list[tuple[int, int]] = []
+    while not watched:
+        try:
+            watched = serving_sockets(listening=True)
+        except OSError:
+            await asyncio.Event().wait()  # no /proc: nothing to watch
+        await asyncio.sleep(every)
+    while any(_listening(fd, inode) for fd, inode in watched):
+        await asyncio.sleep(every)
+
+
+def _listening(fd: int, inode: int) -> bool:
+    """Whether descriptor `fd` is still the socket `inode` and still listening."""
+    try:
+        if os.fstat(fd).st_ino != inode:
+            return False
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
+    finally:
+        sock.detach()
 
 
 def _serving_socket(sock: socket.socket) -> bool:

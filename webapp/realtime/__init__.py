@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import multiprocessing
 import os
 import secrets
 import signal
@@ -24,6 +25,7 @@ from ..metrics import Metrics
 from ..names import event_name_problem
 from . import gateway, jsoncodec
 from .bus import Bus, MemoryBus, RedisBus
+from .bus.base import cancel
 from .bus.cluster import Topology
 from .bus.tls import tls_options
 from .control import ExpiryWatch, iso
@@ -195,14 +197,30 @@ class Realtime:
         # A peer that stops reading must not hold its connection past SOCKET_WRITE_TIMEOUT.
         serving.bound_writes(self.settings.socket_write_timeout)
         await self.propagator.start()
+        watcher: asyncio.Task[None] | None = None
         if self.settings.drain_on_sigterm:
             self._install_sigterm_drain()
+            if multiprocessing.parent_process() is not None:
+                watcher = asyncio.create_task(self._drain_when_listening_stops(), name="listener-watch")
         try:
             yield
         finally:
+            await cancel(watcher)
             if self._drain_task is not None:
                 await self._drain_task
             await self.propagator.close()
+
+    async def _drain_when_listening_stops(self) -> None:
+        """In one of hypercorn's workers (WEB_CONCURRENCY > 1): hypercorn's parent handles
+        SIGTERM by closing every worker's listener at once, then waits for connections to end
+        until its graceful timeout. A worker that saw its listener close drains at once, so its
+        sockets are told why before they are cut (DRAIN_DELAY cannot apply: new connections are
+        refused already)."""
+        await serving.listening_stopped()
+        if self._drain_task is None:
+            log.info("the server stopped listening (hypercorn is shutting down): draining %d sockets", len(self.state))
+            self.unready = True
+            self._drain_task = asyncio.create_task(self.drain(), name="drain")
 
     def _connect_reply(self, sid: str) -> dict[str, Any]:
         """What a socket's CONNECT reply carries besides its sid: the pid of a recoverable one."""
