@@ -8,6 +8,8 @@ Both go through the app's own RedisBus, on the same cluster, in interleaved roun
 
 - publishes/s at saturation from one client process (on 2 cores the client is the limit, not
   Redis: the figure shows the partitioning costs the client nothing);
+- the same single partition with the script sent as text each time (EVAL, as the app did before
+  it sent the script's hash), for what that costs Redis;
 - per master, busiest first: the scripts it ran and its CPU per publish of the whole round (INFO
   commandstats, INFO cpu). The busiest master's CPU per publish bounds the fleet: a shard's core
   saturates at about 1 / that many publishes a second.
@@ -39,7 +41,7 @@ async def _scripts(port: int) -> int:
         stats = await client.info("commandstats")
     finally:
         await client.aclose()
-    return int(stats.get("cmdstat_eval", {}).get("calls", 0))
+    return sum(int(stats.get(f"cmdstat_{verb}", {}).get("calls", 0)) for verb in ("eval", "evalsha"))
 
 
 async def _ignore(channel: str, message: bytes, mark: Mark | None) -> None:
@@ -50,10 +52,13 @@ async def _no_gap(reason: str) -> None:
     return None
 
 
-async def round_of(partitions: int, seed: int, count: int, in_flight: int) -> dict[str, Any]:
+async def round_of(partitions: int, seed: int, count: int, in_flight: int, by_hash: bool = True) -> dict[str, Any]:
     prefix = f"bench-shards-{uuid.uuid4().hex[:8]}"
     history_key = f"{{{prefix}}}:replay"
-    bus = RedisBus(f"redis://127.0.0.1:{seed}/0", history_key=history_key, partitions=partitions, name=prefix)
+    bus = RedisBus(
+        f"redis://127.0.0.1:{seed}/0", history_key=history_key, partitions=partitions, name=prefix,
+        script_by_hash=by_hash,
+    )
     await bus.start(_ignore, _no_gap)
     masters = await _masters(seed)
     try:
@@ -96,11 +101,15 @@ async def _forget(seed: int, parts: Partitions) -> None:
 
 
 async def main(seed: int, rounds: int, count: int, in_flight: int) -> None:
-    layouts = {"1 partition (one shard)": 1, f"{CLUSTER_PARTITIONS} partitions (3 shards)": CLUSTER_PARTITIONS}
+    layouts = {
+        "1 partition (one shard)": (1, True),
+        f"{CLUSTER_PARTITIONS} partitions (3 shards)": (CLUSTER_PARTITIONS, True),
+        "1 partition, script as text": (1, False),  # EVAL: Redis reads and hashes it every time
+    }
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in layouts}
     for _ in range(rounds):
-        for name, partitions in layouts.items():  # interleaved: drift hits both alike
-            results[name].append(await round_of(partitions, seed, count, in_flight))
+        for name, (partitions, by_hash) in layouts.items():  # interleaved: drift hits all alike
+            results[name].append(await round_of(partitions, seed, count, in_flight, by_hash))
     print(f"{count} publishes of {len(MESSAGE)} bytes per round to {USERS} users, {in_flight} in flight, medians of {rounds} rounds")
     print("layout                        publishes/s  CPU us/publish, busiest master first  scripts per master  busiest master")
     for name, runs in results.items():
@@ -111,12 +120,13 @@ async def main(seed: int, rounds: int, count: int, in_flight: int) -> None:
             f"{name:29} {rate:11,.0f}  {' / '.join(f'{c:.1f}' for c in cpu):>36}  "
             f"{' / '.join(f'{s:.0%}' for s in share):>18}  {max(cpu):.1f} us"
         )
-    single, spread = (
+    single, spread, as_text = (
         max(statistics.median(run["cpu_us"][i] for run in runs) for i in range(len(runs[0]["cpu_us"])))
         for runs in results.values()
     )
     print(f"busiest master's CPU per publish, {CLUSTER_PARTITIONS} partitions / 1: {spread / single:.2f}x "
           f"(a ceiling {single / spread:.1f}x as high)")
+    print(f"one master's CPU per publish, script by hash / as text: {single / as_text:.2f}x")
 
 
 def run() -> None:

@@ -150,3 +150,20 @@ async def test_live_messages_carry_the_offset_the_history_holds(redis_client: re
         last = got.offsets[-1]
         assert last is not None and subscriber.position == Position({0: last.offset}) == await subscriber.end()
     redis_client.delete(f"{prefix}:replay", f"{prefix}:epoch")
+
+
+async def test_publishes_survive_an_emptied_script_cache(redis_client: redis.Redis) -> None:
+    """Publishes run the script by its hash; a Redis whose cache is empty (restarted, or a
+    promoted replica) answers NOSCRIPT, having run nothing, and gets the script's text once."""
+    prefix = unique("replay-noscript")
+    channel = f"{prefix}:all"
+    async with pair(prefix) as (_, publisher, got, env):
+        await publisher.publish(channel, env("0"))
+        redis_client.script_flush()
+        await publisher.publish(channel, env("1"))  # one alone
+        redis_client.script_flush()
+        await asyncio.gather(*(publisher.publish(channel, env(str(n))) for n in range(2, 6)))  # a MULTI
+        await wait_until(lambda: len(got.messages) >= 6, "six messages")
+        assert [int(m) for m in got.messages] == list(range(6))
+        assert len(redis_client.xrange(f"{prefix}:replay")) == 6  # each recorded once
+    redis_client.delete(f"{prefix}:replay", f"{prefix}:epoch")

@@ -12,6 +12,7 @@ drops live messages at or below them: exactly once, in order, no clock involved.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import re
@@ -26,7 +27,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from .base import (
     ZERO,
@@ -63,6 +64,7 @@ end
 redis.call(ARGV[5], ARGV[1], message)
 return id
 """
+_PUBLISH_SHA = hashlib.sha1(_PUBLISH_AND_RECORD.encode()).hexdigest()
 _OFFSET_MARK = b'{"offset":"'
 _READ_CHUNK = 1000
 # A live offset far ahead of our clock is forged (anyone can publish on our channels): trusting
@@ -112,6 +114,7 @@ class RedisBus:
         tls: TlsOptions | None = None,
         topology: Topology | None = None,
         partitions: int = CLUSTER_PARTITIONS,
+        script_by_hash: bool = True,  # False sends the script's text with every publish (the bench compares)
     ) -> None:
         self._url = url
         self._tls: TlsOptions = tls or {}
@@ -130,6 +133,7 @@ class RedisBus:
         self._epoch_key = epoch_key
         self.sync_channel = sync_channel
         self._cluster_partitions = partitions
+        self._by_hash = script_by_hash
         # One partition until Redis says it is a cluster.
         self._parts = Partitions(history_key or "", 1)
         self._queued_marker: asyncio.Future[Mark | None] | None = None  # a sync marker not sent yet
@@ -489,19 +493,27 @@ class RedisBus:
         self, partition: int, group: list[tuple[str, bytes, asyncio.Future[Mark | None]]]
     ) -> list[Any] | Exception:
         """Publish messages of one partition: their replies, or what went wrong."""
-        assert self._client is not None
         try:
-            if len(group) == 1:
-                channel, message, _ = group[0]
-                return [await self._client.execute_command(*self._publish_args(channel, message))]
-            # MULTI/EXEC: Redis applies the batch whole or not at all, never in part. (Without a
-            # history a publish names no key, and a cluster cannot run it in a MULTI.)
-            async with self._client.pipeline(transaction=self.has_history) as pipe:
-                for channel, message, _ in group:
-                    pipe.execute_command(*self._publish_args(channel, message))
-                return list(await pipe.execute())
+            try:
+                return await self._run_group(group, by_hash=self._by_hash)
+            except NoScriptError:
+                # Nothing ran: this node's script cache is empty (a restart, a failover). Once
+                # more with the script's text, which caches it there.
+                return await self._run_group(group, by_hash=False)
         except REDIS_FAILURES as exc:
             return exc
+
+    async def _run_group(self, group: list[tuple[str, bytes, asyncio.Future[Mark | None]]], *, by_hash: bool) -> list[Any]:
+        assert self._client is not None
+        if len(group) == 1:
+            channel, message, _ = group[0]
+            return [await self._client.execute_command(*self._publish_args(channel, message, by_hash))]
+        # MULTI/EXEC: Redis applies the batch whole or not at all, never in part. (Without a
+        # history a publish names no key, and a cluster cannot run it in a MULTI.)
+        async with self._client.pipeline(transaction=self.has_history) as pipe:
+            for channel, message, _ in group:
+                pipe.execute_command(*self._publish_args(channel, message, by_hash))
+            return list(await pipe.execute())
 
     async def _open_client(self) -> Client:
         """The command client, once the topology is known (raises while Redis cannot tell)."""
@@ -530,14 +542,14 @@ class RedisBus:
         )
         return Redis(connection_pool=pool)
 
-    def _publish_args(self, channel: str, message: bytes) -> tuple[Any, ...]:
+    def _publish_args(self, channel: str, message: bytes, by_hash: bool = True) -> tuple[Any, ...]:
         verb = "SPUBLISH" if self.sharded else "PUBLISH"
         if not self.has_history:
             return (verb, self.wire(channel), message)
-        # EVAL, not EVALSHA: Redis caches the script by its hash anyway, and a restarted Redis
-        # (empty script cache) then needs no NOSCRIPT dance in the middle of a MULTI.
+        # By hash: Redis need not read and hash the script's text on every publish.
+        script = ("EVALSHA", _PUBLISH_SHA) if by_hash else ("EVAL", _PUBLISH_AND_RECORD)
         return (
-            "EVAL", _PUBLISH_AND_RECORD, 1, self._parts.stream(self._parts.of(channel)),
+            *script, 1, self._parts.stream(self._parts.of(channel)),
             self.wire(channel), message, self._history_max, self._history_age_ms, verb,
         )
 
