@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,10 @@ def _frame(raw: str) -> str:
     return f"{name} ({'/'.join(path.split('/')[-2:])})"
 
 
+def _descriptors() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--workload", default="w1", choices=["w1", "w2", "w3", "w4"])
@@ -87,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             "half_seconds": 0,
             **({"rates": [W2_RATE], "min_emits": 0} if "rates" in workload.params else {}),
             # W4 is a burst of handshakes: enough sockets for it to last the sampling windows.
-            **({"sockets": int(W4_RATE * (SET_UP + 2 * args.seconds + 2))} if workload.key == "w4" else {}),
+            # (Within the descriptors a process may open: the server holds one per socket.)
+            **({"sockets": min(int(W4_RATE * (SET_UP + 2 * args.seconds + 2)), _descriptors() - 2000)}
+               if workload.key == "w4" else {}),
         }
         load = start_job(
             {

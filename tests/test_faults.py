@@ -258,10 +258,19 @@ async def test_web_concurrency_workers_serve_as_instances_and_drain_on_the_paren
     `docker stop` sends it, drains both: every socket is told why, and the server exits 0."""
     server = launch(instances, "W", unique("workers"), REDIS_URL, WEB_CONCURRENCY="2", SHUTDOWN_TIMEOUT="5")
     server.wait_serving()
+    ready: set[str] = set()
+
+    def both_ready() -> bool:  # each request is a new connection: either worker may answer it
+        status, body = server.status()
+        if status == 200 and body["ready"]:
+            ready.add(body["instance"])
+        return len(ready) == 2
+
+    await wait_until(both_ready, "both workers to answer ready", timeout=20)
     walt = unique("walt")
     token = await token_for(server.url, walt)
     held: dict[str, Probe] = {}  # a socket on each worker
-    for n in range(40):  # the kernel hands each connection to either worker
+    for n in range(100):  # the kernel hands each connection to either worker
         probe = Probe(f"walt{n}")
         probes.append(probe)
         await probe.connect(server.url, token)

@@ -233,7 +233,7 @@ class Subscriber:
         # Nothing live is delivered until the history after our position has been.
         self._holding = self._owed = owed
         await self._subscribe_all(conn, self._initial)
-        self.last_error = None
+        self.last_error = bus.last_error = None
         log.info("Redis subscriber on %s connected; subscribing %d channels", self.name, len(self._initial))
         self._release_when_confirmed()
 
