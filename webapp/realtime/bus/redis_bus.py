@@ -142,6 +142,7 @@ class RedisBus:
         self._placed: dict[str, Subscriber] = {}  # each wanted channel: the subscriber holding it
         self._subscribers: dict[Node, Subscriber] = {}
         self._held_in: dict[int, int] = {}  # partition -> wanted channels in it
+        self._starting: dict[int, asyncio.Future[None]] = {}  # partitions taken up, moving to their end
         self._slots: list[tuple[int, int, Node]] = []  # a cluster's slot ranges and their masters
         self._reroute = asyncio.Event()
         self.handler: MessageHandler | None = None
@@ -358,6 +359,10 @@ class RedisBus:
             target = self._subscriber_for(channel)
             current = self._placed.get(channel)
             if target is not None and target is current and channel in current.displaced:
+                # Moved away, says the node; still there, says the map: read too early, or the
+                # slot came back. Subscribed there again: a MOVED answer says which.
+                current.forget(channel)
+                moves.setdefault(current, []).append(channel)
                 settled = False
                 continue
             if target is None or target is current:
@@ -724,15 +729,27 @@ class RedisBus:
         self._wanted.add(channel)
         if not self._booted:
             return False
+        partition = self._parts.of(channel)
         if self._count(channel, +1) and self.sharded and self.has_history:
-            await self._start_partition_at_its_end(self._parts.of(channel))
+            started = self._starting[partition] = asyncio.get_running_loop().create_future()
+            try:
+                await self._start_partition_at_its_end(partition)
+            finally:
+                started.set_result(None)
+                del self._starting[partition]
+        elif partition in self._starting:
+            # Its first channel is still moving the position to the stream's end: a channel
+            # held meanwhile could deliver messages that move would then drop.
+            await asyncio.shield(self._starting[partition])
         subscriber = self._subscriber_for(channel)
         if subscriber is None:
             return False  # the router retries once a node owns the slot
         self._placed[channel] = subscriber
         if not subscriber.started:
             # A shard not held so far: its connection first. Answering before it is made would
-            # accept a socket whose events published meanwhile reach nobody.
+            # accept a socket whose events published meanwhile reach nobody. (Wanted from now
+            # on: the router closes subscribers that want nothing.)
+            subscriber.wanted.add(channel)
             subscriber.start()
             try:
                 await asyncio.wait_for(subscriber.tried.wait(), self.timeout)
@@ -757,7 +774,8 @@ class RedisBus:
         if channel not in self._wanted:
             return
         self._wanted.discard(channel)
-        self._count(channel, -1)
+        if self._booted:  # before, nothing was counted: the boot counts what is wanted then
+            self._count(channel, -1)
         subscriber = self._placed.pop(channel, None)
         if subscriber is not None:
             await subscriber.release(channel)

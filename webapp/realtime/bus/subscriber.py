@@ -129,6 +129,7 @@ class Subscriber:
             return
         self.wanted |= new
         self._owed = True
+        self._generation += 1  # a catch-up under way read without them: it must run again
         conn = self._conn
         if conn is None:
             return  # the connection subscribes every wanted channel when it is made
@@ -339,7 +340,9 @@ class Subscriber:
         if not bus.has_history:
             self._owed = False
             return True
-        partitions = {bus.partition_of(channel) for channel in self.wanted}
+        # Only partitions whose channels this connection holds: those Redis moved away are caught
+        # up by their new node's connection, from a position this one must not move.
+        partitions = {bus.partition_of(channel) for channel in self.confirmed}
         generation = self._generation
         if self._from_start:
             bus.rewind(partitions)
@@ -353,13 +356,13 @@ class Subscriber:
             return False
         replayed = 0
         for entry in history.entries:
-            if not bus.advance(entry.mark):
+            if entry.mark.partition not in partitions or not bus.advance(entry.mark):
                 continue  # delivered meanwhile (live on another node's connection, before a move)
             if entry.channel in self.confirmed and entry.channel != bus.sync_channel:
                 replayed += 1
                 await bus.deliver(entry.channel, entry.message, entry.mark)
         bus.replayed += replayed
-        for partition in history.end.partitions():
+        for partition in partitions:
             bus.advance(Mark(partition, history.end.at(partition)))
         self._from_start = False
         if generation == self._generation:
