@@ -137,12 +137,18 @@ async def main(seed: int, rounds: int, count: int, batch: int) -> None:
     print(f"sharded/classic publishes/s: {sharded / classic:.2f}x")
 
 
-def run() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cluster_bench_arguments(doc: str, *, base: int) -> argparse.ArgumentParser:
+    """The options every benchmark on a local cluster takes: rounds, events per round, ports."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--count", type=int, default=20_000)
+    parser.add_argument("--base", type=int, default=base, help="the local cluster's first port")
+    return parser
+
+
+def run() -> None:
+    parser = cluster_bench_arguments(__doc__ or "", base=7300)
     parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--base", type=int, default=7300, help="the local cluster's first port")
     args = parser.parse_args()
     on_local_cluster(args.base, main(args.base, args.rounds, args.count, args.batch))
 

@@ -17,7 +17,6 @@ Both go through the app's own RedisBus, on the same cluster, in interleaved roun
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import time
@@ -29,7 +28,7 @@ from redis.asyncio import Redis, RedisCluster
 from webapp.realtime.bus import Mark, RedisBus
 from webapp.realtime.bus.partitions import CLUSTER_PARTITIONS, Partitions
 
-from .cluster_publish import _cpu, _masters, on_local_cluster
+from .cluster_publish import _cpu, _masters, cluster_bench_arguments, on_local_cluster
 
 MESSAGE = b'{"v":1,"id":"0123456789abcdef0123456789abcdef","scope":"user","user_id":"u1","event":"dm","data":{"s":1},"ts":1.0}'
 USERS = 1000
@@ -112,29 +111,29 @@ async def main(seed: int, rounds: int, count: int, in_flight: int) -> None:
             results[name].append(await round_of(partitions, seed, count, in_flight, by_hash))
     print(f"{count} publishes of {len(MESSAGE)} bytes per round to {USERS} users, {in_flight} in flight, medians of {rounds} rounds")
     print("layout                        publishes/s  CPU us/publish, busiest master first  scripts per master  busiest master")
+    busiest: list[float] = []
     for name, runs in results.items():
         rate = statistics.median(run["publishes_per_s"] for run in runs)
-        cpu = [statistics.median(run["cpu_us"][i] for run in runs) for i in range(len(runs[0]["cpu_us"]))]
-        share = [statistics.median(run["script_share"][i] for run in runs) for i in range(len(runs[0]["script_share"]))]
+        cpu, share = (_medians(runs, key) for key in ("cpu_us", "script_share"))
+        busiest.append(max(cpu))
         print(
             f"{name:29} {rate:11,.0f}  {' / '.join(f'{c:.1f}' for c in cpu):>36}  "
             f"{' / '.join(f'{s:.0%}' for s in share):>18}  {max(cpu):.1f} us"
         )
-    single, spread, as_text = (
-        max(statistics.median(run["cpu_us"][i] for run in runs) for i in range(len(runs[0]["cpu_us"])))
-        for runs in results.values()
-    )
+    single, spread, as_text = busiest
     print(f"busiest master's CPU per publish, {CLUSTER_PARTITIONS} partitions / 1: {spread / single:.2f}x "
           f"(a ceiling {single / spread:.1f}x as high)")
     print(f"one master's CPU per publish, script by hash / as text: {single / as_text:.2f}x")
 
 
+def _medians(runs: list[dict[str, Any]], key: str) -> list[float]:
+    """Per master (busiest first), the median over the rounds of `key`."""
+    return [statistics.median(run[key][i] for run in runs) for i in range(len(runs[0][key]))]
+
+
 def run() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--count", type=int, default=20_000)
+    parser = cluster_bench_arguments(__doc__ or "", base=7400)
     parser.add_argument("--in-flight", type=int, default=256)
-    parser.add_argument("--base", type=int, default=7400, help="the local cluster's first port")
     args = parser.parse_args()
     on_local_cluster(args.base, main(args.base, args.rounds, args.count, args.in_flight))
 

@@ -9,6 +9,7 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
+import redis
 
 from webapp.realtime.bus import Position
 from webapp.realtime.bus.partitions import CLUSTER_PARTITIONS, Partitions
@@ -92,3 +93,27 @@ async def test_a_socket_recovers_what_it_missed_on_every_partition(fleet: Cluste
     live = await back.event()
     assert live[:2] == ["dm", 8] and moves_forward([missed[-1][2], live[2]])
 
+
+
+def test_an_instance_subscribes_only_on_the_shards_that_own_its_channels(redis_cluster_url: str) -> None:
+    """One subscriber connection on each master owning a channel the instance holds, none on the
+    others (the instance alone under its prefix, so every shard channel of the prefix is its own).
+    Its node channel's partition depends on a random tag: fleets are started until one leaves a
+    master without any channel of it, so "none on the others" is put to the test."""
+    with redis.Redis.from_url(redis_cluster_url) as seed:
+        masters = sorted({int(entry[2][1]) for entry in seed.execute_command("CLUSTER", "SLOTS")})
+    for _ in range(8):
+        fleet = Cluster(unique("cshards"), ("A",), redis_url=redis_cluster_url)
+        try:
+            held = {}
+            for port in masters:
+                with redis.Redis(port=port) as node:
+                    ours = [c for c in node.execute_command("PUBSUB", "SHARDCHANNELS") if fleet.prefix.encode() in c]
+                    connections = [c for c in node.client_list() if c.get("name") == f"{fleet.prefix}:A:sub"]
+                held[port] = bool(ours)
+                assert len(connections) == (1 if ours else 0), (port, ours, connections)
+        finally:
+            fleet.close()
+        if not all(held.values()):
+            return
+    pytest.fail("every fleet had a channel on every master: nothing showed a master left alone")

@@ -182,7 +182,7 @@ class Settings:
         instance_id = get("INSTANCE_ID")
         if instance_id is not None:
             values["instance_id"] = instance_id[:64]
-        if values["web_concurrency"] != 1 and multiprocessing.parent_process() is not None:
+        if hypercorn_worker(values["web_concurrency"]):  # type: ignore[arg-type]
             # One of hypercorn's workers: an instance of its own (presence, its own channels).
             values["instance_id"] = f"{str(values.get('instance_id', socket.gethostname()))[:50]}.{os.getpid()}"
         return cls(**values)  # type: ignore[arg-type]
@@ -233,6 +233,11 @@ class Settings:
                 "in REDIS_URL): the connection is encrypted, but a man in the middle can read and "
                 "forge every event. Prefer REDIS_TLS_CA with the CA that signed Redis's certificate."
             )
+
+
+def hypercorn_worker(web_concurrency: int) -> bool:
+    """Whether this process is one of WEB_CONCURRENCY > 1 workers hypercorn spawned."""
+    return web_concurrency > 1 and multiprocessing.parent_process() is not None
 
 
 def _as_text(name: str, value: object) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import multiprocessing
 import os
 import secrets
 import signal
@@ -20,7 +19,7 @@ from quart import Quart, current_app
 
 from .. import serving
 from ..auth.tokens import TokenSigner
-from ..config import Settings
+from ..config import Settings, hypercorn_worker
 from ..metrics import Metrics
 from ..names import event_name_problem
 from . import gateway, jsoncodec
@@ -200,7 +199,7 @@ class Realtime:
         watcher: asyncio.Task[None] | None = None
         if self.settings.drain_on_sigterm:
             self._install_sigterm_drain()
-            if multiprocessing.parent_process() is not None:
+            if hypercorn_worker(self.settings.web_concurrency):
                 watcher = asyncio.create_task(self._drain_when_listening_stops(), name="listener-watch")
         try:
             yield
