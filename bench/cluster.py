@@ -37,13 +37,15 @@ STOP_TIMEOUT = 5.0
 
 @dataclass(frozen=True)
 class AppSpec:
-    """One app under test: what hypercorn serves, extra environment, its broadcast channel."""
+    """One app under test: what hypercorn serves (or the command that serves it), extra
+    environment, the channel whose subscribers say an instance hears broadcasts."""
 
     name: str
     target: str
     channel: Callable[[str], str]
     env: Mapping[str, str] = field(default_factory=dict)
     sharded: bool = False  # on a Redis Cluster its channels are shard channels (SSUBSCRIBE)
+    command: tuple[str, ...] = ()  # not hypercorn: this command, which reads PORT from the environment
 
 
 OURS = AppSpec(
@@ -56,6 +58,14 @@ OURS = AppSpec(
     sharded=True,
 )
 BASELINE = AppSpec("baseline", "bench.baseline_app:app", channel=lambda prefix: f"{prefix}:socketio")
+# The Node yardstick (bench/reference): its Redis adapter's request channel is a plain SUBSCRIBE
+# that every instance makes beside its pattern subscription, so Redis can count it.
+REFERENCE = AppSpec(
+    "node",
+    "bench/reference/server.mjs",
+    channel=lambda prefix: f"{prefix}-request#/#",
+    command=("node", "bench/reference/server.mjs"),
+)
 APPS = (OURS, BASELINE)
 
 
@@ -171,7 +181,7 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        command = [
+        command = list(self.app.command) or [
             sys.executable,
             "-m",
             "hypercorn",

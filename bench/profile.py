@@ -1,6 +1,6 @@
 """Profile one loaded instance with py-spy: `python -m bench.profile [--workload w1] [--app ours]`.
 
-Starts two instances, drives a workload long enough to sample instance A's worker for
+Starts two instances, drives a workload long enough to sample one instance's worker (A, or B with `--instance 1`) for
 `--seconds`, writes a flame graph (SVG) and the collapsed stacks, and prints the functions
 where the samples sit (self time) and which they pass through (inclusive time).
 """
@@ -66,7 +66,10 @@ def _descriptors() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
-    parser.add_argument("--workload", default="w1", choices=["w1", "w2", "w3", "w4"])
+    parser.add_argument("--workload", default="w1", choices=["w1", "w2", "w3", "w3f", "w4"])
+    parser.add_argument(
+        "--instance", type=int, default=0, choices=[0, 1], help="which instance to sample (W3f's receivers are on 1)"
+    )
     parser.add_argument("--app", default="ours", choices=[app.name for app in APPS])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": 0,
             "seconds": SET_UP + 2 * args.seconds + 2,
             "half_seconds": 0,
+            "one_seconds": 0,
             **({"rates": [W2_RATE], "min_emits": 0} if "rates" in workload.params else {}),
             # W4 is a burst of handshakes: enough sockets for it to last the sampling windows.
             # (Within the descriptors a process may open: the server holds one per socket.)
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         time.sleep(SET_UP)
-        pid = str(cluster.servers[0].worker_pid)
+        pid = str(cluster.servers[args.instance].worker_pid)
         for fmt, out in (("raw", stem.with_suffix(".txt")), ("flamegraph", stem.with_suffix(".svg"))):
             subprocess.run(
                 [

@@ -3,6 +3,7 @@
 .venv/bin/python -m bench              # full suite, medians of 3 runs
 .venv/bin/python -m bench --quick      # CI smoke: tiny loads, exits 1 on any loss or crash
 .venv/bin/python -m bench --only w1,w2 --runs 3   # W1 and W2, recovery off and on, and the baseline
+.venv/bin/python -m bench --reference  # W1, W1b, W3, W3f, W6 against the Node reference too (bench/reference)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -25,13 +27,15 @@ from typing import Any
 import redis
 
 from . import chart, report
-from .cluster import API_KEY, BASELINE, OURS, SECRET_KEY, AppSpec, Cluster
+from .cluster import API_KEY, BASELINE, OURS, REFERENCE, SECRET_KEY, AppSpec, Cluster
 from .loadgen import run_job
 from .params import FULL, QUICK, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOCS_CHART = ROOT / "docs" / "bench.png"
+# What the Node reference runs with --reference: the fan-out and gateway paths the issue compares.
+REFERENCE_WORKLOADS = ("w1", "w1b", "w3", "w3f", "w6")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,6 +64,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--docs", action="store_true", help=f"also save the chart as {DOCS_CHART.relative_to(ROOT)}"
     )
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also run the Node reference app (bench/reference, needs node and `npm ci` there) on "
+        + ", ".join(REFERENCE_WORKLOADS)
+        + "; without --only, only those workloads run",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go (default bench/results)")
     parser.add_argument(
         "--ours-env",
@@ -71,11 +82,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def apps_under_test(ours_env: list[str]) -> tuple[AppSpec, ...]:
-    """Ours (with any --ours-env overrides) and the baseline."""
+def apps_under_test(ours_env: list[str], reference: bool = False) -> tuple[AppSpec, ...]:
+    """Ours (with any --ours-env overrides), the baseline, and the Node reference if asked."""
     extra = dict(item.split("=", 1) for item in ours_env if "=" in item)
     ours = OURS if not extra else dataclasses.replace(OURS, env={**OURS.env, **extra})
-    return (ours, BASELINE)
+    return (ours, BASELINE, REFERENCE) if reference else (ours, BASELINE)
+
+
+def reference_problem() -> str | None:
+    """Why the Node reference cannot run here, or None."""
+    if shutil.which("node") is None:
+        return "--reference needs node on PATH"
+    if not (ROOT / "bench" / "reference" / "node_modules" / "socket.io").is_dir():
+        return "--reference needs its packages: npm ci --prefix bench/reference"
+    return None
 
 
 def redis_problem(url: str) -> str | None:
@@ -161,7 +181,7 @@ class Suite:
 
     def __init__(self, args: argparse.Namespace, suite: list[Workload], runs: int, stamp: str) -> None:
         self.args = args
-        self.apps = apps_under_test(args.ours_env)
+        self.apps = apps_under_test(args.ours_env, args.reference)
         self.suite = suite
         self.runs = runs
         self.stamp = stamp
@@ -172,7 +192,10 @@ class Suite:
         self.progress = Progress(runs * sum(len(self._apps_of(w)) for w in suite))
 
     def _apps_of(self, workload: Workload) -> list[AppSpec]:
-        return [app for app in self.apps if app.name in workload.apps]
+        names = workload.apps
+        if not workload.recover and workload.key in REFERENCE_WORKLOADS:
+            names = (*names, REFERENCE.name)
+        return [app for app in self.apps if app.name in names]
 
     def order(self, rep: int) -> list[tuple[Workload, AppSpec]]:
         """Repetition `rep`'s steps: each group (a workload, with its recovery-on sibling if any)
@@ -259,7 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"bench: {problem}", file=sys.stderr)
         return 2
+    if args.reference and (problem := reference_problem()):
+        print(f"bench: {problem}", file=sys.stderr)
+        return 2
     suite = QUICK if args.quick else FULL
+    if args.reference and not args.only:
+        args.only = ",".join(REFERENCE_WORKLOADS)
+        args.recovery = False
     if args.only:
         wanted = {name.strip().lower() for name in args.only.split(",")}
         suite = [w for w in suite if w.key in wanted]

@@ -269,6 +269,36 @@ async def gateway(fleet: Fleet, p: Params) -> Metrics:
     return metrics
 
 
+async def gateway_fanout(fleet: Fleet, p: Params) -> Metrics:
+    """W3f: one user's socket on A emits `events`, `window` emits in flight; its `receivers`
+    sockets on B must each hear every answer (latency and deliveries/s count those), and the
+    asking socket its one direct answer. Then `one_seconds` with one emit in flight: the latency
+    of a lone message, not of a queue.
+    """
+    user = fleet.user("w3f", 0)
+    first = len(fleet.sockets)
+    await fleet.open([(0, user)] + [(1, user)] * p["receivers"])
+    everyone = range(first, first + 1 + p["receivers"])
+    far = set(everyone[1:])
+    sender = fleet.sockets[first]
+
+    async def emit(deliveries: Deliveries, seq: int) -> None:
+        sent_at = time.monotonic()
+        deliveries.expect(seq, everyone, sent_at)
+        await sender.emit("events", {"s": seq, "t": sent_at})
+
+    metrics, deliveries, cpu, _ = await _measure(fleet, _closed(emit, p["window"]), p, measured=far)
+    metrics["deliveries_per_s"] *= len(deliveries.latencies) / max(1, metrics["deliveries"])
+    _server_cost(metrics, cpu)
+    await _half_load(fleet, emit, metrics, p, measured=far)
+    if p.get("one_seconds"):
+        one, _, _, _ = await _measure(fleet, _closed(emit, 1), {"seconds": p["one_seconds"]}, measured=far)
+        metrics.update(one_in_flight_p50_ms=one["p50_ms"], one_in_flight_p99_ms=one["p99_ms"])
+        for key in (*FAULTS, "late"):
+            metrics[key] += one[key]
+    return metrics
+
+
 async def connections(fleet: Fleet, p: Params) -> Metrics:
     """W4: open N sockets of N users on instance A; connect rate and resident memory per socket."""
     count = p["sockets"]
@@ -380,6 +410,7 @@ WORKLOADS: dict[str, Callable[[Fleet, Params], Awaitable[Metrics]]] = {
     "w1b": user_fanout,
     "w2": broadcast,
     "w3": gateway,
+    "w3f": gateway_fanout,
     "w4": connections,
     "w5": instances,
     "w6": room_fanout,

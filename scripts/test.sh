@@ -39,12 +39,15 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   echo "webapp: installing nodejs and npm for the JavaScript client tests"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
 fi
-js_stamp=tests/js/node_modules/.installed-from-lock
-if [ ! -f "$js_stamp" ] || [ tests/js/package-lock.json -nt "$js_stamp" ]; then
-  echo "webapp: installing the JavaScript test clients (npm ci in tests/js)"
-  npm ci --prefix tests/js --no-audit --no-fund --silent
-  touch "$js_stamp"
-fi
+# ... and the bench's Node reference app (bench/reference), which its smoke test runs.
+for js in tests/js bench/reference; do
+  js_stamp=$js/node_modules/.installed-from-lock
+  if [ ! -f "$js_stamp" ] || [ $js/package-lock.json -nt "$js_stamp" ]; then
+    echo "webapp: installing the JavaScript packages of $js (npm ci)"
+    npm ci --prefix $js --no-audit --no-fund --silent
+    touch "$js_stamp"
+  fi
+done
 
 set +e
 .venv/bin/python -m pytest "$@"

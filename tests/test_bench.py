@@ -60,23 +60,40 @@ def test_the_cluster_shards_benchmark_runs_and_spreads_the_scripts() -> None:
     assert all(15 <= share <= 55 for share in shares["16"]), output  # about a third each
 
 
-@pytest.mark.bench
-@pytest.mark.cluster
-def test_bench_quick_mode_runs_clean() -> None:
+def _quick_bench(*args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """`python -m bench --quick ARGS`: the finished run, and the end of what it printed."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick"],
+        [sys.executable, "-m", "bench", "--quick", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
-    tail = (result.stdout + result.stderr)[-4000:]
+    return result, (result.stdout + result.stderr)[-4000:]
+
+
+@pytest.mark.bench
+@pytest.mark.cluster
+def test_bench_quick_mode_runs_clean() -> None:
+    result, tail = _quick_bench()
     # exit 1 means a workload lost, duplicated or misdelivered an event, had an offset fault, or crashed
     assert result.returncode == 0, tail
     assert "W1" in result.stdout and "W5" in result.stdout, tail
     assert "W1 recovery on: CPU per delivery" in result.stdout, tail
     assert "W2 recovery on: CPU per delivery" in result.stdout, tail
+    assert "W3f" in result.stdout, tail
+
+
+@pytest.mark.bench
+def test_bench_runs_the_node_reference_beside_both_apps() -> None:
+    """`--reference`: the Node app (bench/reference) takes the same tokens, REST calls and
+    gateway, loses and duplicates nothing, and gets its own columns in the table."""
+    result, tail = _quick_bench("--reference", "--only", "w1,w3f,w6")
+    assert result.returncode == 0, tail
+    header = next(line for line in result.stdout.splitlines() if line.startswith("workload"))
+    assert header.split()[-2:] == ["node", "ours/node"], tail
+    assert "W3f" in result.stdout and "W6" in result.stdout, tail
 
 
 async def _recoverable(
