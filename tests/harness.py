@@ -377,13 +377,20 @@ class RawSocket:
 
     @classmethod
     async def open(
-        cls, base: str, token: str | None = None, *, auth: dict[str, Any] | None = None, timeout: float = WAIT
+        cls,
+        base: str,
+        token: str | None = None,
+        *,
+        auth: dict[str, Any] | None = None,
+        timeout: float = WAIT,
+        compress: int = 0,
     ) -> Self:
-        """Open and send the namespace CONNECT with `auth` (default: just the token, if any)."""
+        """Open and send the namespace CONNECT with `auth` (default: just the token, if any).
+        `compress`: ask for permessage-deflate with that window, as browsers do."""
         session = aiohttp.ClientSession()
         try:
             url = base.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
-            ws = await session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=timeout))
+            ws = await session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=timeout), compress=compress)
             opened = await ws.receive_str(timeout=timeout)
             assert opened.startswith("0{"), opened
         except BaseException:

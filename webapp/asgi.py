@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from . import ConfigError, Settings, create_app, gcpolicy, serving
-from .realtime import mount
+from .realtime import frames, mount
 
 try:
     settings = Settings.from_env()
@@ -17,3 +17,4 @@ except ConfigError as exc:
     raise SystemExit(2) from None
 
 gcpolicy.settle()  # this module is the server's entry point: the process is ours to tune
+frames.install()  # and its WebSocket streams: broadcasts written as ready frames

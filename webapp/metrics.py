@@ -70,6 +70,9 @@ class _RealtimeCollector(Collector):
         yield _counter("webapp_rate_limited_events", "Socket events refused by the rate limit", status["rate_limited"])
         yield _counter("webapp_malformed_packets", "Clients disconnected for malformed packets", status["malformed_packets"])
         yield _gauge("webapp_asyncio_tasks", "Tasks alive in this process's event loop", status["tasks"])
+        websocket = status["websocket"]
+        yield _counter("webapp_ws_frames_written", "WebSocket messages written as ready frames", websocket["frames"])
+        yield _counter("webapp_ws_frame_writes", "Writes that carried them (frames / writes: the batching)", websocket["writes"])
         outbox = status["outbox"]
         yield _gauge("webapp_outbox_depth", "Gateway answers waiting for the bus", outbox.get("waiting", 0))
         yield _counter("webapp_outbox_dropped", "Gateway answers the outbox had to drop", outbox.get("dropped", 0))

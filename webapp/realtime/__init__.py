@@ -22,7 +22,7 @@ from ..auth.tokens import TokenSigner
 from ..config import Settings, hypercorn_worker
 from ..metrics import Metrics
 from ..names import event_name_problem
-from . import gateway, jsoncodec
+from . import frames, gateway, jsoncodec
 from .bus import Bus, MemoryBus, RedisBus
 from .bus.base import cancel
 from .bus.cluster import Topology
@@ -309,6 +309,7 @@ class Realtime:
             "malformed_packets": self.sio.malformed_packets,
             "presence": self.presence.status(),
             "tasks": _live_tasks(),
+            "websocket": frames.WRITTEN.status(),
         }
 
 

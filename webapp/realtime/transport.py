@@ -8,6 +8,7 @@ and state, and replaces only those loops:
 
 - the writer awaits the queue directly; a `None` in the queue (put by `close()` and by the
   reader when the peer leaves) ends it, so it never needs a timeout to notice a dead socket;
+  under hypercorn it writes ready-made frames, everything queued in one write (`frames`);
 - the reader bounds each wait with a timer instead of wrapping it in two tasks;
 - pings are timer callbacks, not sleeping tasks;
 - each socket's packet queue is a `LeanQueue`: an idle `asyncio.Queue` holds three deques and
@@ -27,6 +28,12 @@ import engineio
 from engineio import exceptions
 from engineio import packet as eio_packet
 from engineio.async_socket import AsyncSocket
+
+from . import frames
+
+# The most one write carries when a socket's queue holds many frames: large enough for a burst,
+# small enough that a slow peer's kernel buffer and hypercorn's flow control still pace it.
+WRITE_BATCH_BYTES = 256 * 1024
 
 
 class LeanQueue:
@@ -214,13 +221,34 @@ class LeanSocket(AsyncSocket):
 
     async def _write_until_closed(self, ws: Any) -> None:
         queue = self.queue
+        send_frames = frames.sender_of(ws)
         try:
             while True:
                 pkt = queue.get_nowait() if queue.qsize() else await queue.get()
                 queue.task_done()
                 if pkt is None:
                     break
-                await ws.send(pkt.encode())
+                if send_frames is None:
+                    await ws.send(pkt.encode())
+                    continue
+                # Whatever was queued meanwhile leaves in the same write: one system call and one
+                # pass through hypercorn for a burst, not one per message.
+                batch = [frames.frame_of(pkt)]
+                size = len(batch[0])
+                ended = False
+                while queue.qsize() and size < WRITE_BATCH_BYTES:
+                    pkt = queue.get_nowait()
+                    queue.task_done()
+                    if pkt is None:
+                        ended = True
+                        break
+                    batch.append(frames.frame_of(pkt))
+                    size += len(batch[-1])
+                frames.WRITTEN.frames += len(batch)
+                frames.WRITTEN.writes += 1
+                await send_frames(batch[0] if len(batch) == 1 else b"".join(batch))
+                if ended:
+                    break
         except Exception:  # noqa: BLE001 - the peer is gone; the reader sees it too and ends the socket
             return
         finally:
