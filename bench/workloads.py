@@ -21,7 +21,7 @@ from typing import Any
 from . import procfs
 from .deliveries import Deliveries, percentile
 from .fleet import WAIT, Fleet, closed_loop, fixed_rate
-from .params import DRAIN, KEEP_UP, P99_LIMIT_MS, step_seconds
+from .params import DRAIN, KEEP_UP, LOADGEN_BOUND_PCT, P99_LIMIT_MS, step_seconds
 
 Metrics = dict[str, Any]
 Params = dict[str, Any]
@@ -226,6 +226,9 @@ def _sweep(steps: list[Metrics], sockets: int, rates: list[float]) -> Metrics:
         # Every step passed: the sustained rate is only a lower bound.
         sweep_capped=len(passing) == len(rates),
         loadgen_cpu_pct=max(step["loadgen_cpu_pct"] for step in steps),
+        # Where the sweep stopped (its failing step), and whether the client was saturated there.
+        stop_loadgen_cpu_pct=steps[-1]["loadgen_cpu_pct"] if not steps[-1]["pass"] else None,
+        loadgen_bound=not steps[-1]["pass"] and steps[-1]["loadgen_cpu_pct"] >= LOADGEN_BOUND_PCT,
         steps=steps,
     )
     for key in (*FAULTS, "late"):

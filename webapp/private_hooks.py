@@ -80,6 +80,18 @@ HOOKS: tuple[Hook, ...] = (
          "hypercorn 0.18.0", "FrameStream.send_frames: `send` and `stream_id`"),
     Hook("hypercorn.protocol.ws_stream:ASGIWebsocketState.CONNECTED", None, "hypercorn 0.18.0",
          "FrameStream.send_frames"),
+    # FrameStream.write_now: the stream's `send` is H11Protocol.stream_send, whose protocol's
+    # `send` is TCPServer.protocol_send, which writes to `writer` under `send_lock` and drains.
+    Hook("hypercorn.protocol.h11:H11Protocol.__init__",
+         ("self", "app", "config", "context", "task_group", "connection_state", "ssl", "client", "server", "send"),
+         "hypercorn 0.18.0", "FrameStream.write_now: the protocol's `send`"),
+    Hook("hypercorn.protocol.h11:H11Protocol.stream_send", ("self", "event"), "hypercorn 0.18.0",
+         "FrameStream.write_now: a stream's Data becomes RawData for the connection, unchanged"),
+    Hook("hypercorn.asyncio.tcp_server:TCPServer.__init__",
+         ("self", "app", "loop", "config", "context", "state", "reader", "writer"), "hypercorn 0.18.0",
+         "FrameStream.write_now: `writer` and `send_lock`"),
+    Hook("hypercorn.asyncio.tcp_server:TCPServer.protocol_send", ("self", "event"), "hypercorn 0.18.0",
+         "FrameStream.write_now: RawData is written under send_lock, then drained"),
     Hook("engineio.async_drivers.asgi:WebSocket.__call__", ("self", "environ"), "python-engineio 4.15.1",
          "frames.sender_of: `asgi_send` is set from environ['asgi.send']"),
     Hook("redis.asyncio.connection:AbstractConnection.send_command", ("self", "args", "kwargs"), "redis 8.1.0",

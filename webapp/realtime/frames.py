@@ -9,7 +9,10 @@ it to hypercorn as one write.
 
 How, under hypercorn: `FrameStream` is hypercorn's WebSocket stream with one method more,
 `send_frames`, which passes ready frames to the same connection-level send that its own
-`websocket.send` ends in (same lock, same flow control). `install()` makes hypercorn's HTTP/1.1
+`websocket.send` ends in (same lock, same flow control), and `write_now`, which writes them to
+the connection's transport without a task switch when nothing else is being written there
+(HTTP/1.1 under asyncio: what the connection-level send would do, minus a lock nobody holds and
+a drain with nothing to wait for). `install()` makes hypercorn's HTTP/1.1
 and HTTP/2 protocols create it (the hooks are listed in webapp/private_hooks.py and checked by
 tests/test_private_hooks.py). A socket whose ASGI send is not a `FrameStream`'s (another server,
 the in-process test client) keeps the plain ASGI path.
@@ -21,30 +24,36 @@ compressing each copy of a broadcast per socket costs more CPU than the bytes it
 
 from __future__ import annotations
 
+import asyncio
 import struct
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from engineio import packet as eio_packet
+from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.protocol import h2, h11
 from hypercorn.protocol.events import Data
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from wsproto.connection import ConnectionState
 
-FrameSender = Callable[[bytes], Awaitable[None]]
-
 
 class Written:
     """What this process's writers have sent as ready frames: `frames` in `writes` writes
-    (their ratio is how much batching saves), and whether hypercorn's streams are ours."""
+    (their ratio is how much batching saves), `at_once` of those writes made on the spot (no
+    queue, no writer task), and whether hypercorn's streams are ours."""
 
     def __init__(self) -> None:
         self.installed = False
         self.frames = 0
         self.writes = 0
+        self.at_once = 0
 
     def status(self) -> dict[str, Any]:
-        return {"ready_frames": self.installed, "frames": self.frames, "writes": self.writes}
+        return {
+            "ready_frames": self.installed,
+            "frames": self.frames,
+            "writes": self.writes,
+            "written_at_once": self.at_once,
+        }
 
 
 WRITTEN = Written()
@@ -82,14 +91,51 @@ def frame_of(pkt: eio_packet.Packet) -> bytes:
 class FrameStream(WSStream):
     """hypercorn's WebSocket stream, able to write messages that are already framed."""
 
+    _server: TCPServer | None = None
+    _looked_up = False
+
+    def _open(self) -> bool:
+        return (
+            not self.closed
+            and self.state == ASGIWebsocketState.CONNECTED
+            and self.connection.state is ConnectionState.OPEN  # no close sent or received yet
+        )
+
     async def send_frames(self, data: bytes) -> None:
         """Write whole frames as they are. Dropped once the stream is closing or closed, as
         hypercorn drops an ASGI send then: the reader sees the end and ends the socket."""
-        if self.closed or self.state != ASGIWebsocketState.CONNECTED:
-            return
-        if self.connection.state is not ConnectionState.OPEN:  # a close was sent or received
-            return
-        await self.send(Data(stream_id=self.stream_id, data=data))
+        if self._open():
+            await self.send(Data(stream_id=self.stream_id, data=data))
+
+    def write_now(self, data: bytes) -> bool:
+        """Write whole frames to the transport at once, if that is exactly what `send_frames`
+        would do without waiting: the stream open, nobody inside the connection's send (so
+        nothing written earlier is still on its way), the transport's buffer empty (so flow
+        control has nothing to wait for). False: nothing written, use `send_frames`."""
+        server = self._tcp_server()
+        if server is None or server.send_lock.locked() or not self._open():
+            return False
+        transport = server.writer.transport
+        if transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        try:
+            transport.write(data)
+        except (ConnectionError, RuntimeError):  # e.g. after write_eof: let hypercorn's send see it
+            return False
+        return True
+
+    def _tcp_server(self) -> TCPServer | None:
+        """The asyncio connection this stream's HTTP/1.1 protocol sends through (None under
+        HTTP/2, where frames share the connection with other streams, or another worker)."""
+        if not self._looked_up:
+            self._looked_up = True
+            protocol = getattr(self.send, "__self__", None)
+            server = getattr(getattr(protocol, "send", None), "__self__", None)
+            ok = isinstance(protocol, h11.H11Protocol) and isinstance(server, TCPServer)
+            if ok and not isinstance(getattr(server, "send_lock", None), asyncio.Lock):
+                raise RuntimeError("hypercorn's TCPServer has no send_lock: see webapp/private_hooks.py")
+            self._server = server if ok else None
+        return self._server
 
 
 def install() -> None:
@@ -104,8 +150,8 @@ def install() -> None:
     WRITTEN.installed = True
 
 
-def sender_of(ws: Any) -> FrameSender | None:
-    """`send_frames` of the stream behind an engineio ASGI WebSocket, None when that is not a
-    `FrameStream` (then the socket writes through ASGI, one message at a time)."""
+def stream_of(ws: Any) -> FrameStream | None:
+    """The stream behind an engineio ASGI WebSocket, None when that is not a `FrameStream`
+    (then the socket writes through ASGI, one message at a time)."""
     stream = getattr(getattr(ws, "asgi_send", None), "__self__", None)
-    return stream.send_frames if isinstance(stream, FrameStream) else None
+    return stream if isinstance(stream, FrameStream) else None

@@ -31,6 +31,7 @@ from .outbox import Outbox
 from .presence import Presence
 from .recovery import Recovery, Request, Session
 from .state import SocketState
+from .transport import LeanSocket
 
 log = logging.getLogger(__name__)
 
@@ -676,10 +677,13 @@ class Propagator:
         if sock.queue.qsize() >= self.max_queue:
             self._evict(sock, sid)
             return
-        # Straight onto the socket's queue: never blocks on a slow reader, and skips the
+        # Written at once or queued, never awaited: never blocks on a slow reader, and skips the
         # library's per-packet ping check (its service task checks pings anyway).
-        for frame in frames:
-            sock.queue.put_nowait(frame)
+        if isinstance(sock, LeanSocket):
+            sock.push(frames)
+        else:
+            for frame in frames:
+                sock.queue.put_nowait(frame)
         self.delivered += 1
 
     def _evict(self, sock: Any, sid: str) -> None:
