@@ -308,9 +308,13 @@ async def connections(fleet: Fleet, p: Params) -> Metrics:
     pid = fleet.targets[0].pid
     await asyncio.sleep(0.5)  # let the previous workload's sockets finish closing
     rss_before = procfs.rss_kib(pid)
-    started = time.monotonic()
+    cpu_before, started, client_before = fleet.cpu(), time.monotonic(), time.process_time()
     durations = await fleet.open([(0, fleet.user("w4", i)) for i in range(count)], p["concurrency"])
     elapsed = time.monotonic() - started
+    server_cpu = fleet.cpu()[0] - cpu_before[0]
+    # The client's own handshakes cost about what the server's do: near 100 % of its one core,
+    # it sets the pace, and the connects/s of both apps say more about it than about them.
+    client_pct = (time.process_time() - client_before) / elapsed * 100
     await asyncio.sleep(1.0)  # settle: late allocations of the last handshakes
     rss_after = procfs.rss_kib(pid)
     # One broadcast proves every socket is really live, exactly once.
@@ -326,6 +330,8 @@ async def connections(fleet: Fleet, p: Params) -> Metrics:
         "connects_per_s": count / elapsed,
         "connect_p50_ms": percentile(ordered, 50) * 1000,
         "connect_p99_ms": percentile(ordered, 99) * 1000,
+        "server_cpu_us_per_connect": server_cpu / count * 1e6,
+        "loadgen_cpu_pct": client_pct,
         "kib_per_socket": (rss_after - rss_before) / count,
         "rss_before_mib": rss_before / 1024,
         "rss_after_mib": rss_after / 1024,
