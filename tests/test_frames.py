@@ -78,3 +78,61 @@ async def test_sockets_under_hypercorn_read_every_event_whole_and_in_order(redis
             assert 0 < written["written_at_once"] <= written["writes"]
         finally:
             await asyncio.gather(plain.close(), deflating.close())
+
+
+@pytest.mark.cluster
+async def test_a_burst_to_an_idle_socket_leaves_in_few_writes_and_in_order(redis_client: redis.Redis) -> None:
+    """Events that reach an instance together (one batch call: one read from Redis) are
+    written to each idle socket once the loop turn ends, together, not one write each; large
+    ones that keep the connection's buffer busy reach it in order too, every frame counted."""
+    with running(redis_client, Cluster(unique("burst"), ("A",), MAX_PAYLOAD_BYTES="1000000")) as fleet:
+        base = fleet.a.url
+        sock = await RawSocket.open(base, await token_for(base, "bursty"))
+        try:
+            assert "sid" in await sock.connected()
+            _, before = fleet.a.status()
+            events = [{"scope": "user", "user_id": "bursty", "event": "news", "data": {"i": i}} for i in range(50)]
+            status, answer = await api(base, "/api/emit/batch", {"events": events})
+            assert status == 202, answer
+            assert [(await sock.event())[1] for _ in events] == [{"i": i} for i in range(50)]
+            _, after = fleet.a.status()
+            frames_written = after["websocket"]["frames"] - before["websocket"]["frames"]
+            writes = after["websocket"]["writes"] - before["websocket"]["writes"]
+            assert frames_written == 50 and 0 < writes < 50, (frames_written, writes)
+
+            large = [{"scope": "user", "user_id": "bursty", "event": "news", "data": {"i": i, "pad": "x" * 50_000}}
+                     for i in range(8)]
+            status, answer = await api(base, "/api/emit/batch", {"events": large + events})
+            assert status == 202, answer
+            got = [(await sock.event())[1] for _ in range(len(large) + len(events))]
+            assert got == [item["data"] for item in large + events]
+            _, last = fleet.a.status()
+            assert last["websocket"]["frames"] - after["websocket"]["frames"] == len(large) + len(events)
+        finally:
+            await sock.close()
+
+
+@pytest.mark.cluster
+async def test_a_replay_past_the_write_batch_size_arrives_whole_and_in_order(redis_client: redis.Redis) -> None:
+    """A recovering socket's missed events are delivered in one go; past WRITE_BATCH_BYTES they
+    go through the socket's writer (counted against the slow-consumer bound), still in order."""
+    with running(redis_client, Cluster(unique("replay"), ("A",), MAX_PAYLOAD_BYTES="200000")) as fleet:
+        base = fleet.a.url
+        token = await token_for(base, "replayed")
+        sock = await RawSocket.open(base, token, auth={"token": token, "recover": True})
+        pid = (await sock.connected())["pid"]
+        status, answer = await api(base, "/api/emit/users/replayed", {"event": "news", "data": {"i": -1}})
+        assert status == 202, answer
+        offset = (await sock.event())[-1]
+        await sock.close()
+        missed = [{"i": i, "pad": "x" * 50_000} for i in range(8)]  # 400 KB
+        for data in missed:
+            status, answer = await api(base, "/api/emit/users/replayed", {"event": "news", "data": data})
+            assert status == 202, answer
+        sock = await RawSocket.open(base, token, auth={"token": token, "recover": True, "pid": pid, "offset": offset})
+        try:
+            assert (await sock.connected())["pid"] == pid
+            assert [(await sock.event())[1] for _ in missed] == missed
+            assert (await sock.event())[:2] == ["recovered", {"missed": len(missed)}]
+        finally:
+            await sock.close()

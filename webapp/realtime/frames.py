@@ -107,11 +107,19 @@ class FrameStream(WSStream):
         if self._open():
             await self.send(Data(stream_id=self.stream_id, data=data))
 
+    def writes_now(self) -> bool:
+        """Whether `write_now` can ever succeed here (asyncio HTTP/1.1, not HTTP/2)."""
+        return self._tcp_server() is not None
+
     def write_now(self, data: bytes) -> bool:
-        """Write whole frames to the transport at once, if that is exactly what `send_frames`
-        would do without waiting: the stream open, nobody inside the connection's send (so
-        nothing written earlier is still on its way), the transport's buffer empty (so flow
-        control has nothing to wait for). False: nothing written, use `send_frames`."""
+        """Write whole frames to the transport at once, if that is what `send_frames` would do
+        without waiting: the stream open, nobody inside the connection's send (so no frame
+        written earlier is still on its way), the transport's buffer empty (so flow control has
+        nothing to wait for). False: nothing written, use `send_frames`.
+
+        Data frames keep their order. A pong hypercorn is about to send (woken for the lock,
+        not yet holding it) may follow frames written here: control frames may come between
+        messages (RFC 6455 §5.4)."""
         server = self._tcp_server()
         if server is None or server.send_lock.locked() or not self._open():
             return False
@@ -131,9 +139,13 @@ class FrameStream(WSStream):
             self._looked_up = True
             protocol = getattr(self.send, "__self__", None)
             server = getattr(getattr(protocol, "send", None), "__self__", None)
-            ok = isinstance(protocol, h11.H11Protocol) and isinstance(server, TCPServer)
-            if ok and not isinstance(getattr(server, "send_lock", None), asyncio.Lock):
-                raise RuntimeError("hypercorn's TCPServer has no send_lock: see webapp/private_hooks.py")
+            # Not the layout of webapp/private_hooks.py: no writes at once (tests/test_frames.py
+            # then fails, since it expects some).
+            ok = (
+                isinstance(protocol, h11.H11Protocol)
+                and isinstance(server, TCPServer)
+                and isinstance(getattr(server, "send_lock", None), asyncio.Lock)
+            )
             self._server = server if ok else None
         return self._server
 

@@ -21,6 +21,7 @@ the library's business.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,8 @@ from engineio import packet as eio_packet
 from engineio.async_socket import AsyncSocket
 
 from . import frames
+
+log = logging.getLogger(__name__)
 
 # The most one write carries when a socket's queue holds many frames: large enough for a burst,
 # small enough that a slow peer's kernel buffer and hypercorn's flow control still pace it.
@@ -115,6 +118,25 @@ class LeanQueue:
                 joiner.set_result(None)
         self._joiners = None
 
+    def reserve(self) -> None:
+        """Count an item that is not queued yet as unfinished: a `join()` waits for it too."""
+        self._unfinished += 1
+
+    def unreserve(self) -> None:
+        """End a reservation (gone already if the queue was discarded meanwhile)."""
+        if self._unfinished > 0:
+            self._unfinished -= 1
+            if self._unfinished == 0:
+                self._release_joiners()
+
+    def put_front_nowait(self, item: Any) -> None:
+        """Queue `item` ahead of everything queued: what was due before them, handed on late."""
+        if self._discarding:
+            return
+        self._items.insert(0, item)
+        self._unfinished += 1
+        self._wake_next()
+
     async def join(self) -> None:
         if self._unfinished:
             joiner = asyncio.get_running_loop().create_future()
@@ -130,6 +152,13 @@ class LeanEngine(engineio.AsyncServer):
     here too, so any instance can tell which one holds a socket from its sid alone."""
 
     sid_tag = ""
+    _flusher: Flusher | None = None
+
+    @property
+    def flusher(self) -> Flusher:
+        if self._flusher is None:
+            self._flusher = Flusher()
+        return self._flusher
 
     def create_queue(self, *args: Any, **kwargs: Any) -> LeanQueue:
         return LeanQueue()
@@ -137,6 +166,46 @@ class LeanEngine(engineio.AsyncServer):
     def generate_id(self) -> str:
         random_part: str = super().generate_id()
         return f"{self.sid_tag}.{random_part}" if self.sid_tag else random_part
+
+
+class Flusher:
+    """Sockets with frames to write once this turn of the event loop ends: a burst of
+    deliveries (a read from Redis often holds several messages) leaves each socket in one
+    write, and the writer tasks stay asleep."""
+
+    def __init__(self) -> None:
+        self._sockets: list[LeanSocket] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the flush is scheduled
+
+    def add(self, sock: LeanSocket) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # A loop that ended before its flush ran: its sockets ended with it.
+            self._sockets = []
+            self._loop = loop
+        if not self._sockets:
+            # FIFO: this runs before anything scheduled after it, such as the wake-up of a
+            # writer for a packet queued later, so frames due earlier leave earlier.
+            loop.call_soon(self._flush)
+        self._sockets.append(sock)
+
+    def _flush(self) -> None:
+        sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            try:
+                sock.flush()
+            except Exception:  # one socket's failure must not strand the others' frames
+                log.exception("flushing frames to a socket failed")
+
+
+class _Ready:
+    """Frames already built, in a socket's queue as one item (see `LeanSocket.flush`)."""
+
+    __slots__ = ("count", "ws_frame")
+
+    def __init__(self, built: list[bytes]) -> None:
+        self.ws_frame = built[0] if len(built) == 1 else b"".join(built)
+        self.count = len(built)
 
 
 class LeanSocket(AsyncSocket):
@@ -150,6 +219,8 @@ class LeanSocket(AsyncSocket):
     _writer: asyncio.Task[None] | None = None  # set while the lean WebSocket path runs
     # While the writer waits for nothing but the queue: its stream, which may take frames at once.
     _idle_stream: frames.FrameStream | None = None
+    _pending: list[bytes] | None = None  # frames for that stream at the end of this loop turn
+    _pending_size = 0
 
     @classmethod
     def adopt(cls, sock: AsyncSocket) -> None:
@@ -162,20 +233,52 @@ class LeanSocket(AsyncSocket):
             self.push((pkt,))
 
     def push(self, pkts: Sequence[eio_packet.Packet]) -> None:
-        """Send packets, in order after everything sent before: written on the spot when the
-        writer is idle and the connection takes them without waiting, else queued for the
-        writer. On the spot saves a wake-up of the writer task per socket, most of what a
-        broadcast costs per recipient once its frame is built."""
+        """Send packets, in order after everything sent before. While the writer is idle their
+        frames are written once this loop turn ends (`flush`), with whatever else this socket
+        is sent meanwhile, without waking the writer task: most of what a delivery cost per
+        socket once its frame was built. Else they are queued for the writer."""
+        if self._idle_stream is None or self.queue.qsize():
+            for pkt in pkts:
+                self.queue.put_nowait(pkt)
+            return
+        built = [frames.frame_of(pkt) for pkt in pkts]
+        size = sum(map(len, built))
+        if self._pending is None:
+            self.server.flusher.add(self)
+            self.queue.reserve()  # a close(wait=True) meanwhile waits for these frames too
+            self._pending, self._pending_size = built, size
+            return
+        self._pending += built
+        self._pending_size += size
+        if self._pending_size >= WRITE_BATCH_BYTES:
+            # A long burst (a catch-up, a busy inbox) goes to the writer now, where the queue
+            # counts it towards the slow-consumer bound; what follows is queued behind it.
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        built, self._pending = self._pending, None
+        if built is None:
+            return
+        if built:
+            self.queue.put_front_nowait(_Ready(built))  # ahead of anything queued meanwhile
+        self.queue.unreserve()  # the queue counts the item itself now
+
+    def flush(self) -> None:
+        """Write the frames `push` kept, straight to the connection if it takes them without
+        waiting; else hand them to the writer, ahead of what was queued after them."""
+        built = self._pending
         stream = self._idle_stream
-        if stream is not None and not self.queue.qsize():
-            data = b"".join([frames.frame_of(pkt) for pkt in pkts])
-            if stream.write_now(data):
-                frames.WRITTEN.frames += len(pkts)
-                frames.WRITTEN.writes += 1
-                frames.WRITTEN.at_once += 1
-                return
-        for pkt in pkts:
-            self.queue.put_nowait(pkt)
+        if not built or stream is None or self.queue.qsize():
+            self._hand_over()
+            return
+        if stream.write_now(built[0] if len(built) == 1 else b"".join(built)):
+            self._pending = None
+            self.queue.unreserve()
+            frames.WRITTEN.frames += len(built)
+            frames.WRITTEN.writes += 1
+            frames.WRITTEN.at_once += 1
+            return
+        self._hand_over()
 
     async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
         closing = not (self.closed or self.closing)
@@ -241,13 +344,14 @@ class LeanSocket(AsyncSocket):
     async def _write_until_closed(self, ws: Any) -> None:
         queue = self.queue
         stream = frames.stream_of(ws)
+        direct = stream if stream is not None and stream.writes_now() else None
         try:
             while True:
                 if queue.qsize():
                     pkt = queue.get_nowait()
                 else:
                     # Idle: `push` may write at once meanwhile, not once anything is queued.
-                    self._idle_stream = stream
+                    self._idle_stream = direct
                     try:
                         pkt = await queue.get()
                     finally:
@@ -262,6 +366,7 @@ class LeanSocket(AsyncSocket):
                 # pass through hypercorn for a burst, not one per message.
                 batch = [frames.frame_of(pkt)]
                 size = len(batch[0])
+                count = getattr(pkt, "count", 1)  # a _Ready holds several
                 ended = False
                 while queue.qsize() and size < WRITE_BATCH_BYTES:
                     pkt = queue.get_nowait()
@@ -271,7 +376,8 @@ class LeanSocket(AsyncSocket):
                         break
                     batch.append(frames.frame_of(pkt))
                     size += len(batch[-1])
-                frames.WRITTEN.frames += len(batch)
+                    count += getattr(pkt, "count", 1)
+                frames.WRITTEN.frames += count
                 frames.WRITTEN.writes += 1
                 await stream.send_frames(batch[0] if len(batch) == 1 else b"".join(batch))
                 if ended:
