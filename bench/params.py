@@ -1,4 +1,4 @@
-"""Workload sizes: the full suite (about 2.5 minutes per repetition on 2 cores) and the CI smoke run."""
+"""Workload sizes: the full suite (about 8 minutes per repetition on 2 cores) and the CI smoke run."""
 
 from __future__ import annotations
 
