@@ -71,10 +71,10 @@ HOOKS: tuple[Hook, ...] = (
     Hook("hypercorn.protocol.h11:WSStream", None, "hypercorn 0.18.0", "frames.install: ready frames over HTTP/1.1"),
     Hook("hypercorn.protocol.h2:WSStream", None, "hypercorn 0.18.0", "frames.install: ready frames over HTTP/2"),
     # FrameStream.send_frames reads the stream's state and hands bytes to its connection's send,
-    # as app_send does for a websocket.send; frames.sender_of finds the stream behind the ASGI
+    # as app_send does for a websocket.send; frames.stream_of finds the stream behind the ASGI
     # send (the bound app_send, kept by engineio's ASGI WebSocket as `asgi_send`).
     Hook("hypercorn.protocol.ws_stream:WSStream.app_send", ("self", "message"), "hypercorn 0.18.0",
-         "frames.sender_of / FrameStream.send_frames"),
+         "frames.stream_of / FrameStream.send_frames"),
     Hook("hypercorn.protocol.ws_stream:WSStream.__init__",
          ("self", "app", "config", "context", "task_group", "ssl", "client", "server", "send", "stream_id"),
          "hypercorn 0.18.0", "FrameStream.send_frames: `send` and `stream_id`"),
@@ -93,7 +93,7 @@ HOOKS: tuple[Hook, ...] = (
     Hook("hypercorn.asyncio.tcp_server:TCPServer.protocol_send", ("self", "event"), "hypercorn 0.18.0",
          "FrameStream.write_now: RawData is written under send_lock, then drained"),
     Hook("engineio.async_drivers.asgi:WebSocket.__call__", ("self", "environ"), "python-engineio 4.15.1",
-         "frames.sender_of: `asgi_send` is set from environ['asgi.send']"),
+         "frames.stream_of: `asgi_send` is set from environ['asgi.send']"),
     Hook("redis.asyncio.connection:AbstractConnection.send_command", ("self", "args", "kwargs"), "redis 8.1.0",
          "bus.redis_bus: commands on the subscriber connection (check_health=False)"),
     Hook("redis.asyncio.connection:AbstractConnection.read_response",
