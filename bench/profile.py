@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--recover", action="store_true", help="W1/W2: every socket opts in to connection state recovery"
     )
+    parser.add_argument("--rate", type=int, default=W2_RATE, help="W2: broadcasts per second (one sweep step)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": SET_UP + 2 * args.seconds + 2,
             "half_seconds": 0,
             "one_seconds": 0,
-            **({"rates": [W2_RATE], "min_emits": 0} if "rates" in workload.params else {}),
+            **({"rates": [args.rate], "min_emits": 0} if "rates" in workload.params else {}),
             **({"recover": True} if args.recover else {}),
             # W4 is a burst of handshakes: enough sockets for it to last the sampling windows.
             # (Within the descriptors a process may open: the server holds one per socket.)

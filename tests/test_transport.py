@@ -101,3 +101,40 @@ async def test_sockets_of_our_engine_are_adopted_and_others_are_left_alone() -> 
     stock = AsyncSocket(engineio.AsyncServer(async_mode="asgi"), "b")
     LeanSocket.adopt(stock)  # its asyncio.Queue lacks discard(): the lean loops must not run on it
     assert type(stock) is AsyncSocket
+
+
+class _IdleConnection:
+    """What `LeanSocket.flush` writes to while the writer task sleeps: it takes every write."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write_now(self, data: bytes) -> bool:
+        self.written.append(data)
+        return True
+
+
+async def test_a_close_that_waits_waits_for_frames_held_until_the_loop_turn_ends() -> None:
+    """An event sent in the same loop turn as a waiting close (the SIGTERM drain closes every
+    socket so) is held on the socket until the turn ends; the close returns only once it has
+    been written."""
+    from engineio import packet as eio_packet
+    from engineio.async_socket import AsyncSocket
+
+    from webapp.realtime import frames
+    from webapp.realtime.transport import LeanEngine, LeanSocket
+
+    sock = AsyncSocket(LeanEngine(async_mode="asgi"), "a")
+    LeanSocket.adopt(sock)
+    assert isinstance(sock, LeanSocket)
+    connection = _IdleConnection()
+    sock.connected = sock.upgraded = True  # a WebSocket whose writer is idle
+    sock._idle_stream = connection  # type: ignore[assignment]
+    event = eio_packet.Packet(eio_packet.MESSAGE, '2["news",{"i":1}]')
+    sock.push((event,))
+    assert connection.written == []  # held until this turn ends
+
+    async with asyncio.timeout(2):  # not wait_for: its task would start after the flush
+        await sock.close(wait=True, abort=True, reason="server shutting down")
+    assert connection.written == [frames.frame_of(event)]
+    assert sock.closed
