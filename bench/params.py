@@ -100,7 +100,8 @@ FULL = _suite(
     w3={"users": 160, "seconds": 6, "warmup": 1, "half_seconds": 20},
     # The issue's yardstick: one user's socket on A, its 10 sockets on B, 32 emits in flight.
     w3f={"receivers": 10, "window": 32, "seconds": 6, "warmup": 1, "half_seconds": 20, "one_seconds": 5},
-    w4={"sockets": 1000, "concurrency": 50},
+    # idle_seconds: the servers' ping interval (both apps keep the library's 25 s).
+    w4={"sockets": 1000, "concurrency": 50, "idle_seconds": 25},
     w5={"users": 50, "rate": 200, "seconds": 5, "warmup": 1},
     w6={"rooms": 1000, "members": 10, "window": 32, "seconds": 6, "warmup": 1},
     sizes=(2, 4, 8),
@@ -111,7 +112,7 @@ QUICK = _suite(
     w2={"sockets": 20, "rates": [5, 10], "seconds": 0.5, "warmup": 0.1},
     w3={"users": 4, "seconds": 1, "warmup": 0.2, "half_seconds": 0.5},
     w3f={"receivers": 3, "window": 4, "seconds": 1, "warmup": 0.2, "half_seconds": 0.5, "one_seconds": 0.5},
-    w4={"sockets": 30, "concurrency": 10},
+    w4={"sockets": 30, "concurrency": 10, "idle_seconds": 0.5},
     w5={"users": 5, "rate": 20, "seconds": 1, "warmup": 0.2},
     w6={"rooms": 4, "members": 3, "window": 4, "seconds": 1, "warmup": 0.2},
     sizes=(2, 4, 8),

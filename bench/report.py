@@ -81,6 +81,7 @@ SHOWN: dict[str, list[Metric]] = {
         Metric("server_cpu_us_per_connect", "server CPU µs/connect", "lower", 0),
         _client_cpu("loadgen_cpu_pct", "while connecting", "the pace"),
         Metric("kib_per_socket", "RSS KiB/socket", "lower", 1),
+        Metric("idle_cpu_us_per_socket_s", "server CPU µs/s per idle socket", "lower", 2),
     ],
     "w5": [
         Metric("deliveries_per_s", "deliveries/s", "higher", 0),

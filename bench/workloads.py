@@ -303,7 +303,8 @@ async def gateway_fanout(fleet: Fleet, p: Params) -> Metrics:
 
 
 async def connections(fleet: Fleet, p: Params) -> Metrics:
-    """W4: open N sockets of N users on instance A; connect rate and resident memory per socket."""
+    """W4: open N sockets of N users on instance A; connect rate, resident memory per socket, and
+    the server CPU the sockets cost while idle (over `idle_seconds`: a ping interval pings each once)."""
     count = p["sockets"]
     pid = fleet.targets[0].pid
     await asyncio.sleep(0.5)  # let the previous workload's sockets finish closing
@@ -317,6 +318,10 @@ async def connections(fleet: Fleet, p: Params) -> Metrics:
     client_pct = (time.process_time() - client_before) / elapsed * 100
     await asyncio.sleep(1.0)  # settle: late allocations of the last handshakes
     rss_after = procfs.rss_kib(pid)
+    idle_seconds = float(p.get("idle_seconds", 0))
+    idle_cpu = fleet.cpu()[0]
+    await asyncio.sleep(idle_seconds)  # the measurement itself: nothing is sent meanwhile
+    idle_cpu = fleet.cpu()[0] - idle_cpu
     # One broadcast proves every socket is really live, exactly once.
     deliveries = Deliveries()
     fleet.sink = deliveries.on_event
@@ -333,6 +338,8 @@ async def connections(fleet: Fleet, p: Params) -> Metrics:
         "server_cpu_us_per_connect": server_cpu / count * 1e6,
         "loadgen_cpu_pct": client_pct,
         "kib_per_socket": (rss_after - rss_before) / count,
+        # µs of server CPU per idle socket per second: heartbeats and the library's housekeeping.
+        "idle_cpu_us_per_socket_s": idle_cpu / idle_seconds / count * 1e6 if idle_seconds else None,
         "rss_before_mib": rss_before / 1024,
         "rss_after_mib": rss_after / 1024,
         "lost": check["lost"],

@@ -64,7 +64,7 @@ HOOKS: tuple[Hook, ...] = (
     Hook("engineio.async_socket:AsyncSocket._websocket_handler", ("self", "ws"), "python-engineio 4.15.1",
          "transport.LeanSocket: the WebSocket loops"),
     Hook("engineio.async_socket:AsyncSocket.schedule_ping", ("self",), "python-engineio 4.15.1",
-         "transport.LeanSocket: pings as timers"),
+         "transport.LeanSocket: pings on shared timers (Pinger)"),
     Hook("engineio.async_socket:AsyncSocket.check_ping_timeout", ("self",), "python-engineio 4.15.1",
          "transport.LeanSocket.send"),
     # frames.install swaps the stream class these protocols instantiate by their module global.

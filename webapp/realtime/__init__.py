@@ -207,6 +207,7 @@ class Realtime:
             await cancel(watcher)
             if self._drain_task is not None:
                 await self._drain_task
+            await self.sio.eio.shutdown()
             await self.propagator.close()
 
     async def _drain_when_listening_stops(self) -> None:

@@ -46,6 +46,7 @@ class GuardedServer(socketio.AsyncServer):
         return LeanEngine
 
     async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> None:
+        self.eio.watch()  # the sweep that replaces the library's client monitor
         sock = self.eio.sockets.get(eio_sid)
         if sock is not None:
             LeanSocket.adopt(sock)  # before the library schedules its pings and WebSocket loops
