@@ -76,6 +76,8 @@ async def test_sockets_under_hypercorn_read_every_event_whole_and_in_order(redis
             # Idle sockets took frames on the spot (no writer task in between), and the large
             # events, queued behind a busy transport, still arrived in order above.
             assert 0 < written["written_at_once"] <= written["writes"]
+            # Both sockets' apps receive from the lean queue, not hypercorn's asyncio.Queue.
+            assert written["lean_receive_queues"] >= 2
         finally:
             await asyncio.gather(plain.close(), deflating.close())
 

@@ -138,3 +138,40 @@ async def test_a_close_that_waits_waits_for_frames_held_until_the_loop_turn_ends
         await sock.close(wait=True, abort=True, reason="server shutting down")
     assert connection.written == [frames.frame_of(event)]
     assert sock.closed
+
+
+async def test_the_app_queue_is_a_bounded_fifo_whose_put_waits_while_full() -> None:
+    from webapp.realtime.app_queue import AppQueue
+
+    queue = AppQueue(2)
+    await queue.put("a")
+    await queue.put("b")
+    third = asyncio.create_task(queue.put("c"))
+    await asyncio.sleep(0)
+    assert not third.done() and queue.qsize() == 2  # full: the producer waits (hypercorn stops reading)
+    assert await queue.get() == "a"
+    await asyncio.wait_for(third, 1)
+    assert [await queue.get(), await queue.get()] == ["b", "c"]
+
+    getter = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    assert not getter.done()
+    await queue.put("d")
+    assert await asyncio.wait_for(getter, 1) == "d"
+
+
+async def test_an_app_queue_waiter_that_is_cancelled_loses_nothing() -> None:
+    from webapp.realtime.app_queue import AppQueue
+
+    queue = AppQueue(0)  # unbounded, as hypercorn's max_app_queue_size <= 0 means
+    first = asyncio.create_task(queue.get())
+    second = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    await queue.put("x")  # wakes `first`...
+    first.cancel()  # ...which leaves before taking it: `second` gets it
+    assert await asyncio.wait_for(second, 1) == "x"
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    for n in range(100):
+        await queue.put(n)
+    assert queue.qsize() == 100

@@ -80,6 +80,13 @@ HOOKS: tuple[Hook, ...] = (
          "hypercorn 0.18.0", "FrameStream.send_frames: `send` and `stream_id`"),
     Hook("hypercorn.protocol.ws_stream:ASGIWebsocketState.CONNECTED", None, "hypercorn 0.18.0",
          "FrameStream.send_frames"),
+    # app_queue.LeanSpawner stands in for the stream's `task_group` (set by WSStream.__init__): the
+    # stream calls its spawn_app (its return value is the app's event feed) and spawn.
+    Hook("hypercorn.asyncio.task_group:TaskGroup.spawn_app", ("self", "app", "config", "scope", "send"),
+         "hypercorn 0.18.0", "app_queue.LeanSpawner: each WebSocket app's receive queue"),
+    Hook("hypercorn.asyncio.task_group:TaskGroup.spawn", ("self", "func", "args"), "hypercorn 0.18.0",
+         "app_queue.LeanSpawner"),
+    Hook("hypercorn.config:Config.max_app_queue_size", None, "hypercorn 0.18.0", "app_queue.AppQueue's bound"),
     # FrameStream.write_now: the stream's `send` is H11Protocol.stream_send, whose protocol's
     # `send` is TCPServer.protocol_send, which writes to `writer` under `send_lock` and drains.
     Hook("hypercorn.protocol.h11:H11Protocol.__init__",

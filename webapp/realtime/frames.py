@@ -35,6 +35,8 @@ from hypercorn.protocol.events import Data
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from wsproto.connection import ConnectionState
 
+from . import app_queue
+
 
 class Written:
     """What this process's writers have sent as ready frames: `frames` in `writes` writes
@@ -53,6 +55,7 @@ class Written:
             "frames": self.frames,
             "writes": self.writes,
             "written_at_once": self.at_once,
+            "lean_receive_queues": app_queue.STARTED.apps,
         }
 
 
@@ -89,10 +92,15 @@ def frame_of(pkt: eio_packet.Packet) -> bytes:
 
 
 class FrameStream(WSStream):
-    """hypercorn's WebSocket stream, able to write messages that are already framed."""
+    """hypercorn's WebSocket stream, able to write messages that are already framed, whose app
+    receives from a lean queue (`app_queue.AppQueue`)."""
 
-    _server: TCPServer | None = None
-    _looked_up = False
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.task_group = app_queue.lean_group(self.task_group)
+        # Set here, with hypercorn's own attributes: one instance dict, never grown later.
+        self._server: TCPServer | None = None
+        self._looked_up = False
 
     def _open(self) -> bool:
         return (

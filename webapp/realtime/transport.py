@@ -9,7 +9,8 @@ and state, and replaces only those loops:
 - the writer awaits the queue directly; a `None` in the queue (put by `close()` and by the
   reader when the peer leaves) ends it, so it never needs a timeout to notice a dead socket;
   under hypercorn it writes ready-made frames, everything queued in one write (`frames`);
-- the reader bounds each wait with a timer instead of wrapping it in two tasks;
+- the reader awaits each frame directly, not wrapped in two tasks, and with no timer: a peer
+  that goes silent leaves a ping unanswered, and `LeanEngine.sweep` closes its socket;
 - pings are timer callbacks, not sleeping tasks, and the pings due within the same second
   share one timer (`Pinger`); the check for unanswered pings looks at every socket in one pass
   every few seconds (`LeanEngine.sweep`), not in the library's monitor task that wakes once
@@ -321,6 +322,10 @@ class LeanSocket(AsyncSocket):
         """Turn a socket a `LeanEngine` just created into a lean one (same state, new loops)."""
         if type(sock) is AsyncSocket and isinstance(sock.queue, LeanQueue):
             sock.__class__ = cls
+            # Every attribute the socket will ever have, now, before the library adds its own
+            # later ones: its __dict__ grows once here instead of again mid-life.
+            sock._writer = sock._idle_stream = sock._pending = None
+            sock._pending_size = 0
 
     async def send(self, pkt: eio_packet.Packet) -> None:
         if await self.check_ping_timeout():
@@ -418,14 +423,14 @@ class LeanSocket(AsyncSocket):
             await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
 
     async def _read_until_closed(self, ws: Any) -> None:
-        idle_limit = self.server.ping_interval + self.server.ping_timeout
         max_size = self.server.max_http_buffer_size
         while True:
+            # No timer per wait: a peer that goes silent leaves its ping unanswered, and the
+            # engine's sweep closes the socket, which ends this wait.
             try:
-                async with asyncio.timeout(idle_limit):
-                    data = await ws.wait()
-            except (OSError, TimeoutError):
-                return  # the peer left, or went silent past the ping timeout
+                data = await ws.wait()
+            except OSError:
+                return  # the peer left, or the socket was closed
             if len(data) > max_size:
                 return  # the library's rule: an oversized frame ends the connection
             try:
