@@ -28,16 +28,34 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def _has_schedstat() -> bool:
+    try:
+        int(Path("/proc/self/schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+# Decided once: both readings of a measurement come from the same source.
+_SCHEDSTAT = _has_schedstat()
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time the process has used, in seconds: to the nanosecond from the scheduler's
-    statistics of each of its threads, else user plus system time in clock ticks (10 ms, too
-    coarse for a server that is nearly idle)."""
-    try:
-        return sum(
-            int(Path(task, "schedstat").read_text().split()[0]) for task in Path(f"/proc/{pid}/task").iterdir()
-        ) / 1e9
-    except (OSError, ValueError, IndexError):
-        pass
+    statistics of each of its threads where the kernel keeps them, else user plus system time
+    in clock ticks (10 ms, too coarse for a server that is nearly idle). 0 once it is gone."""
+    if _SCHEDSTAT:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            return 0.0
+        total = 0
+        for task in tasks:
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass  # a thread that ended just now
+        return total / 1e9
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

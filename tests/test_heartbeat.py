@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from itertools import pairwise
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -52,8 +53,9 @@ async def test_a_websocket_that_answers_pings_is_pinged_every_interval_and_stays
             if text == "2":
                 pinged_at.append(time.monotonic())
                 await sock.ws.send_str("3")
+        # (No lower bound: one ping read late makes the next gap look short.)
         gaps = [b - a for a, b in pairwise(pinged_at)]
-        assert all(PING_INTERVAL * 0.9 <= gap <= PING_INTERVAL + SLACK for gap in gaps), gaps
+        assert all(gap <= PING_INTERVAL + SLACK for gap in gaps), gaps
         assert server.status()[1]["sockets"] == 1
         await sock.ws.send_str('42["whoami"]')  # still served after several pings
     finally:
@@ -66,31 +68,66 @@ async def test_a_websocket_that_stops_answering_pings_is_closed_and_forgotten(se
     try:
         assert "sid" in await sock.connected()
         assert server.status()[1]["users"] == 1
-        started = time.monotonic()
-        received = []
-        while True:  # reads, never answers
-            message = await sock.ws.receive(timeout=PING_INTERVAL + PING_TIMEOUT + 2 * SLACK)
-            if message.type != aiohttp.WSMsgType.TEXT:
-                break
-            received.append(message.data)
-        took = time.monotonic() - started
-        # A ping, then the end of the connection. (No Engine.IO CLOSE: python-engineio's send
-        # checks the ping deadline first, and a socket past it sends nothing more.)
-        assert received == ["2"], received
-        assert PING_INTERVAL + PING_TIMEOUT * 0.9 <= took <= PING_INTERVAL + PING_TIMEOUT + 2 * SLACK, took
+        assert await sock.ws.receive_str(timeout=PING_INTERVAL + SLACK) == "2"  # never answered
+        pinged = time.monotonic()
+        # Then the end of the connection. (No Engine.IO CLOSE: python-engineio's send checks
+        # the ping deadline first, and a socket past it sends nothing more.)
+        message = await sock.ws.receive(timeout=PING_TIMEOUT + 2 * SLACK)
+        assert message.type != aiohttp.WSMsgType.TEXT, message
+        assert time.monotonic() - pinged >= PING_TIMEOUT * 0.9
         await wait_until(lambda: server.status()[1]["users"] == 0, "the silent user to be gone")
         assert server.status()[1]["sockets"] == 0
     finally:
         await sock.close()
 
 
+async def test_a_websocket_that_answers_neither_pings_nor_the_close_is_cut_off(server: Instance) -> None:
+    """A peer that keeps the TCP connection up but ignores everything (a hung client, a proxy
+    that holds the upstream open): once its socket is closed, it has a ping timeout to answer
+    the close, then the server drops the connection and ends its tasks."""
+    token = await token_for(server.url, "deaf")
+    url = server.url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(url, autoclose=False, autoping=False)
+        client_port = ws.get_extra_info("sockname")[1]
+        assert (await ws.receive_str(timeout=SLACK)).startswith("0{")
+        await ws.send_str(f'40{{"token": "{token}"}}')
+        assert (await ws.receive_str(timeout=SLACK)).startswith("40{")
+        assert await ws.receive_str(timeout=PING_INTERVAL + SLACK) == "2"
+        pinged = time.monotonic()
+        # The server's close frame; after it this client reads nothing more, so never answers
+        # it (aiohttp would on the next read).
+        closing = await ws.receive(timeout=PING_TIMEOUT + 2 * SLACK)
+        assert closing.type == aiohttp.WSMsgType.CLOSE, closing
+        assert _open_from(server.port, client_port)
+        # hypercorn drops it once the app's task for it has returned: nothing of it is left.
+        await wait_until(
+            lambda: not _open_from(server.port, client_port),
+            "the server to drop the connection",
+            timeout=PING_TIMEOUT + 2 * SLACK,
+        )
+        assert time.monotonic() - pinged >= 2 * PING_TIMEOUT * 0.9  # the close waited its turn
+    assert server.status()[1]["sockets"] == 0
+
+
+def _open_from(port: int, client_port: int) -> bool:
+    """Whether the server still holds its end of the connection from `client_port` (ESTABLISHED
+    or CLOSE_WAIT, as /proc/net/tcp shows it)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(address.rsplit(":", 1)[1], 16) for address in fields[1:3])
+        if (local, remote) == (port, client_port) and fields[3] in ("01", "08"):
+            return True
+    return False
+
+
 async def test_a_polling_session_that_stops_polling_is_closed_and_forgotten(
     server: Instance, http: aiohttp.ClientSession
 ) -> None:
     session = Polling(http, server.url)
+    started = time.monotonic()  # the session's first ping is due an interval after it opens
     await session.open()
     assert server.status()[1]["sockets"] == 1
-    started = time.monotonic()
     await wait_until(
         lambda: server.status()[1]["sockets"] == 0,
         "the abandoned session to be closed",

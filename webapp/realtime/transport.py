@@ -10,7 +10,8 @@ and state, and replaces only those loops:
   reader when the peer leaves) ends it, so it never needs a timeout to notice a dead socket;
   under hypercorn it writes ready-made frames, everything queued in one write (`frames`);
 - the reader awaits each frame directly, not wrapped in two tasks, and with no timer: a peer
-  that goes silent leaves a ping unanswered, and `LeanEngine.sweep` closes its socket;
+  that goes silent leaves a ping unanswered, and `LeanEngine.sweep` closes its socket (a peer
+  that does not answer the close within a ping timeout either is cut off: one timer per close);
 - pings are timer callbacks, not sleeping tasks, and the pings due within the same second
   share one timer (`Pinger`); the check for unanswered pings looks at every socket in one pass
   every few seconds (`LeanEngine.sweep`), not in the library's monitor task that wakes once
@@ -26,6 +27,7 @@ the library's business.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -163,6 +165,7 @@ class LeanEngine(engineio.AsyncServer):
     _flusher: Flusher | None = None
     _pinger: Pinger | None = None
     _watcher: asyncio.Task[None] | None = None
+    _stopped = False  # shut down: no sweep starts again
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The library's client monitor wakes once per socket per ping timeout (50 times a second
@@ -191,11 +194,17 @@ class LeanEngine(engineio.AsyncServer):
 
     def watch(self) -> None:
         """Start the sweep of this engine's sockets in the running loop (once; a no-op after)."""
+        if self._stopped:
+            return
         loop = asyncio.get_running_loop()
         if self._watcher is None or self._watcher.done() or self._watcher.get_loop() is not loop:
-            self._watcher = loop.create_task(self._sweep_forever(), name="engineio-watch")
+            # A context of its own: not that of the connection that happened to start it.
+            self._watcher = loop.create_task(
+                self._sweep_forever(), name="engineio-watch", context=contextvars.Context()
+            )
 
     async def shutdown(self) -> None:
+        self._stopped = True
         watcher, self._watcher = self._watcher, None
         if watcher is not None and not watcher.done():
             watcher.cancel()
@@ -211,10 +220,7 @@ class LeanEngine(engineio.AsyncServer):
         period = self.ping_timeout / 4
         while True:
             await asyncio.sleep(period)
-            try:
-                await self.sweep()
-            except Exception:  # the sweep must outlive one bad socket
-                log.exception("sweeping Engine.IO sockets failed")
+            await self.sweep()
 
     async def sweep(self) -> None:
         """Forget closed sockets, and close those whose last ping went unanswered past the
@@ -226,7 +232,10 @@ class LeanEngine(engineio.AsyncServer):
                 if self.sockets.get(sid) is sock:
                     del self.sockets[sid]
             elif not sock.closing and sock.last_ping and sock.last_ping < deadline:
-                await sock.check_ping_timeout()  # closes it, telling socketio why
+                try:
+                    await sock.check_ping_timeout()  # closes it, telling socketio why
+                except Exception:  # one socket's failure must not spare the rest of the pass
+                    log.exception("closing socket %s after its ping timeout failed", sid)
             if n % SWEEP_CHUNK == 0:
                 await asyncio.sleep(0)  # tens of thousands of sockets: others run in between
 
@@ -312,6 +321,8 @@ class LeanSocket(AsyncSocket):
     upgraded: bool
 
     _writer: asyncio.Task[None] | None = None  # set while the lean WebSocket path runs
+    _reader: asyncio.Task[Any] | None = None  # the task reading that WebSocket
+    _cut_off = False  # the peer never answered the close: its reader was stopped
     # While the writer waits for nothing but the queue: its stream, which may take frames at once.
     _idle_stream: frames.FrameStream | None = None
     _pending: list[bytes] | None = None  # frames for that stream at the end of this loop turn
@@ -324,8 +335,9 @@ class LeanSocket(AsyncSocket):
             sock.__class__ = cls
             # Every attribute the socket will ever have, now, before the library adds its own
             # later ones: its __dict__ grows once here instead of again mid-life.
-            sock._writer = sock._idle_stream = sock._pending = None
+            sock._writer = sock._reader = sock._idle_stream = sock._pending = None
             sock._pending_size = 0
+            sock._cut_off = False
 
     async def send(self, pkt: eio_packet.Packet) -> None:
         if await self.check_ping_timeout():
@@ -398,6 +410,16 @@ class LeanSocket(AsyncSocket):
             # once it has written what was queued before, or a pending long-poll GET, which the
             # library would otherwise hold for up to 45 s.
             self.queue.put_nowait(None)
+            reader = self._reader
+            if reader is not None and not reader.done():
+                # The peer has a ping timeout to answer the close; one that never does (it
+                # still acknowledges TCP, so the kernel keeps the connection) is cut then.
+                asyncio.get_running_loop().call_later(self.server.ping_timeout, self._cut, reader)
+
+    def _cut(self, reader: asyncio.Task[Any]) -> None:
+        if not reader.done():
+            self._cut_off = True
+            reader.cancel()
 
     def schedule_ping(self) -> None:
         if self.last_ping:  # the previous ping was answered (or this is the first)
@@ -414,6 +436,7 @@ class LeanSocket(AsyncSocket):
             await super()._websocket_handler(ws)  # an upgrade from long-polling
             return
         self.connected = self.upgraded = True
+        self._reader = asyncio.current_task()
         self._writer = writer = asyncio.create_task(self._write_until_closed(ws))
         try:
             await self._read_until_closed(ws)
@@ -426,11 +449,21 @@ class LeanSocket(AsyncSocket):
         max_size = self.server.max_http_buffer_size
         while True:
             # No timer per wait: a peer that goes silent leaves its ping unanswered, and the
-            # engine's sweep closes the socket, which ends this wait.
+            # engine's sweep closes the socket, which ends this wait (or `_cut` does, if the
+            # peer does not answer the close either).
             try:
                 data = await ws.wait()
             except OSError:
                 return  # the peer left, or the socket was closed
+            except asyncio.CancelledError:
+                if not self._cut_off:
+                    raise
+                # Cut off by `close` (no answer to it): end as if the peer had left, so the app
+                # returns and hypercorn drops the connection.
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                return
             if len(data) > max_size:
                 return  # the library's rule: an oversized frame ends the connection
             try:
