@@ -85,6 +85,7 @@ async def test_a_websocket_that_answers_neither_pings_nor_the_close_is_cut_off(s
     """A peer that keeps the TCP connection up but ignores everything (a hung client, a proxy
     that holds the upstream open): once its socket is closed, it has a ping timeout to answer
     the close, then the server drops the connection and ends its tasks."""
+    cut_before = server.status()[1]["websocket"]["cut_off"]
     token = await token_for(server.url, "deaf")
     url = server.url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
     async with aiohttp.ClientSession() as session:
@@ -107,6 +108,7 @@ async def test_a_websocket_that_answers_neither_pings_nor_the_close_is_cut_off(s
             timeout=PING_TIMEOUT + 2 * SLACK,
         )
         assert time.monotonic() - pinged >= 2 * PING_TIMEOUT * 0.9  # the close waited its turn
+    assert server.status()[1]["websocket"]["cut_off"] == cut_before + 1  # and the operator sees it
     assert server.status()[1]["sockets"] == 0
 
 

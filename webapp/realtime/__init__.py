@@ -310,7 +310,7 @@ class Realtime:
             "malformed_packets": self.sio.malformed_packets,
             "presence": self.presence.status(),
             "tasks": _live_tasks(),
-            "websocket": frames.WRITTEN.status(),
+            "websocket": {**frames.WRITTEN.status(), "cut_off": self.sio.eio.cut_off},
         }
 
 

@@ -166,6 +166,7 @@ class LeanEngine(engineio.AsyncServer):
     _pinger: Pinger | None = None
     _watcher: asyncio.Task[None] | None = None
     _stopped = False  # shut down: no sweep starts again
+    cut_off = 0  # WebSocket peers that answered neither a ping nor the close that followed
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The library's client monitor wakes once per socket per ping timeout (50 times a second
@@ -323,6 +324,7 @@ class LeanSocket(AsyncSocket):
     _writer: asyncio.Task[None] | None = None  # set while the lean WebSocket path runs
     _reader: asyncio.Task[Any] | None = None  # the task reading that WebSocket
     _cut_off = False  # the peer never answered the close: its reader was stopped
+    _cut_timer: asyncio.TimerHandle | None = None  # set while a closed socket's reader may be cut
     # While the writer waits for nothing but the queue: its stream, which may take frames at once.
     _idle_stream: frames.FrameStream | None = None
     _pending: list[bytes] | None = None  # frames for that stream at the end of this loop turn
@@ -335,7 +337,7 @@ class LeanSocket(AsyncSocket):
             sock.__class__ = cls
             # Every attribute the socket will ever have, now, before the library adds its own
             # later ones: its __dict__ grows once here instead of again mid-life.
-            sock._writer = sock._reader = sock._idle_stream = sock._pending = None
+            sock._writer = sock._reader = sock._idle_stream = sock._pending = sock._cut_timer = None
             sock._pending_size = 0
             sock._cut_off = False
 
@@ -411,14 +413,18 @@ class LeanSocket(AsyncSocket):
             # library would otherwise hold for up to 45 s.
             self.queue.put_nowait(None)
             reader = self._reader
-            if reader is not None and not reader.done():
+            if reader is not None and not reader.done() and reader is not asyncio.current_task():
                 # The peer has a ping timeout to answer the close; one that never does (it
-                # still acknowledges TCP, so the kernel keeps the connection) is cut then.
-                asyncio.get_running_loop().call_later(self.server.ping_timeout, self._cut, reader)
+                # still acknowledges TCP, so the kernel keeps the connection) is cut then. (A
+                # close from the reader itself comes after the peer left: nothing to wait for.)
+                self._cut_timer = asyncio.get_running_loop().call_later(
+                    self.server.ping_timeout, self._cut, reader
+                )
 
     def _cut(self, reader: asyncio.Task[Any]) -> None:
         if not reader.done():
             self._cut_off = True
+            self.server.cut_off += 1
             reader.cancel()
 
     def schedule_ping(self) -> None:
@@ -441,9 +447,13 @@ class LeanSocket(AsyncSocket):
         try:
             await self._read_until_closed(ws)
         finally:
+            if self._cut_timer is not None:  # the peer answered in time: the socket is not kept
+                self._cut_timer.cancel()
+                self._cut_timer = None
             self.queue.put_nowait(None)
             await writer
             await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+            self._reader = None
 
     async def _read_until_closed(self, ws: Any) -> None:
         max_size = self.server.max_http_buffer_size
