@@ -81,10 +81,12 @@ async def test_a_websocket_that_stops_answering_pings_is_closed_and_forgotten(se
         await sock.close()
 
 
-async def test_a_websocket_that_answers_neither_pings_nor_the_close_is_cut_off(server: Instance) -> None:
+@pytest.mark.parametrize("closed_by", ["ping timeout", "malformed packet"])
+async def test_a_websocket_peer_that_ignores_the_close_is_cut_off(server: Instance, closed_by: str) -> None:
     """A peer that keeps the TCP connection up but ignores everything (a hung client, a proxy
-    that holds the upstream open): once its socket is closed, it has a ping timeout to answer
-    the close, then the server drops the connection and ends its tasks."""
+    that holds the upstream open, a hostile client): once its socket is closed, by the sweep
+    after a ping it left unanswered or at once for a malformed packet, it has a ping timeout to
+    answer the close; then the server drops the connection."""
     cut_before = server.status()[1]["websocket"]["cut_off"]
     token = await token_for(server.url, "deaf")
     url = server.url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
@@ -94,11 +96,17 @@ async def test_a_websocket_that_answers_neither_pings_nor_the_close_is_cut_off(s
         assert (await ws.receive_str(timeout=SLACK)).startswith("0{")
         await ws.send_str(f'40{{"token": "{token}"}}')
         assert (await ws.receive_str(timeout=SLACK)).startswith("40{")
-        assert await ws.receive_str(timeout=PING_INTERVAL + SLACK) == "2"
-        pinged = time.monotonic()
+        if closed_by == "ping timeout":
+            assert await ws.receive_str(timeout=PING_INTERVAL + SLACK) == "2"
+            closing_in = PING_TIMEOUT  # the sweep closes it a ping timeout after the ping
+        else:
+            await ws.send_str("42[1]")  # an event without a name: the server disconnects it
+            assert await ws.receive_str(timeout=SLACK) == "1"  # Engine.IO's CLOSE, as the library sends
+            closing_in = 0
+        started = time.monotonic()
         # The server's close frame; after it this client reads nothing more, so never answers
         # it (aiohttp would on the next read).
-        closing = await ws.receive(timeout=PING_TIMEOUT + 2 * SLACK)
+        closing = await ws.receive(timeout=closing_in + 2 * SLACK)
         assert closing.type == aiohttp.WSMsgType.CLOSE, closing
         assert _open_from(server.port, client_port)
         # hypercorn drops it once the app's task for it has returned: nothing of it is left.
@@ -107,9 +115,9 @@ async def test_a_websocket_that_answers_neither_pings_nor_the_close_is_cut_off(s
             "the server to drop the connection",
             timeout=PING_TIMEOUT + 2 * SLACK,
         )
-        assert time.monotonic() - pinged >= 2 * PING_TIMEOUT * 0.9  # the close waited its turn
+        assert time.monotonic() - started >= (closing_in + PING_TIMEOUT) * 0.9  # the close waited its turn
     assert server.status()[1]["websocket"]["cut_off"] == cut_before + 1  # and the operator sees it
-    assert server.status()[1]["sockets"] == 0
+    await wait_until(lambda: server.status()[1]["sockets"] == 0, "the socket to be forgotten")
 
 
 def _open_from(port: int, client_port: int) -> bool:

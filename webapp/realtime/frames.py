@@ -7,7 +7,8 @@ Here a message is framed once (server frames are unmasked, so the frame is the s
 socket) and cached on its Engine.IO packet, and a socket's writer hands everything queued for
 it to hypercorn as one write.
 
-How, under hypercorn: `FrameStream` is hypercorn's WebSocket stream with two methods more:
+How, under hypercorn: `FrameStream` is hypercorn's WebSocket stream with two methods more (and
+`abort`, which drops the connection of a peer that answers nothing):
 `send_frames`, which passes ready frames to the same connection-level send that its own
 `websocket.send` ends in (same lock, same flow control), and `write_now`, which writes them to
 the connection's transport without a task switch when nothing else is being written there
@@ -138,6 +139,15 @@ class FrameStream(WSStream):
             transport.write(data)
         except (ConnectionError, RuntimeError):  # e.g. after write_eof: let hypercorn's send see it
             return False
+        return True
+
+    def abort(self) -> bool:
+        """Drop the connection at once (a peer that answers nothing, or stopped reading);
+        False where this stream has no connection of its own (HTTP/2)."""
+        server = self._tcp_server()
+        if server is None:
+            return False
+        server.writer.transport.abort()
         return True
 
     def _tcp_server(self) -> TCPServer | None:

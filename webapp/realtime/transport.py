@@ -322,8 +322,10 @@ class LeanSocket(AsyncSocket):
     upgraded: bool
 
     _writer: asyncio.Task[None] | None = None  # set while the lean WebSocket path runs
-    _reader: asyncio.Task[Any] | None = None  # the task reading that WebSocket
-    _cut_off = False  # the peer never answered the close: its reader was stopped
+    _reader: asyncio.Task[Any] | None = None  # the task reading that WebSocket, while it reads
+    _stream: frames.FrameStream | None = None  # hypercorn's stream under it, when it is ours
+    _parked = False  # the reader waits for a frame (the only place `_cut` may cancel it)
+    _cut_off = False  # the peer never answered the close: its reader is told to stop
     _cut_timer: asyncio.TimerHandle | None = None  # set while a closed socket's reader may be cut
     # While the writer waits for nothing but the queue: its stream, which may take frames at once.
     _idle_stream: frames.FrameStream | None = None
@@ -337,9 +339,10 @@ class LeanSocket(AsyncSocket):
             sock.__class__ = cls
             # Every attribute the socket will ever have, now, before the library adds its own
             # later ones: its __dict__ grows once here instead of again mid-life.
-            sock._writer = sock._reader = sock._idle_stream = sock._pending = sock._cut_timer = None
+            sock._writer = sock._reader = sock._stream = sock._idle_stream = sock._pending = None
+            sock._cut_timer = None
             sock._pending_size = 0
-            sock._cut_off = False
+            sock._parked = sock._cut_off = False
 
     async def send(self, pkt: eio_packet.Packet) -> None:
         if await self.check_ping_timeout():
@@ -412,19 +415,25 @@ class LeanSocket(AsyncSocket):
             # once it has written what was queued before, or a pending long-poll GET, which the
             # library would otherwise hold for up to 45 s.
             self.queue.put_nowait(None)
-            reader = self._reader
-            if reader is not None and not reader.done() and reader is not asyncio.current_task():
+            if self._reader is not None:
                 # The peer has a ping timeout to answer the close; one that never does (it
-                # still acknowledges TCP, so the kernel keeps the connection) is cut then. (A
-                # close from the reader itself comes after the peer left: nothing to wait for.)
-                self._cut_timer = asyncio.get_running_loop().call_later(
-                    self.server.ping_timeout, self._cut, reader
-                )
+                # still acknowledges TCP, or stopped reading, so the kernel keeps the
+                # connection) is cut off then. The reader ending first cancels this.
+                self._cut_timer = asyncio.get_running_loop().call_later(self.server.ping_timeout, self._cut)
 
-    def _cut(self, reader: asyncio.Task[Any]) -> None:
-        if not reader.done():
-            self._cut_off = True
-            self.server.cut_off += 1
+    def _cut(self) -> None:
+        self._cut_timer = None
+        reader = self._reader
+        if reader is None:
+            return  # it ended meanwhile
+        self._cut_off = True
+        self.server.cut_off += 1
+        # Abort the connection: the reader sees the peer gone, and a writer stuck on a peer
+        # that stopped reading is freed too. Without hypercorn's asyncio HTTP/1.1 connection
+        # under it (HTTP/2), stop the reader, only where it waits for a frame.
+        if self._stream is not None and self._stream.abort():
+            return
+        if self._parked:
             reader.cancel()
 
     def schedule_ping(self) -> None:
@@ -443,24 +452,28 @@ class LeanSocket(AsyncSocket):
             return
         self.connected = self.upgraded = True
         self._reader = asyncio.current_task()
+        self._stream = frames.stream_of(ws)
         self._writer = writer = asyncio.create_task(self._write_until_closed(ws))
         try:
             await self._read_until_closed(ws)
         finally:
-            if self._cut_timer is not None:  # the peer answered in time: the socket is not kept
+            # A close from here on sets no cut-off timer (nothing to cut), and the socket, which
+            # its next ping's timer may keep a while, no longer keeps the connection's objects.
+            self._reader = self._stream = None
+            if self._cut_timer is not None:  # and none set before keeps the socket alive
                 self._cut_timer.cancel()
                 self._cut_timer = None
             self.queue.put_nowait(None)
             await writer
             await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
-            self._reader = None
 
     async def _read_until_closed(self, ws: Any) -> None:
         max_size = self.server.max_http_buffer_size
-        while True:
+        while not self._cut_off:
             # No timer per wait: a peer that goes silent leaves its ping unanswered, and the
             # engine's sweep closes the socket, which ends this wait (or `_cut` does, if the
             # peer does not answer the close either).
+            self._parked = True
             try:
                 data = await ws.wait()
             except OSError:
@@ -468,12 +481,14 @@ class LeanSocket(AsyncSocket):
             except asyncio.CancelledError:
                 if not self._cut_off:
                     raise
-                # Cut off by `close` (no answer to it): end as if the peer had left, so the app
-                # returns and hypercorn drops the connection.
+                # Stopped by `_cut` (HTTP/2: no connection of its own to abort): end as if the
+                # peer had left, so the app returns and hypercorn ends the stream.
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
                 return
+            finally:
+                self._parked = False
             if len(data) > max_size:
                 return  # the library's rule: an oversized frame ends the connection
             try:
