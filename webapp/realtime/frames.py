@@ -7,8 +7,8 @@ Here a message is framed once (server frames are unmasked, so the frame is the s
 socket) and cached on its Engine.IO packet, and a socket's writer hands everything queued for
 it to hypercorn as one write.
 
-How, under hypercorn: `FrameStream` is hypercorn's WebSocket stream with two methods more (and
-`abort`, which drops the connection of a peer that answers nothing):
+How, under hypercorn: `FrameStream` is hypercorn's WebSocket stream with three methods more
+(`abort` drops the connection of a peer that answers nothing; the other two write):
 `send_frames`, which passes ready frames to the same connection-level send that its own
 `websocket.send` ends in (same lock, same flow control), and `write_now`, which writes them to
 the connection's transport without a task switch when nothing else is being written there
