@@ -74,7 +74,7 @@ class _RealtimeCollector(Collector):
         yield _counter("webapp_ws_frames_written", "WebSocket messages written as ready frames", websocket["frames"])
         yield _counter("webapp_ws_frame_writes", "Writes that carried them (frames / writes: the batching)", websocket["writes"])
         yield _counter("webapp_ws_frame_writes_at_once", "Of those writes, made on the spot, not by the socket's writer task", websocket["written_at_once"])
-        yield _counter("webapp_ws_cut_off", "WebSocket peers cut off for answering neither a ping nor the close after it", websocket["cut_off"])
+        yield _counter("webapp_ws_cut_off", "WebSocket connections aborted: the peer did not answer the server's close", websocket["cut_off"])
         outbox = status["outbox"]
         yield _gauge("webapp_outbox_depth", "Gateway answers waiting for the bus", outbox.get("waiting", 0))
         yield _counter("webapp_outbox_dropped", "Gateway answers the outbox had to drop", outbox.get("dropped", 0))

@@ -15,8 +15,8 @@ and state, and replaces only those loops:
 - pings are timer callbacks, not sleeping tasks, and the pings due within the same second
   share one timer (`Pinger`); the check for unanswered pings looks at every socket in one pass
   every few seconds (`LeanEngine.sweep`), not in the library's monitor task that wakes once
-  per socket. An idle socket then costs the event loop no wake-ups of its own, and a fifth of
-  the server CPU it cost before (bench W4);
+  per socket. An idle socket then costs the event loop no wake-ups of its own, and about a
+  third of the server CPU it cost before (bench W4);
 - each socket's packet queue is a `LeanQueue`: an idle `asyncio.Queue` holds three deques and
   an Event (about 3 KB with their blocks); an idle `LeanQueue` holds two short lists.
 
@@ -166,7 +166,7 @@ class LeanEngine(engineio.AsyncServer):
     _pinger: Pinger | None = None
     _watcher: asyncio.Task[None] | None = None
     _stopped = False  # shut down: no sweep starts again
-    cut_off = 0  # WebSocket peers that answered neither a ping nor the close that followed
+    cut_off = 0  # WebSocket connections aborted: their peer did not answer the server's close
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The library's client monitor wakes once per socket per ping timeout (50 times a second
@@ -225,8 +225,8 @@ class LeanEngine(engineio.AsyncServer):
 
     async def sweep(self) -> None:
         """Forget closed sockets, and close those whose last ping went unanswered past the
-        ping timeout, as the library's monitor does. (A WebSocket's reader also gives up on a
-        silent peer by itself; a long-polling socket has only this.)"""
+        ping timeout, as the library's monitor does. (For a WebSocket this is also what ends
+        its reader's wait on a silent peer: the reader has no timer of its own.)"""
         deadline = time.time() - self.ping_timeout
         for n, (sid, sock) in enumerate(list(self.sockets.items()), 1):
             if sock.closed:
