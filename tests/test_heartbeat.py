@@ -109,7 +109,7 @@ async def test_a_websocket_peer_that_ignores_the_close_is_cut_off(server: Instan
         closing = await ws.receive(timeout=closing_in + 2 * SLACK)
         assert closing.type == aiohttp.WSMsgType.CLOSE, closing
         assert _open_from(server.port, client_port)
-        # hypercorn drops it once the app's task for it has returned: nothing of it is left.
+        # The server aborts it; its reader then sees the peer gone, and the socket is forgotten.
         await wait_until(
             lambda: not _open_from(server.port, client_port),
             "the server to drop the connection",
