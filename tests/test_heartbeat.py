@@ -4,6 +4,7 @@ sweeps every socket at once: see webapp/realtime/transport.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -13,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from .harness import Instance, RawSocket, instance_env, token_for, unique, wait_until
+from .harness import Instance, Probe, RawSocket, api, instance_env, token_for, unique, wait_until
 from .test_polling import Polling
 
 pytestmark = pytest.mark.cluster
@@ -61,6 +62,29 @@ async def test_a_websocket_that_answers_pings_is_pinged_every_interval_and_stays
     finally:
         await sock.close()
     await wait_until(lambda: server.status()[1]["sockets"] == 0, "the socket to be forgotten")
+
+
+async def test_polling_and_upgraded_clients_that_answer_pings_stay(server: Instance) -> None:
+    """Long-polling sockets and sockets upgraded from it to WebSocket take the library's loops
+    but our pings and sweep: python-socketio's client answers, and neither socket is closed."""
+    user = unique("steady")
+    token = await token_for(server.url, user)
+    polling, upgraded = Probe("polling"), Probe("upgraded")
+    try:
+        await polling.connect(server.url, token, transports=("polling",))
+        await upgraded.connect(server.url, token, transports=("polling", "websocket"))
+        await upgraded.wait_until(lambda: upgraded.client.transport() == "websocket", "the upgrade")
+        # Not a synchronisation: long enough for pings to come and go, and for a socket whose
+        # pong went missing to be closed by the sweep.
+        await asyncio.sleep(PING_INTERVAL + PING_TIMEOUT + SLACK)
+        assert polling.client.connected and upgraded.client.connected
+        assert server.status()[1]["sockets"] == 2
+        status, answer = await api(server.url, f"/api/emit/users/{user}", {"event": "news", "data": 1})
+        assert status == 202, answer
+        for probe in (polling, upgraded):
+            assert await probe.wait_for("news") == [1], probe.name
+    finally:
+        await asyncio.gather(polling.close(), upgraded.close())
 
 
 async def test_a_websocket_that_stops_answering_pings_is_closed_and_forgotten(server: Instance) -> None:
