@@ -5,17 +5,16 @@ sweeps every socket at once: see webapp/realtime/transport.py)."""
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from .harness import Instance, Probe, RawSocket, api, instance_env, token_for, unique, wait_until
-from .test_polling import Polling
+from .harness import Instance, Probe, RawSocket, api, token_for, unique, wait_until
+from .test_polling import Polling, http, serve  # noqa: F401 - http: the fixture, shared
 
 pytestmark = pytest.mark.cluster
 
@@ -28,20 +27,7 @@ SLACK = 1.5
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Instance]:
-    env = instance_env(unique("heartbeat"), PING_INTERVAL=str(PING_INTERVAL), PING_TIMEOUT=str(PING_TIMEOUT))
-    instance = Instance("heartbeat", env).start()
-    instance.wait_serving()
-    yield instance
-    instance.stop(signal.SIGKILL)
-    assert "Traceback" not in instance.output(), instance.output()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=10)
-    ) as session:
-        yield session
+    yield from serve("heartbeat", PING_INTERVAL=str(PING_INTERVAL), PING_TIMEOUT=str(PING_TIMEOUT))
 
 
 async def test_a_websocket_that_answers_pings_is_pinged_every_interval_and_stays(server: Instance) -> None:
@@ -156,7 +142,7 @@ def _open_from(port: int, client_port: int) -> bool:
 
 
 async def test_a_polling_session_that_stops_polling_is_closed_and_forgotten(
-    server: Instance, http: aiohttp.ClientSession
+    server: Instance, http: aiohttp.ClientSession  # noqa: F811 - the fixture imported above
 ) -> None:
     session = Polling(http, server.url)
     started = time.monotonic()  # the session's first ping is due an interval after it opens

@@ -74,7 +74,12 @@ class Polling:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Instance]:
-    instance = Instance("polling", instance_env(unique("polling"), PING_INTERVAL="2", PING_TIMEOUT="5")).start()
+    yield from serve("polling", PING_INTERVAL="2", PING_TIMEOUT="5")
+
+
+def serve(name: str, **env: str) -> Iterator[Instance]:
+    """One instance for a module's tests (its own prefix), killed after; it must log no traceback."""
+    instance = Instance(name, instance_env(unique(name), **env)).start()
     instance.wait_serving()
     yield instance
     instance.stop(signal.SIGKILL)
