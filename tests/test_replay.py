@@ -162,8 +162,35 @@ async def test_publishes_survive_an_emptied_script_cache(redis_client: redis.Red
         redis_client.script_flush()
         await publisher.publish(channel, env("1"))  # one alone
         redis_client.script_flush()
-        await asyncio.gather(*(publisher.publish(channel, env(str(n))) for n in range(2, 6)))  # a MULTI
+        await asyncio.gather(*(publisher.publish(channel, env(str(n))) for n in range(2, 6)))  # one batch
         await wait_until(lambda: len(got.messages) >= 6, "six messages")
         assert [int(m) for m in got.messages] == list(range(6))
         assert len(redis_client.xrange(f"{prefix}:replay")) == 6  # each recorded once
+    redis_client.delete(f"{prefix}:replay", f"{prefix}:epoch")
+
+
+def _scripts_run(redis_client: redis.Redis) -> int:
+    stats = redis_client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{verb}", {}).get("calls", 0)) for verb in ("evalsha", "eval"))
+
+
+async def test_concurrent_publishes_travel_as_one_script_and_keep_their_order(redis_client: redis.Redis) -> None:
+    """Publishes queued together go to Redis as one script call (not one per message in a MULTI),
+    and each still gets its own offset, in order, live and in the history."""
+    prefix = unique("replay-batch")
+    channel = f"{prefix}:all"
+    async with pair(prefix) as (_, publisher, got, env):
+        await publisher.publish(channel, env('"warm"'))  # the script is in Redis's cache
+        await wait_until(lambda: len(got.messages) == 1, "the first message")
+        before = _scripts_run(redis_client)
+        marks = await asyncio.gather(*(publisher.publish(channel, env(str(n))) for n in range(50)))
+        scripts = _scripts_run(redis_client) - before
+        await wait_until(lambda: len(got.messages) == 51, "fifty more messages")
+    assert scripts == 1, f"50 concurrent publishes took {scripts} script calls"
+    assert [int(m) for m in got.messages[1:]] == list(range(50))
+    offsets = [mark.offset for mark in marks if mark is not None]
+    assert len(offsets) == 50 and offsets == sorted(offsets) and len(set(offsets)) == 50
+    assert [mark.offset for mark in got.offsets[1:] if mark is not None] == offsets
+    history = redis_client.xrange(f"{prefix}:replay")
+    assert [entry_id.decode() for entry_id, _ in history[1:]] == [str(offset) for offset in offsets]
     redis_client.delete(f"{prefix}:replay", f"{prefix}:epoch")

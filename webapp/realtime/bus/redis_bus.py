@@ -1,9 +1,10 @@
 """Redis pub/sub for live delivery, and a Redis Stream per partition as the history that gives
 every event an offset.
 
-Each publish runs one script: XADD to its partition's history stream (the entry id is the
-event's offset), trim the stream by count and age, then PUBLISH (one node) or SPUBLISH (a
-cluster) the envelope with the offset spliced in as its first field. Pub/sub on one connection
+Publishing runs one script per partition and batch: for each message, XADD to the partition's
+history stream (the entry id is the event's offset), then PUBLISH (one node) or SPUBLISH (a
+cluster) the envelope with the offset spliced in as its first field; last, trim the stream by
+count and age. Pub/sub on one connection
 keeps the server's execution order, so live messages arrive in offset order within a partition;
 after any gap a subscriber reads its partitions' streams from the last offsets consumed, then
 drops live messages at or below them: exactly once, in order, no clock involved.
@@ -49,20 +50,26 @@ from .tls import TlsOptions, log_failure
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] history stream; ARGV: channel, envelope, max length, max age in ms, PUBLISH or SPUBLISH.
-# Returns the offset. A script is atomic: the history and the live message can never disagree.
-# On a cluster the channel carries the stream's hash tag: Redis refuses a script that would
+# KEYS[1] history stream; ARGV: max length, max age in ms, PUBLISH or SPUBLISH, then a channel
+# and an envelope per message. Returns their offsets, in order. A script is atomic: the history
+# and the live messages can never disagree. One script for a batch, not one per message in a
+# MULTI: the client packs one command and parses one reply instead of N + 2 of each.
+# On a cluster each channel carries the stream's hash tag: Redis refuses a script that would
 # publish on a shard channel of another slot.
 _PUBLISH_AND_RECORD = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'c', ARGV[1], 'm', ARGV[2])
-local ms = tonumber(string.match(id, '^%d+'))
-redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%d-0', ms - tonumber(ARGV[4])))
-local message = ARGV[2]
-if string.byte(message, 1) == 123 and string.byte(message, 2) == 34 then
-  message = '{"offset":"' .. id .. '",' .. string.sub(message, 2)
+local ids = {}
+for i = 4, #ARGV, 2 do
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'c', ARGV[i], 'm', ARGV[i + 1])
+  local message = ARGV[i + 1]
+  if string.byte(message, 1) == 123 and string.byte(message, 2) == 34 then
+    message = '{"offset":"' .. id .. '",' .. string.sub(message, 2)
+  end
+  redis.call(ARGV[3], ARGV[i], message)
+  ids[#ids + 1] = id
 end
-redis.call(ARGV[5], ARGV[1], message)
-return id
+local ms = tonumber(string.match(ids[#ids], '^%d+'))
+redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%d-0', ms - tonumber(ARGV[2])))
+return ids
 """
 _PUBLISH_SHA = hashlib.sha1(_PUBLISH_AND_RECORD.encode()).hexdigest()
 _OFFSET_MARK = b'{"offset":"'
@@ -398,8 +405,8 @@ class RedisBus:
     async def publish(self, channel: str, message: bytes) -> Mark | None:
         """Hand a message to Redis; raises BusUnavailable when Redis did not confirm it.
 
-        Concurrent publishes are sent together: one round trip per partition (a MULTI when
-        there is a history), one pooled connection per batch instead of per message. Order is
+        Concurrent publishes are sent together: one round trip per partition (one script for
+        the batch when there is a history), one pooled connection per batch instead of per message. Order is
         kept (one queue, one sender).
         """
         if self._client is None or not self._booted:
@@ -510,20 +517,23 @@ class RedisBus:
 
     async def _run_group(self, group: list[tuple[str, bytes, asyncio.Future[Mark | None]]], *, by_hash: bool) -> list[Any]:
         assert self._client is not None
+        if self.has_history:
+            return list(await self._client.execute_command(*self._script_args(group, by_hash)))
+        verb = "SPUBLISH" if self.sharded else "PUBLISH"
         if len(group) == 1:
             channel, message, _ = group[0]
-            return [await self._client.execute_command(*self._publish_args(channel, message, by_hash))]
-        # MULTI/EXEC: Redis applies the batch whole or not at all, never in part. (Without a
-        # history a publish names no key, and a cluster cannot run it in a MULTI.)
-        async with self._client.pipeline(transaction=self.has_history) as pipe:
+            return [await self._client.execute_command(verb, self.wire(channel), message)]
+        # Without a history a publish names no key: a plain pipeline (a cluster could not run
+        # these in a MULTI or a script).
+        async with self._client.pipeline(transaction=False) as pipe:
             for channel, message, _ in group:
-                pipe.execute_command(*self._publish_args(channel, message, by_hash))
+                pipe.execute_command(verb, self.wire(channel), message)
             return list(await pipe.execute())
 
     async def _open_client(self) -> Client:
         """The command client, once the topology is known (raises while Redis cannot tell)."""
         if await self._topology.cluster():
-            # One pool per node, MOVED and ASK followed; every key a script or MULTI touches
+            # One pool per node, MOVED and ASK followed; every key a script touches
             # carries one partition's hash tag. No retries on a lost connection, as below: a
             # script whose reply was lost may have run, and running it again would record the
             # event twice under a new offset.
@@ -547,16 +557,17 @@ class RedisBus:
         )
         return Redis(connection_pool=pool)
 
-    def _publish_args(self, channel: str, message: bytes, by_hash: bool = True) -> tuple[Any, ...]:
-        verb = "SPUBLISH" if self.sharded else "PUBLISH"
-        if not self.has_history:
-            return (verb, self.wire(channel), message)
+    def _script_args(self, group: list[tuple[str, bytes, asyncio.Future[Mark | None]]], by_hash: bool) -> list[Any]:
+        """The script's command for a batch of one partition's messages."""
         # By hash: Redis need not read and hash the script's text on every publish.
         script = ("EVALSHA", _PUBLISH_SHA) if by_hash else ("EVAL", _PUBLISH_AND_RECORD)
-        return (
-            *script, 1, self._parts.stream(self._parts.of(channel)),
-            self.wire(channel), message, self._history_max, self._history_age_ms, verb,
-        )
+        args: list[Any] = [
+            *script, 1, self._parts.stream(self._parts.of(group[0][0])),
+            self._history_max, self._history_age_ms, "SPUBLISH" if self.sharded else "PUBLISH",
+        ]
+        for channel, message, _ in group:
+            args += (self.wire(channel), message)
+        return args
 
     # --- history ------------------------------------------------------------------------------
 
