@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from webapp.realtime.frames import masked
+
 if TYPE_CHECKING:
     import aiohttp
 
@@ -84,15 +86,6 @@ def _upgrade_problem(head: bytes, key: str) -> str | None:
     return None
 
 
-def _masked(payload: bytes, mask: bytes) -> bytes:
-    """`payload` XOR the repeated 4-byte `mask`, as one big-integer operation rather than a byte loop."""
-    size = len(payload)
-    if not size:
-        return b""
-    key = (mask * (size // 4 + 1))[:size]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(size, "little")
-
-
 def _client_frame(opcode: int, payload: bytes) -> bytes:
     """One final frame, masked with a fresh random key as RFC 6455 requires of clients."""
     size = len(payload)
@@ -103,7 +96,7 @@ def _client_frame(opcode: int, payload: bytes) -> bytes:
     else:
         head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
     mask = os.urandom(4)
-    return head + mask + _masked(payload, mask)
+    return head + mask + masked(payload, mask)
 
 
 def _connect_reply(connect: Payload) -> tuple[str | None, str | None]:

@@ -74,6 +74,8 @@ class _RealtimeCollector(Collector):
         yield _counter("webapp_ws_frames_written", "WebSocket messages written as ready frames", websocket["frames"])
         yield _counter("webapp_ws_frame_writes", "Writes that carried them (frames / writes: the batching)", websocket["writes"])
         yield _counter("webapp_ws_frame_writes_at_once", "Of those writes, made on the spot, not by the socket's writer task", websocket["written_at_once"])
+        yield _counter("webapp_ws_frames_read", "Client messages read by our frame reader, without wsproto", websocket["frames_read"])
+        yield _counter("webapp_ws_reads_handed_to_wsproto", "Connections whose reading went back to wsproto (a control, fragmented, compressed or malformed frame)", websocket["reads_handed_to_wsproto"])
         yield _counter("webapp_ws_cut_off", "WebSocket connections aborted: the peer did not answer the server's close", websocket["cut_off"])
         outbox = status["outbox"]
         yield _gauge("webapp_outbox_depth", "Gateway answers waiting for the bus", outbox.get("waiting", 0))

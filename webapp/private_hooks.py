@@ -80,6 +80,13 @@ HOOKS: tuple[Hook, ...] = (
          "hypercorn 0.18.0", "FrameStream.send_frames: `send` and `stream_id`"),
     Hook("hypercorn.protocol.ws_stream:ASGIWebsocketState.CONNECTED", None, "hypercorn 0.18.0",
          "FrameStream.send_frames"),
+    # FrameStream.handle reads whole client message frames itself and hands everything else
+    # (and everything after it) to this method unchanged; it relies on `app_put` (set once
+    # accepted), `connection.state`, and the cap below, which hypercorn's own path enforces too.
+    Hook("hypercorn.protocol.ws_stream:WSStream.handle", ("self", "event"), "hypercorn 0.18.0",
+         "FrameStream.handle: the lean reader"),
+    Hook("hypercorn.config:Config.websocket_max_message_size", None, "hypercorn 0.18.0",
+         "FrameStream._read: messages past it go to wsproto, which refuses them (1009)"),
     # app_queue.LeanSpawner stands in for the stream's `task_group` (set by WSStream.__init__): the
     # stream calls its spawn_app (its return value is the app's event feed) and spawn.
     Hook("hypercorn.asyncio.task_group:TaskGroup.spawn_app", ("self", "app", "config", "scope", "send"),
