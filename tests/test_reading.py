@@ -141,9 +141,13 @@ async def test_common_frames_are_read_whole_however_they_are_packed_or_split(ins
         bodies = [{"i": i, "pad": "x" * size} for i, size in enumerate([0, 100, 200, 70_000, 5])]
         # Several frames in one write, every length encoding (7-bit, 16-bit, 64-bit)...
         await raw.send(b"".join(client_frame(TEXT, event("events", body)) for body in bodies[:4]))
-        # ... and one frame written a byte at a time.
+        # ... one frame written a byte at a time, and a large one in pieces of 1,000 bytes.
         for byte in client_frame(TEXT, event("events", bodies[4])):
             await raw.send(bytes((byte,)))
+        bodies.append({"i": 5, "pad": "y" * 90_000})
+        large = client_frame(TEXT, event("events", bodies[5]))
+        for piece in range(0, len(large), 1000):
+            await raw.send(large[piece : piece + 1000])
         assert [await raw.answer() for _ in bodies] == [["events", body] for body in bodies]
         after = reading(instance)
         assert after["frames_read"] - before["frames_read"] >= len(bodies)

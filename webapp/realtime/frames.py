@@ -135,7 +135,11 @@ class FrameStream(WSStream):
         self._server: TCPServer | None = None
         self._looked_up = False
         self._lean_reads = True  # until a frame only wsproto should read
-        self._partial = b""  # the start of a frame the lean reader waits to complete
+        # The start of a frame the lean reader waits to complete, and the bytes that frame
+        # needs in all (0 while its header is incomplete): a frame trickling in a few bytes
+        # per read is appended to, not parsed again at each read.
+        self._partial: bytes | bytearray = b""
+        self._wanted = 0
 
     async def handle(self, event: Event) -> None:
         if self._lean_reads and type(event) is Data:
@@ -145,14 +149,18 @@ class FrameStream(WSStream):
             # Closing, or not yet accepted: hypercorn's path from here on, with what is held.
             self._lean_reads = False
             if self._partial:
-                event, self._partial = Data(stream_id=event.stream_id, data=self._partial + event.data), b""
+                event = Data(stream_id=event.stream_id, data=bytes(self._partial) + event.data)
+                self._partial, self._wanted = b"", 0
         await super().handle(event)
 
     async def _read(self, data: bytes) -> None:
         """Hand each whole client message frame in `data` to the app; keep a frame's start."""
         if self._partial:
-            data, self._partial = self._partial + data, b""
-        end, at = len(data), 0
+            self._partial += data
+            if len(self._partial) < self._wanted:
+                return
+            data, self._partial, self._wanted = bytes(self._partial), b"", 0
+        end, at, wanted = len(data), 0, 0
         cap = self.config.websocket_max_message_size
         while end - at >= 2:
             first, second = data[at], data[at + 1]
@@ -177,6 +185,7 @@ class FrameStream(WSStream):
                 return
             stop = start + 4 + size
             if stop > end:
+                wanted = stop - at
                 break
             payload = masked(data[start + 4 : stop], data[start : start + 4])
             message: dict[str, Any]
@@ -195,7 +204,7 @@ class FrameStream(WSStream):
                 await self._hand_to_wsproto(data[at:])
                 return
         if at < end:
-            self._partial = data[at:]
+            self._partial, self._wanted = bytearray(data[at:]), wanted
 
     async def _hand_to_wsproto(self, rest: bytes) -> None:
         self._lean_reads = False
