@@ -1,17 +1,19 @@
 """The app's publish path on one shard against three: `python -m bench.cluster_shards`.
 
-Every event the app publishes runs one script on the shard that owns its channel's partition:
-XADD to the partition's history, two trims, SPUBLISH. With a single partition every event runs
+The app publishes the events of one partition that are queued together with one script call,
+on the shard that owns the partition: per event XADD to the partition's history and SPUBLISH,
+then one trim. With a single partition every event runs
 on one shard; with the default 16 partitions, spread evenly over the slot space, each shard of
 the local cluster (scripts/redis-cluster.sh: 3 masters, 3 replicas) runs about a third of them.
 Both go through the app's own RedisBus, on the same cluster, in interleaved rounds (medians):
 
 - publishes/s at saturation from one client process (on 2 cores the client is the limit, not
-  Redis: the figure shows the partitioning costs the client nothing);
+  Redis; 16 partitions split each batch into up to 16 script calls, which costs the client);
 - the same single partition with the script sent as text each time (EVAL, as the app did before
   it sent the script's hash), for what that costs Redis;
-- per master, busiest first: the scripts it ran and its CPU per publish of the whole round (INFO
-  commandstats, INFO cpu). The busiest master's CPU per publish bounds the fleet: a shard's core
+- per master, busiest first: its share of the script calls and its CPU per publish of the whole
+  round (INFO commandstats, INFO cpu), and how many events a script call carried on average (a
+  batch splits into one call per partition). The busiest master's CPU per publish bounds the fleet: a shard's core
   saturates at about 1 / that many publishes a second.
 """
 
@@ -86,7 +88,8 @@ async def round_of(partitions: int, seed: int, count: int, in_flight: int, by_ha
     return {
         "publishes_per_s": count / elapsed,
         "cpu_us": [cpu[port] for port in busiest],
-        "script_share": [scripts[port] / count for port in busiest],
+        "script_share": [scripts[port] / max(1, sum(scripts.values())) for port in busiest],
+        "per_script": count / max(1, sum(scripts.values())),
     }
 
 
@@ -110,15 +113,16 @@ async def main(seed: int, rounds: int, count: int, in_flight: int) -> None:
         for name, (partitions, by_hash) in layouts.items():  # interleaved: drift hits all alike
             results[name].append(await round_of(partitions, seed, count, in_flight, by_hash))
     print(f"{count} publishes of {len(MESSAGE)} bytes per round to {USERS} users, {in_flight} in flight, medians of {rounds} rounds")
-    print("layout                        publishes/s  CPU us/publish, busiest master first  scripts per master  busiest master")
+    print("layout                        publishes/s  CPU us/publish, busiest master first  share of scripts  events/script  busiest master")
     busiest: list[float] = []
     for name, runs in results.items():
         rate = statistics.median(run["publishes_per_s"] for run in runs)
         cpu, share = (_medians(runs, key) for key in ("cpu_us", "script_share"))
+        per_script = statistics.median(run["per_script"] for run in runs)
         busiest.append(max(cpu))
         print(
             f"{name:29} {rate:11,.0f}  {' / '.join(f'{c:.1f}' for c in cpu):>36}  "
-            f"{' / '.join(f'{s:.0%}' for s in share):>18}  {max(cpu):.1f} us"
+            f"{' / '.join(f'{s:.0%}' for s in share):>16}  {per_script:13.1f}  {max(cpu):.1f} us"
         )
     single, spread, as_text = busiest
     print(f"busiest master's CPU per publish, {CLUSTER_PARTITIONS} partitions / 1: {spread / single:.2f}x "
