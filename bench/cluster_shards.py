@@ -2,9 +2,9 @@
 
 The app publishes the events of one partition that are queued together with one script call,
 on the shard that owns the partition: per event XADD to the partition's history and SPUBLISH,
-then one trim. With a single partition every event runs
-on one shard; with the default 16 partitions, spread evenly over the slot space, each shard of
-the local cluster (scripts/redis-cluster.sh: 3 masters, 3 replicas) runs about a third of them.
+then one trim. With a single partition every event runs on one shard; with the default 16
+partitions, spread evenly over the slot space, each shard of the local cluster
+(scripts/redis-cluster.sh: 3 masters, 3 replicas) runs about a third of them.
 Both go through the app's own RedisBus, on the same cluster, in interleaved rounds (medians):
 
 - publishes/s at saturation from one client process (on 2 cores the client is the limit, not
@@ -13,8 +13,8 @@ Both go through the app's own RedisBus, on the same cluster, in interleaved roun
   it sent the script's hash), for what that costs Redis;
 - per master, busiest first: its share of the script calls and its CPU per publish of the whole
   round (INFO commandstats, INFO cpu), and how many events a script call carried on average (a
-  batch splits into one call per partition). The busiest master's CPU per publish bounds the fleet: a shard's core
-  saturates at about 1 / that many publishes a second.
+  batch splits into one call per partition). The busiest master's CPU per publish bounds the
+  fleet: a shard's core saturates at about 1 / that many publishes a second.
 """
 
 from __future__ import annotations

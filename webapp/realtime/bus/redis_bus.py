@@ -4,9 +4,8 @@ every event an offset.
 Publishing runs one script per partition and batch: for each message, XADD to the partition's
 history stream (the entry id is the event's offset), then PUBLISH (one node) or SPUBLISH (a
 cluster) the envelope with the offset spliced in as its first field; last, trim the stream by
-count and age. Pub/sub on one connection
-keeps the server's execution order, so live messages arrive in offset order within a partition;
-after any gap a subscriber reads its partitions' streams from the last offsets consumed, then
+count and age. Pub/sub on one connection keeps the server's execution order, so live messages
+arrive in offset order within a partition; after any gap a subscriber reads its partitions' streams from the last offsets consumed, then
 drops live messages at or below them: exactly once, in order, no clock involved.
 """
 
@@ -405,9 +404,9 @@ class RedisBus:
     async def publish(self, channel: str, message: bytes) -> Mark | None:
         """Hand a message to Redis; raises BusUnavailable when Redis did not confirm it.
 
-        Concurrent publishes are sent together: one round trip per partition (one script for
-        the batch when there is a history), one pooled connection per batch instead of per message. Order is
-        kept (one queue, one sender).
+        Concurrent publishes are sent together: one round trip per partition (one script call
+        for the batch when there is a history), one pooled connection per batch instead of per
+        message. Order is kept (one queue, one sender).
         """
         if self._client is None or not self._booted:
             raise BusUnavailable("Redis has not been reached yet")
