@@ -5,8 +5,9 @@ Publishing runs one script per partition and batch: for each message, XADD to th
 history stream (the entry id is the event's offset), then PUBLISH (one node) or SPUBLISH (a
 cluster) the envelope with the offset spliced in as its first field; last, trim the stream by
 count and age. Pub/sub on one connection keeps the server's execution order, so live messages
-arrive in offset order within a partition; after any gap a subscriber reads its partitions' streams from the last offsets consumed, then
-drops live messages at or below them: exactly once, in order, no clock involved.
+arrive in offset order within a partition; after any gap a subscriber reads its partitions'
+streams from the last offsets consumed, then drops live messages at or below them: exactly
+once, in order, no clock involved.
 """
 
 from __future__ import annotations
