@@ -76,6 +76,7 @@ WRITTEN = Written()
 _TEXT, _BINARY = 0x1, 0x2
 _FIN = 0x80
 _MASKED = 0x80
+_WHOLE_MESSAGE = (_FIN | _TEXT, _FIN | _BINARY)  # first bytes the lean reader takes
 
 
 def frame(payload: bytes, opcode: int = _TEXT) -> bytes:
@@ -121,8 +122,8 @@ class FrameStream(WSStream):
 
     Reading: a client's messages nearly always come as one masked frame each (FIN set, no
     extension bits, text or binary). Those go from the bytes to the app's queue here, without
-    wsproto's frame and message decoders or hypercorn's message buffer: a fifth of W3's asking
-    instance went there. The first frame that is anything else (a ping, a close, a fragment,
+    wsproto's frame and message decoders or hypercorn's message buffer (12 % of W3's asking
+    instance's samples went to wsproto; the reader takes 3.5 %). The first frame that is anything else (a ping, a close, a fragment,
     a compressed or malformed frame, one past the size cap) and everything after it on the
     connection go to hypercorn's own path, so wsproto answers and refuses exactly as before. It
     never missed a byte: until then it had seen no frame at all, and nothing is half-read.
@@ -164,7 +165,7 @@ class FrameStream(WSStream):
         cap = self.config.websocket_max_message_size
         while end - at >= 2:
             first, second = data[at], data[at + 1]
-            if first not in (_FIN | _TEXT, _FIN | _BINARY) or not second & _MASKED:
+            if first not in _WHOLE_MESSAGE or not second & _MASKED:
                 await self._hand_to_wsproto(data[at:])
                 return
             size, start = second & 0x7F, at + 2
