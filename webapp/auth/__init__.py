@@ -23,11 +23,24 @@ def init_app(app: Quart) -> None:
     settings: Settings = app.config["SETTINGS"]
     app.config.setdefault("QUART_AUTH_COOKIE_SECURE", settings.production)
     app.config.setdefault("QUART_AUTH_DURATION", 7 * 24 * 3600)
-    QuartAuth(app)
+    LazyQuartAuth(app)
     app.extensions["tokens"] = TokenSigner(settings.secret_keys)
     app.jinja_env.globals["csrf_token"] = csrf_token
     app.after_request(_set_csrf_cookie)
     app.register_blueprint(bp)
+
+
+class LazyQuartAuth(QuartAuth):
+    """quart-auth that leaves a response alone when nothing this request looked at the user.
+
+    Its after_request otherwise resolves the user from the cookie on every response (REST
+    calls included) only to find nothing to write: an unloaded user has made no login,
+    logout or renewal, so there is no cookie to set or delete."""
+
+    async def after_request(self, response: Response) -> Response:
+        if not hasattr(g, self.attribute_name):
+            return response
+        return await super().after_request(response)
 
 
 CSRF_COOKIE = "webapp_csrf"
