@@ -281,7 +281,7 @@ async def _bus_call(message: str) -> AsyncIterator[None]:
 
 
 def _accepted(body: dict[str, Any]) -> Response:
-    # orjson straight into the Response: the same bytes as jsonify, at a third of its CPU
+    # orjson straight into the Response: jsonify's JSON (less its final newline) in 3.6 µs, not 10
     return Response(orjson.dumps({"accepted": True, **body}), status=202, content_type="application/json")
 
 
