@@ -202,14 +202,17 @@ class FrameStream(WSStream):
             WRITTEN.read += 1
             await self.app_put(message)  # type: ignore[misc]  # set once accepted (_open)
             if not self._open():  # the app closed meanwhile: hypercorn's path for the rest
-                await self._hand_to_wsproto(data[at:])
+                await self._hand_to_wsproto(data[at:], counted=False)
                 return
         if at < end:
             self._partial, self._wanted = bytearray(data[at:]), wanted
 
-    async def _hand_to_wsproto(self, rest: bytes) -> None:
+    async def _hand_to_wsproto(self, rest: bytes, *, counted: bool = True) -> None:
+        """From now on hypercorn's own path reads this connection, starting with `rest`; counted
+        when a frame the reader does not take caused it, not a close of the app's."""
         self._lean_reads = False
-        WRITTEN.handed_to_wsproto += 1
+        if counted:
+            WRITTEN.handed_to_wsproto += 1
         if rest:
             await super().handle(Data(stream_id=self.stream_id, data=rest))
 
