@@ -123,10 +123,11 @@ class FrameStream(WSStream):
     Reading: a client's messages nearly always come as one masked frame each (FIN set, no
     extension bits, text or binary). Those go from the bytes to the app's queue here, without
     wsproto's frame and message decoders or hypercorn's message buffer (12 % of W3's asking
-    instance's samples went to wsproto; the reader takes 3.5 %). The first frame that is anything else (a ping, a close, a fragment,
-    a compressed or malformed frame, one past the size cap) and everything after it on the
-    connection go to hypercorn's own path, so wsproto answers and refuses exactly as before. It
-    never missed a byte: until then it had seen no frame at all, and nothing is half-read.
+    instance's samples went to wsproto; the reader takes 3.5 %). The first frame that is
+    anything else (a ping, a close, a fragment, a compressed or malformed frame, one past the
+    size cap) and everything after it on the connection go to hypercorn's own path, so wsproto
+    answers and refuses exactly as before. It never missed a byte: until then it had seen no
+    frame at all, and nothing is half-read.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

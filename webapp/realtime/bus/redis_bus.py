@@ -1,13 +1,13 @@
 """Redis pub/sub for live delivery, and a Redis Stream per partition as the history that gives
 every event an offset.
 
-Publishing runs one script per partition and batch: for each message, XADD to the partition's
-history stream (the entry id is the event's offset), then PUBLISH (one node) or SPUBLISH (a
-cluster) the envelope with the offset spliced in as its first field; last, trim the stream by
-count and age. Pub/sub on one connection keeps the server's execution order, so live messages
-arrive in offset order within a partition; after any gap a subscriber reads its partitions'
-streams from the last offsets consumed, then drops live messages at or below them: exactly
-once, in order, no clock involved.
+Publishing runs one script call per partition and batch (per SCRIPT_BATCH_MAX messages of a
+larger one): for each message, XADD to the partition's history stream (the entry id is the
+event's offset), then PUBLISH (one node) or SPUBLISH (a cluster) the envelope with the offset
+spliced in as its first field; last, trim the stream by count and age. Pub/sub on one
+connection keeps the server's execution order, so live messages arrive in offset order within
+a partition; after any gap a subscriber reads its partitions' streams from the last offsets
+consumed, then drops live messages at or below them: exactly once, in order, no clock involved.
 """
 
 from __future__ import annotations
@@ -410,8 +410,8 @@ class RedisBus:
         """Hand a message to Redis; raises BusUnavailable when Redis did not confirm it.
 
         Concurrent publishes are sent together: one round trip per partition (one script call
-        for the batch when there is a history), one pooled connection per batch instead of per
-        message. Order is kept (one queue, one sender).
+        per SCRIPT_BATCH_MAX messages when there is a history), one pooled connection per batch
+        instead of per message. Order is kept (one queue, one sender).
         """
         if self._client is None or not self._booted:
             raise BusUnavailable("Redis has not been reached yet")
