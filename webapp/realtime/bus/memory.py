@@ -117,6 +117,10 @@ class MemoryBus:
     def epoch(self) -> str | None:
         return self._epoch
 
+    def clock_ms(self) -> int:
+        """The clock offsets are numbered by: this process's own."""
+        return int(time.time() * 1000)
+
     async def end(self) -> Position:
         return Position({0: self._last})
 

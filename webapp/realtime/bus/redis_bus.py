@@ -167,6 +167,7 @@ class RedisBus:
         self._outgoing_ready = asyncio.Event()
         self._position: Position | None = None  # the offsets consumed; None before the first connection
         self._epoch: str | None = None
+        self._skew_ms = 0.0  # Redis's clock minus ours, as TIME said at the last boot
         self.reconnects = 0
         self.replayed = 0
         self.deduplicated = 0
@@ -230,6 +231,7 @@ class RedisBus:
                             self._history_key or "{webapp}:replay", self._cluster_partitions, sharded=True
                         )
                 await self.lost_its_data()
+                await self._read_clock()
                 # The process's first connection owes nothing: it starts at the ends of the histories.
                 self._position = await self.end() if self.has_history else Position()
                 if self.sharded:
@@ -613,6 +615,21 @@ class RedisBus:
             return False
         log.warning("Redis lost its data since we last saw it (new epoch); replaying its whole history")
         return True
+
+    async def _read_clock(self) -> None:
+        """Learn how far Redis's clock is from ours: stream ids are Redis milliseconds."""
+        client = self._require_client()
+        before = time.time()
+        with _answered():
+            answer: Any = await client.time()
+        if isinstance(answer, dict):  # a cluster may answer per node: any one will do
+            answer = next(iter(answer.values()))
+        seconds, micros = answer
+        self._skew_ms = (int(seconds) + int(micros) / 1e6 - (before + time.time()) / 2) * 1000
+
+    def clock_ms(self) -> int:
+        """Redis's clock now, as an offset's milliseconds count it (estimated while Redis is away)."""
+        return int(time.time() * 1000 + self._skew_ms)
 
     async def end(self) -> Position:
         """The newest offset of every partition's history (everything later arrives live)."""
