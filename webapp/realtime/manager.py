@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import socketio
 
-from ..names import is_room_name, is_user_id, looks_like_sid
-from .propagator import AUTHENTICATED_ROOM, NAMESPACE, USER_ROOM_PREFIX, reserved_room
+from ..names import is_room_name, looks_like_sid
+from . import scopes
+from .propagator import NAMESPACE
 
 if TYPE_CHECKING:
     from .propagator import Propagator
@@ -129,15 +130,16 @@ class FleetManager(socketio.AsyncManager):
         fleet = self._propagator()
         if target is None:
             await fleet.emit_to_all(event, data, skip=skip)
-        elif target == AUTHENTICATED_ROOM:
+            return
+        scope, named = scopes.scope_of_room(target)
+        if scope == "authenticated":
             await fleet.emit_to_authenticated(event, data, skip=skip)
-        elif target.startswith(USER_ROOM_PREFIX) and is_user_id(target[len(USER_ROOM_PREFIX):]):
-            await fleet.emit_to_user(target[len(USER_ROOM_PREFIX):], event, data, skip=skip)
-        elif self.is_remote_sid(target):
-            if target not in skip:
+        elif scope == "user":
+            await fleet.emit_to_user(named.user_id or "", event, data, skip=skip)
+        elif scope == "sid":
+            if self.is_remote_sid(target) and target not in skip:
                 await fleet.emit_to_sid(target, event, data)
-        elif looks_like_sid(target):
-            return  # one of ours that is gone: nobody to send to, as stock
+            # else one of ours that is gone: nobody to send to, as stock
         else:
             await fleet.emit_to_room(_room(target), event, data, skip=skip)
 
@@ -189,7 +191,7 @@ def _room(room: Any) -> str:
     """A room this fleet can carry: a valid name the scopes do not own."""
     if not is_room_name(room):
         raise ValueError("a room name is 1-128 characters of A-Z a-z 0-9 _ . @ - : and not shaped like a sid")
-    if reserved_room(room):
+    if scopes.reserved(room):
         raise ValueError(f"the room {room!r} belongs to a delivery scope; it is joined and left automatically")
     return str(room)
 
