@@ -145,7 +145,7 @@ class Realtime:
         self.recovery = (
             Recovery(
                 self.bus, settings.secret_keys, settings.channel_prefix, settings.recovery_window,
-                settings.replay_max_age,
+                settings.replay_max_age, concurrency=settings.recovery_concurrency, wait=settings.redis_timeout,
             )
             if settings.replay_max_len
             else None
@@ -177,6 +177,7 @@ class Realtime:
             # Ids are remembered as long as the history keeps entries (a count per partition, an age).
             dedupe_size=settings.replay_max_len or 10_000,
             dedupe_age=settings.replay_max_age,
+            drain_timeout=settings.socket_write_timeout,
         )
         self.presence.announce = self._announce_presence
         self.expiry = (

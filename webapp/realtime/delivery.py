@@ -78,6 +78,24 @@ class Writer:
         sock = self._socket(sid)
         return None if sock is None else sock.close(wait=True, abort=True, reason=reason)
 
+    async def drain(self, sid: str, timeout: float) -> bool:
+        """Wait until what is queued for a socket has been handed to its connection; False when
+        it is gone or did not drain in time."""
+        sock = self._socket(sid)
+        if sock is None or sock.closing or sock.closed:
+            return False
+        try:
+            await asyncio.wait_for(sock.queue.join(), timeout)
+        except TimeoutError:
+            return False
+        return not (sock.closing or sock.closed)
+
+    def evict(self, sid: str) -> None:
+        """Disconnect a socket as a slow consumer."""
+        sock = self._socket(sid)
+        if sock is not None and not (sock.closing or sock.closed):
+            self._evict(sock, sid)
+
     def _evict(self, sock: Any, sid: str) -> None:
         """Disconnect a socket that stopped reading; its queue stays at the bound it reached."""
         self.slow_evicted += 1

@@ -96,6 +96,7 @@ class Propagator:
         presence: Presence | None = None,
         dedupe_size: int = 10_000,
         dedupe_age: float = 300.0,
+        drain_timeout: float = 10.0,
     ) -> None:
         """`dedupe_size` and `dedupe_age`: how long envelope ids are remembered to drop a
         message Redis applied twice (as long as the history keeps its entries)."""
@@ -109,6 +110,9 @@ class Propagator:
         self.outbox = outbox
         self.recovery = recovery
         self.writer = Writer(sio, max_queue)
+        self.drain_timeout = drain_timeout  # a replaying socket's queue must drain within it
+        # Live events for a socket whose replay is under way, at most (past it: a slow consumer).
+        self.max_waiting = max(max_queue, dedupe_size)
         # Opted-in sockets, and sockets whose CONNECT reply is not out yet (their deliveries wait).
         self.sessions: dict[str, Session] = {}
         self._connecting: dict[str, list[Delivery]] = {}
@@ -370,11 +374,36 @@ class Propagator:
             session.rooms_written = version
 
     async def connected(self, sid: str) -> None:
-        """The socket's CONNECT reply is out: send what it missed, then what waited for it."""
-        waiting = self._connecting.pop(sid, None)
+        """The socket's CONNECT reply is out: send what it missed, then what waited for it.
+
+        A replay follows the socket's reader (a chunk, then its queue drained), so a client
+        that reads as fast as it can is never taken for a slow consumer; live events wait
+        meanwhile, and go out after it, in order."""
         session = self.sessions.get(sid)
+        if session is not None and session.replay:
+            task = asyncio.ensure_future(self._replay_then_go_live(sid, session))
+            self._ops.add(task)
+            task.add_done_callback(self._ops.discard)
+            return
+        self._go_live(sid, session, 0)
+
+    async def _replay_then_go_live(self, sid: str, session: Session) -> None:
+        chunk = max(1, self.writer.max_queue // 2)
+        sent = 0
+        for start in range(0, len(session.replay), chunk):
+            if start and not await self.writer.drain(sid, self.drain_timeout):
+                if sid in self._connecting:  # still here, not reading: what it would be live too
+                    self.writer.evict(sid)
+                return
+            for entry, env in session.replay[start:start + chunk]:
+                session.sent.advance(entry.mark)
+                self.writer.write(sid, self.writer.encode(env.event or "", env.data, str(session.sent)))
+                sent += 1
+        self._go_live(sid, session, sent)
+
+    def _go_live(self, sid: str, session: Session | None, missed: int) -> None:
+        waiting = self._connecting.pop(sid, None)
         if session is not None:
-            missed = self._replay(sid, session)
             if session.failure is not None:
                 self.send([sid], "recovery_failed", {"reason": session.failure})
             elif session.replay_entries or missed:  # its channels carried something meanwhile
@@ -388,13 +417,6 @@ class Propagator:
 
     def _still_member(self, sid: str, channel: str) -> bool:
         return not channel.startswith(self._room_prefix) or self.members.since(sid, channel) is not None
-
-    def _replay(self, sid: str, session: Session) -> int:
-        """Send a resumed socket what it missed (planned by `plan_replay`); how many."""
-        for entry, env in session.replay:
-            session.sent.advance(entry.mark)
-            self.writer.write(sid, self.writer.encode(env.event or "", env.data, str(session.sent)))
-        return len(session.replay)
 
     def origin_of(self, sid: str) -> str:
         """The sid a socket's gateway answers carry: stable across a session's recoveries."""
@@ -678,6 +700,9 @@ class Propagator:
         for sid in sids:
             waiting = self._connecting.get(sid)
             if waiting is not None:
+                if len(waiting) >= self.max_waiting:  # a replay under way, outpaced by live events
+                    self.writer.evict(sid)
+                    continue
                 waiting.append((event, data, mark, channel))
                 continue
             session = self.sessions.get(sid)

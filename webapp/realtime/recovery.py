@@ -96,9 +96,21 @@ class Recovery:
     """Opens sessions, resumes them from the history, and remembers how they ended."""
 
     def __init__(
-        self, bus: Bus, secret_keys: str | Sequence[str], prefix: str, window: float, history_age: float
+        self,
+        bus: Bus,
+        secret_keys: str | Sequence[str],
+        prefix: str,
+        window: float,
+        history_age: float,
+        *,
+        concurrency: int = 16,
+        wait: float = 2.0,
     ) -> None:
+        """At most `concurrency` resumes read the history at once; one more waits up to `wait`
+        seconds for its turn, then fails with `busy` (each is a range read over a partition)."""
         self._bus = bus
+        self._turns = asyncio.Semaphore(concurrency)
+        self._wait = wait
         # How a session ended is kept as long as the history it refers to, so "too late" is
         # told apart from "never said" (a SIGKILLed instance) for all that time.
         self._record_ttl = max(window, history_age)
@@ -159,13 +171,27 @@ class Recovery:
         if claims.get("e") != self._bus.epoch:
             raise RecoveryFailed("history_lost")  # Redis lost its data since the session began
         try:
+            await asyncio.wait_for(self._turns.acquire(), self._wait)
+        except TimeoutError:
+            raise RecoveryFailed("busy") from None
+        try:
+            return await self._read(claims, pid, user_id, rejoin, start, held, sent is not None)
+        finally:
+            self._turns.release()
+
+    async def _read(
+        self, claims: dict[str, Any], pid: str, user_id: str | None, rejoin: Rejoin, start: Position,
+        held: Position, offset_sent: bool,
+    ) -> Session:
+        """Read what a resumed session missed (its turn taken)."""
+        try:
             since = start.merged(held)
             ended = await self._ended(pid)
             if ended is not None:
                 left_at, last_sent, position = ended
                 if time.time() - left_at > self.window:
                     raise RecoveryFailed("expired")
-                if (held if sent is not None else start.only(last_sent.partitions())) == last_sent:
+                if (held if offset_sent else start.only(last_sent.partitions())) == last_sent:
                     # It received all it was sent, and it had been sent all it was addressed by
                     # up to `position`: an idle socket's old offset need not be in the history.
                     since = since.merged(position)
