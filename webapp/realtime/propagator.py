@@ -305,15 +305,23 @@ class Propagator:
 
     async def _enter_room(self, sid: str, room: str, by_backend: bool) -> None:
         channel = self.room_channel(room)
+        manager = self.sio.manager
         async with self._locks.hold(channel):
-            if self.sio.manager.eio_sid_from_sid(sid, NAMESPACE) is None:
+            if manager.eio_sid_from_sid(sid, NAMESPACE) is None:
                 return  # gone meanwhile
             fresh = not self._members_here(room)
             if fresh:
                 await self._hold(channel)
-            if self.members.since(sid, channel) is None:
-                self.members.joined(sid, channel, await self.members.now(channel, fresh=fresh))
-            self.sio.manager.basic_enter_room(sid, NAMESPACE, room)
+            at = await self.members.now(channel, fresh=fresh) if self.members.since(sid, channel) is None else None
+            eio_sid = manager.eio_sid_from_sid(sid, NAMESPACE)
+            if eio_sid is None or sid not in self.state:
+                # It left while Redis confirmed the channel: nothing of it may stay behind.
+                if not self._members_here(room):
+                    await self.bus.unsubscribe(channel)
+                return
+            manager.basic_enter_room(sid, NAMESPACE, room, eio_sid=eio_sid)
+            if at is not None:
+                self.members.joined(sid, channel, at)
         self._count_in(sid, room)
         session = self.sessions.get(sid)
         if session is not None and room not in session.rooms:
@@ -641,6 +649,8 @@ class Propagator:
                     await self.leave_room(sid, env.room)
             except SubscriptionFailed as exc:
                 log.warning("socket %s could not join %s: %s", sid, env.room, exc)
+            except Exception:  # one socket's failure must not skip the op's other sockets
+                log.exception("applying %s of %s to socket %s failed", env.op, env.room, sid)
 
     def end_socket(self, sid: str, reason: str) -> None:
         """Tell a local socket why (`disconnect_reason`), then disconnect it at the Socket.IO
@@ -729,6 +739,9 @@ class Propagator:
         return {
             "sockets": len(self.state),
             "users": len(self.state.users()),
+            # Sockets listed in python-socketio's room table, rooms of their own included: a
+            # socket gone from `sockets` but not from here is a leak.
+            "room_entries": sum(len(members) for members in self.sio.manager.rooms.get(NAMESPACE, {}).values()),
             "delivered": self.writer.delivered,
             "dropped_invalid": self.dropped,
             "slow_consumers_evicted": self.writer.slow_evicted,
