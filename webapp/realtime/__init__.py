@@ -33,7 +33,8 @@ from .limits import RateLimiter
 from .manager import FleetManager
 from .outbox import Outbox
 from .presence import Presence
-from .propagator import Outgoing, Propagator
+from .propagator import Propagator
+from .publisher import Outgoing, Publisher
 from .recovery import Recovery
 from .rooms import JoinPolicy, allowed, nobody
 from .scopes import Scope
@@ -163,13 +164,17 @@ class Realtime:
             redis_url=settings.redis_url, ttl=settings.presence_ttl, timeout=settings.redis_timeout,
             announced_prefixes=self.presence_events, tls=tls, topology=topology,
         )
+        self.publisher = Publisher(
+            self.bus, settings.channel_prefix, settings.instance_id,
+            Outbox(self.bus, settings.outbox_max_messages, settings.outbox_max_age),
+        )
         self.propagator = Propagator(
             self.bus,
             self.state,
             self.sio,
             settings.channel_prefix,
             settings.instance_id,
-            outbox=Outbox(self.bus, settings.outbox_max_messages, settings.outbox_max_age),
+            publisher=self.publisher,
             recovery=self.recovery,
             max_queue=settings.socket_max_queue,
             sid_tag=sid_tag,
@@ -242,7 +247,7 @@ class Realtime:
         self.propagator.send([sid], "token_expiring", {"expires_at": iso(expires_at)})
 
     async def _announce_presence(self, room: str, user_id: str, status: str) -> None:
-        await self.propagator.emit_to_room(room, "presence", {"room": room, "user": user_id, "status": status})
+        await self.publisher.emit_to_room(room, "presence", {"room": room, "user": user_id, "status": status})
 
     async def may_join(self, user_id: str | None, room: str) -> bool:
         """Whether the join policy lets a socket of `user_id` join `room` by itself."""
@@ -313,19 +318,17 @@ class Realtime:
         self, scope: Scope, event: str, data: Any, *, user_id: str | None = None, room: str | None = None
     ) -> str:
         """Send an event to a scope on every instance; its envelope id."""
-        outgoing = self.propagator.addressed(scope, event, data, user_id=user_id, room=room)
-        await self.propagator.publish(outgoing)
-        return outgoing.envelope_id
+        return await self.publisher.publish(self.publisher.addressed(scope, event, data, user_id=user_id, room=room))
 
     def addressed(
         self, scope: Scope, event: str, data: Any, *, user_id: str | None = None, room: str | None = None
     ) -> Outgoing:
         """An event encoded for a scope, to publish with others (TypeError for data JSON cannot carry)."""
-        return self.propagator.addressed(scope, event, data, user_id=user_id, room=room)
+        return self.publisher.addressed(scope, event, data, user_id=user_id, room=room)
 
     async def emit_many(self, outgoing: list[Outgoing]) -> None:
         """Publish encoded events together, in one round trip per partition."""
-        await self.propagator.publish_many(outgoing)
+        await self.publisher.publish_many(outgoing)
 
     async def user_rooms(self, user_id: str) -> set[str]:
         """The rooms the backend put a user in."""
@@ -337,12 +340,12 @@ class Realtime:
         Both steps are idempotent: retry on BusUnavailable."""
         store = self.users.add_room if member else self.users.remove_room
         changed = await store(user_id, room)
-        await self.propagator.publish_op("join" if member else "leave", user_id=user_id, room=room)
+        await self.publisher.publish_op("join" if member else "leave", user_id=user_id, room=room)
         return changed
 
     async def disconnect_user(self, user_id: str, reason: str) -> str:
         """Disconnect every socket of a user, each told `reason` first."""
-        return await self.propagator.publish_op("disconnect", user_id=user_id, reason=reason)
+        return await self.publisher.publish_op("disconnect", user_id=user_id, reason=reason)
 
     async def revoke(self, user_id: str) -> tuple[str, float]:
         """Refuse the user's tokens minted before now and disconnect its sockets: the op's id and

@@ -113,13 +113,13 @@ async def _answer(realtime: Realtime, sid: str, event: str, data: Any) -> int:
     raw = None
     if user_id is not None:
         try:
-            raw = propagator.answer_envelope(user_id, event, data, propagator.origin_of(sid))
+            raw = propagator.publisher.answer_envelope(user_id, event, data, propagator.origin_of(sid))
         except (TypeError, orjson.JSONEncodeError) as exc:
             log.error("gateway %s gave an answer that is not JSON: %s", event, exc)
             await _error(realtime, sid, event, "bad_answer", "the gateway's answer could not be encoded")
             return 0
     propagator.send([sid], event, data)
-    if raw is not None and not await propagator.propagate_answer(user_id or "", raw):
+    if raw is not None and not await propagator.publisher.propagate_answer(user_id or "", raw):
         log.warning("answer to %s not propagated to %s's other sockets: outbox full", sid, user_id)
     return 1
 
@@ -230,7 +230,7 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
             return {"ok": False, "error": "bad_payload"}
         message = {"room": room, "from": realtime.propagator.state.user_of(sid), "text": text}
         try:
-            await realtime.propagator.emit_to_room(room, "room_message", message)
+            await realtime.publisher.emit_to_room(room, "room_message", message)
         except BusUnavailable:
             await _error(realtime, sid, "room_send", "bus_unavailable", "the event bus did not take the message; retry")
             return {"ok": False, "error": "bus_unavailable"}

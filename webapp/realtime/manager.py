@@ -129,25 +129,25 @@ class FleetManager(socketio.AsyncManager):
         skip = _as_list(skip_sid)
         fleet = self._propagator()
         if target is None:
-            await fleet.emit_to_all(event, data, skip=skip)
+            await fleet.publisher.emit_to_all(event, data, skip=skip)
             return
         scope, named = scopes.scope_of_room(target)
         if scope == "authenticated":
-            await fleet.emit_to_authenticated(event, data, skip=skip)
+            await fleet.publisher.emit_to_authenticated(event, data, skip=skip)
         elif scope == "user":
-            await fleet.emit_to_user(named.user_id or "", event, data, skip=skip)
+            await fleet.publisher.emit_to_user(named.user_id or "", event, data, skip=skip)
         elif scope == "sid":
             if self.is_remote_sid(target) and target not in skip:
-                await fleet.emit_to_sid(target, event, data)
+                await fleet.publisher.emit_to_sid(target, event, data)
             # else one of ours that is gone: nobody to send to, as stock
         else:
-            await fleet.emit_to_room(_room(target), event, data, skip=skip)
+            await fleet.publisher.emit_to_room(_room(target), event, data, skip=skip)
 
     async def can_disconnect(self, sid: str, namespace: str) -> bool:
         if self.is_connected(sid, namespace) or namespace != NAMESPACE:
             return bool(self.is_connected(sid, namespace))
         if self.is_remote_sid(sid):
-            await self._propagator().publish_op("disconnect", to=sid, reason="disconnected by the server")
+            await self._propagator().publisher.publish_op("disconnect", to=sid, reason="disconnected by the server")
         return False
 
     async def disconnect(self, sid: str, namespace: str, **kwargs: Any) -> None:
@@ -164,7 +164,7 @@ class FleetManager(socketio.AsyncManager):
         if self.holds(sid):
             await self._propagator().enter_room(sid, room)
         elif self.is_remote_sid(sid):
-            await self._propagator().publish_op("join", to=sid, room=room)
+            await self._propagator().publisher.publish_op("join", to=sid, room=room)
 
     async def leave_room(self, sid: str, namespace: str, room: Any) -> None:
         if namespace != NAMESPACE:
@@ -174,7 +174,7 @@ class FleetManager(socketio.AsyncManager):
         if self.holds(sid):
             await self._propagator().leave_room(sid, room)
         elif self.is_remote_sid(sid):
-            await self._propagator().publish_op("leave", to=sid, room=room)
+            await self._propagator().publisher.publish_op("leave", to=sid, room=room)
 
     async def close_room(self, room: Any, namespace: str) -> None:
         if namespace != NAMESPACE:
@@ -184,7 +184,7 @@ class FleetManager(socketio.AsyncManager):
         fleet = self._propagator()
         for sid, _ in list(self.get_participants(namespace, room)):
             await fleet.leave_room(sid, room)
-        await fleet.publish_op("close", room=room)
+        await fleet.publisher.publish_op("close", room=room)
 
 
 def _room(room: Any) -> str:

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, NamedTuple
+from typing import Any
 
 import socketio
 
@@ -27,8 +27,8 @@ from . import envelope, scopes
 from .bus import Bus, BusUnavailable, Mark, Position
 from .delivery import Frames, Writer
 from .membership import Membership, RecentIds, plan_replay
-from .outbox import Outbox
 from .presence import Presence
+from .publisher import Publisher
 from .recovery import Recovery, Request, Session
 from .state import SocketState
 
@@ -38,14 +38,6 @@ NAMESPACE = "/"
 AUTHENTICATED_ROOM = scopes.AUTHENTICATED_ROOM
 USER_ROOM_PREFIX = scopes.USER_ROOM_PREFIX
 reserved_room = scopes.reserved
-
-
-class Outgoing(NamedTuple):
-    """An event encoded for the bus, not yet published."""
-
-    envelope_id: str
-    channel: str
-    raw: bytes
 
 
 class SubscriptionFailed(Exception):
@@ -89,7 +81,7 @@ class Propagator:
         prefix: str,
         instance_id: str,
         *,
-        outbox: Outbox,
+        publisher: Publisher,
         recovery: Recovery | None = None,
         max_queue: int = 1000,
         sid_tag: str = "",
@@ -107,7 +99,7 @@ class Propagator:
         self.sid_tag = sid_tag
         self.presence = presence
         self._in_rooms: dict[str, set[str]] = {}  # sid -> rooms it is counted in by presence
-        self.outbox = outbox
+        self.publisher = publisher
         self.recovery = recovery
         self.writer = Writer(sio, max_queue)
         self.drain_timeout = drain_timeout  # a replaying socket's queue must drain within it
@@ -134,11 +126,9 @@ class Propagator:
         self._locks = _KeyedLocks()  # per channel: holding and releasing it never interleave
         self._ops: set[asyncio.Task[None]] = set()
         self.dropped = 0
-        # For metrics: outcomes of publishes, deliveries by scope, and optional timers
-        # (webapp/metrics.py sets them; None costs nothing).
-        self.publishes: Counter[str] = Counter()
+        # For metrics: deliveries by scope, and an optional timer (webapp/metrics.py sets it;
+        # None costs nothing).
         self.deliveries_by_scope: Counter[str] = Counter({name: 0 for name in scopes.ROWS})
-        self.observe_publish: Callable[[float], None] | None = None
         self.observe_lag: Callable[[float], None] | None = None
         self._last_drop_log = 0.0
 
@@ -156,7 +146,7 @@ class Propagator:
         await self.bus.start(self.on_message, self.on_gap)
         if self.presence is not None:
             await self.presence.start()
-        self.outbox.start()
+        self.publisher.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(10.0), name="state-sweeper")
         await self.bus.subscribe(self.channel_all)
         await self.bus.subscribe(self.channel_authenticated)
@@ -176,7 +166,7 @@ class Propagator:
         self._sweeper = None
         if self.presence is not None:
             await self.presence.close()  # while the bus still runs: its leaves are announced
-        await self.outbox.close()
+        await self.publisher.close()
         await self.bus.close()
 
     # --- sockets coming and going -------------------------------------------------------
@@ -489,119 +479,6 @@ class Propagator:
                     self.swept += 1
                     await self.detach(sid)
 
-    # --- publishing -------------------------------------------------------------------------
-
-    async def emit_to_user(
-        self, user_id: str, event: str, data: Any, *, origin_sid: str | None = None, skip: Iterable[str] = ()
-    ) -> str:
-        """Send to every socket of `user_id` on every instance, except `origin_sid` and `skip`."""
-        envelope_id, raw = envelope.make(
-            "user", event, data, user_id=user_id, instance=self.instance_id, sid=origin_sid, skip=list(skip)
-        )
-        await self._publish(self.user_channel(user_id), raw)
-        return envelope_id
-
-    async def propagate_answer(self, user_id: str, raw: bytes) -> bool:
-        """Publish a gateway answer already encoded as an envelope; held in the outbox while
-        the bus is down. False when the outbox had to drop it."""
-        return await self.outbox.publish(self.user_channel(user_id), raw)
-
-    def answer_envelope(self, user_id: str, event: str, data: Any, origin_sid: str) -> bytes:
-        """Encode an answer for the user's other sockets (raises TypeError for non-JSON data)."""
-        return envelope.make(
-            "user", event, data, user_id=user_id, instance=self.instance_id, sid=origin_sid
-        )[1]
-
-    async def emit_to_all(self, event: str, data: Any, *, skip: Iterable[str] = ()) -> str:
-        """Send to every connected socket on every instance, anonymous ones included."""
-        envelope_id, raw = envelope.make("all", event, data, instance=self.instance_id, skip=list(skip))
-        await self._publish(self.channel_all, raw)
-        return envelope_id
-
-    async def emit_to_authenticated(self, event: str, data: Any, *, skip: Iterable[str] = ()) -> str:
-        """Send to every socket that has a user, on every instance."""
-        envelope_id, raw = envelope.make(
-            "authenticated", event, data, instance=self.instance_id, skip=list(skip)
-        )
-        await self._publish(self.channel_authenticated, raw)
-        return envelope_id
-
-    def addressed(
-        self, scope: scopes.Scope, event: str, data: Any, *, user_id: str | None = None, room: str | None = None
-    ) -> Outgoing:
-        """Encode an event for a scope (raises TypeError for data JSON cannot carry)."""
-        channel = scopes.channel(self.prefix, scope, user_id=user_id, room=room)
-        envelope_id, raw = envelope.make(scope, event, data, user_id=user_id, room=room, instance=self.instance_id)
-        return Outgoing(envelope_id, channel, raw)
-
-    async def publish(self, outgoing: Outgoing) -> None:
-        """Publish one encoded event; BusUnavailable if the bus did not confirm it."""
-        await self._publish(outgoing.channel, outgoing.raw)
-
-    async def publish_many(self, outgoing: list[Outgoing]) -> None:
-        """Publish encoded events together (the bus sends concurrent publishes in one round
-        trip); BusUnavailable if the bus did not confirm every one of them."""
-        results = await asyncio.gather(
-            *(self._publish(item.channel, item.raw) for item in outgoing), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-
-    async def _publish(self, channel: str, raw: bytes) -> None:
-        """Hand one message to the bus, counting the outcome and timing it."""
-        started = time.perf_counter()
-        try:
-            await self.bus.publish(channel, raw)
-        except BusUnavailable:
-            self.publishes["unavailable"] += 1
-            raise
-        self.publishes["ok"] += 1
-        if self.observe_publish is not None:
-            self.observe_publish(time.perf_counter() - started)
-
-    async def emit_to_room(self, room: str, event: str, data: Any, *, skip: Iterable[str] = ()) -> str:
-        """Send to every socket in `room` on every instance; only instances holding one wake."""
-        envelope_id, raw = envelope.make(
-            "room", event, data, room=room, instance=self.instance_id, skip=list(skip)
-        )
-        await self._publish(self.room_channel(room), raw)
-        return envelope_id
-
-    async def emit_to_sid(self, sid: str, event: str, data: Any) -> str:
-        """Send to one socket held by another instance, through that instance's own channel."""
-        envelope_id, raw = envelope.make("sid", event, data, to=sid, instance=self.instance_id)
-        await self._publish(self.node_channel_of(sid), raw)
-        return envelope_id
-
-    async def publish_op(
-        self,
-        op: envelope.Op,
-        *,
-        user_id: str | None = None,
-        room: str | None = None,
-        to: str | None = None,
-        reason: str | None = None,
-    ) -> str:
-        """Ask every instance to change sockets: the sockets of `user_id`, socket `to`, or the
-        sockets in `room` join or leave `room`, leave a closed room, or are disconnected."""
-        scope: scopes.Scope
-        if to is not None:
-            scope = "sid"
-        elif user_id is not None:
-            scope = "user"
-        elif room is not None:
-            scope = "room"
-        else:
-            raise ValueError("an op needs a user, a socket or a room")
-        channel = scopes.channel(self.prefix, scope, user_id=user_id, room=room, to=to)
-        envelope_id, raw = envelope.make(
-            scope, None, None, user_id=user_id, instance=self.instance_id,
-            op=op, room=room, to=to, reason=reason,
-        )
-        await self._publish(channel, raw)
-        return envelope_id
-
     # --- consuming ----------------------------------------------------------------------
 
     async def on_message(self, channel: str, raw: bytes, mark: Mark | None) -> None:
@@ -750,7 +627,7 @@ class Propagator:
             "deduplicated": self.deduplicated,
             "gap_notices": self.gap_notices,
             **({"recovery": self.recovery.status()} if self.recovery is not None else {}),
-            "outbox": self.outbox.status(),
+            "outbox": self.publisher.outbox.status(),
         }
 
 
