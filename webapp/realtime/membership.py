@@ -47,17 +47,16 @@ class Membership:
         except BusUnavailable:
             return max(consumed, Offset(bus.clock_ms(), 0))
 
-    def start_of(self, channels: Iterable[str]) -> Position:
-        """Where a new socket joins its base channels (no round trip: they are held already)."""
+    def connected(self, sid: str, channels: Iterable[str]) -> None:
+        """A new socket joins its base channels (held already: no round trip). While the bus is
+        live that is at the consumed position, which every event still to come lies after, so
+        nothing is kept; while Redis is away, at Redis's clock, which is."""
         bus = self._bus
-        partitions = {bus.partition_of(channel) for channel in channels}
-        consumed = bus.position or Position()
         if bus.ready:
-            return Position({p: consumed.at(p) for p in partitions})
+            return
+        consumed = bus.position or Position()
         clock = Offset(bus.clock_ms(), 0)
-        return Position({p: max(consumed.at(p), clock) for p in partitions})
-
-    def connected(self, sid: str, start: Position) -> None:
+        start = Position({p: max(consumed.at(p), clock) for p in {bus.partition_of(c) for c in channels}})
         self._base[sid] = start
         for partition in start.partitions():
             self._raise(partition, start.at(partition))

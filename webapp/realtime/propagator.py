@@ -202,7 +202,7 @@ class Propagator:
                     self.presence.socket_connected(user_id)
                 manager.basic_enter_room(sid, NAMESPACE, USER_ROOM_PREFIX + user_id)
                 manager.basic_enter_room(sid, NAMESPACE, AUTHENTICATED_ROOM)
-            self.members.connected(sid, self.members.start_of(self.channels_of(sid)))
+            self.members.connected(sid, self.channels_of(sid))
             given = {room for room in await rooms if is_room_name(room)} if rooms is not None else set()
             for room in given:
                 await self.enter_room(sid, room, by_backend=True)
