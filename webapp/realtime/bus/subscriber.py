@@ -301,6 +301,9 @@ class Subscriber:
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
+        # A catch-up under way reads `confirmed` to pick what it delivers: it must stop where it
+        # is instead of taking every channel for one not held, and moving past their entries.
+        self._generation += 1
         self.confirmed.clear()
         self._initial.clear()
         for queue in self._waiters.values():
@@ -342,10 +345,13 @@ class Subscriber:
             return True
         # Only partitions whose channels this connection holds: those Redis moved away are caught
         # up by their new node's connection, from a position this one must not move.
+        if self._conn is None:
+            return False  # dropped: the reconnect owes the catch-up, and wakes the deliverer once confirmed
         partitions = {bus.partition_of(channel) for channel in self.confirmed}
         generation = self._generation
         if self._from_start:
             bus.rewind(partitions)
+            self._from_start = False  # rewound once: a catch-up cut short goes on from where it got to
         since = bus.position_now()
         try:
             # Every channel of these partitions: one confirmed while this runs gets its entries too.
@@ -356,17 +362,25 @@ class Subscriber:
             return False
         replayed = 0
         for entry in history.entries:
+            if generation != self._generation:
+                # Another gap began (the connection dropped, or channels moved here): what is
+                # confirmed no longer says what is held. The position stays at the last entry
+                # handled, and the next catch-up goes on from there: nothing skipped unseen.
+                break
             if entry.mark.partition not in partitions or not bus.advance(entry.mark):
                 continue  # delivered meanwhile (live on another node's connection, before a move)
             if entry.channel in self.confirmed and entry.channel != bus.sync_channel:
                 replayed += 1
                 await bus.deliver(entry.channel, entry.message, entry.mark)
         bus.replayed += replayed
+        if generation != self._generation:
+            log.info("Redis subscriber on %s: a gap began during the catch-up from %s (%d replayed); "
+                     "it goes on from %s", self.name, since, replayed, bus.position_now())
+            self._inbox_ready.set()  # the deliverer looks again: still owed, or holding until confirmed
+            return False
         for partition in partitions:
             bus.advance(Mark(partition, history.end.at(partition)))
-        self._from_start = False
-        if generation == self._generation:
-            self._owed = False  # else another gap began meanwhile: catch up again from here
+        self._owed = False
         log.info("Redis subscriber on %s caught up from %s: %d replayed", self.name, since, replayed)
         if not history.complete:
             bus.gaps += 1
