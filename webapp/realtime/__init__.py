@@ -184,6 +184,9 @@ class Realtime:
         self.sio.connect_reply = self._connect_reply
         # The app's signer when it has one (the project's auth), else one of our own.
         signer: TokenSigner = app.extensions.setdefault("tokens", TokenSigner(settings.secret_keys))
+        # Tokens dated on Redis's clock, as revocations are (realtime/directory.py).
+        bus = self.bus
+        signer.clock = lambda: bus.clock_ms() / 1000
         self.signer = signer
         gateway.register(self, signer)
         for event, handler in self._gateways.items():

@@ -78,19 +78,23 @@ _PUBLISH_SHA = hashlib.sha1(_PUBLISH_AND_RECORD.encode()).hexdigest()
 SCRIPT_BATCH_MAX = 128
 _OFFSET_MARK = b'{"offset":"'
 _READ_CHUNK = 1000
-# A live offset far ahead of our clock is forged (anyone can publish on our channels): trusting
-# it would make the seam drop every real message after it.
+# A live offset far ahead of Redis's clock is forged (anyone can publish on our channels):
+# trusting it would make the seam drop every real message after it. Compared with Redis's clock
+# (`RedisBus.clock_ms`), never ours: an instance whose clock runs behind Redis's would take
+# every real offset for a forged one, deliver without moving its position, and replay
+# everything it had delivered at the next catch-up.
 _MAX_CLOCK_SKEW_MS = 60_000
 
 
-def offset_of(message: bytes) -> Offset | None:
-    """The offset the publish script spliced into a live message, if it is there and sane."""
+def offset_of(message: bytes, now_ms: float) -> Offset | None:
+    """The offset the publish script spliced into a live message, if it is there and sane:
+    not past `now_ms` (Redis's clock, as stream ids count) by more than a minute."""
     if not message.startswith(_OFFSET_MARK):
         return None
     start = len(_OFFSET_MARK)
     stop = message.find(b'"', start, start + 40)
     offset = Offset.parse(message[start:stop]) if stop > 0 else None
-    if offset is None or offset.ms > time.time() * 1000 + _MAX_CLOCK_SKEW_MS:
+    if offset is None or offset.ms > now_ms + _MAX_CLOCK_SKEW_MS:
         return None
     return offset
 
@@ -231,7 +235,7 @@ class RedisBus:
                             self._history_key or "{webapp}:replay", self._cluster_partitions, sharded=True
                         )
                 await self.lost_its_data()
-                await self._read_clock()
+                await self.read_clock()
                 # The process's first connection owes nothing: it starts at the ends of the histories.
                 self._position = await self.end() if self.has_history else Position()
                 if self.sharded:
@@ -616,8 +620,10 @@ class RedisBus:
         log.warning("Redis lost its data since we last saw it (new epoch); replaying its whole history")
         return True
 
-    async def _read_clock(self) -> None:
-        """Learn how far Redis's clock is from ours: stream ids are Redis milliseconds."""
+    async def read_clock(self) -> None:
+        """Learn how far Redis's clock is from ours: stream ids are Redis milliseconds. Read at
+        boot and at every subscriber reconnect (Redis may have restarted on another host, or
+        either clock been stepped)."""
         client = self._require_client()
         before = time.time()
         with _answered():
@@ -717,7 +723,7 @@ class RedisBus:
         await dispatch(self.handler, channel, message, mark)
 
     def offset_in(self, message: bytes) -> Offset | None:
-        return offset_of(message) if self.has_history else None
+        return offset_of(message, self.clock_ms()) if self.has_history else None
 
     async def on_gap(self, reason: str) -> None:
         assert self._on_gap is not None

@@ -221,8 +221,10 @@ class Subscriber:
         try:
             # A reconnect owes a catch-up; a connection made for channels that moved here too.
             owed = self._owed or self._connected_before
-            if self._connected_before and await bus.lost_its_data():
-                self._from_start = True
+            if self._connected_before:
+                if await bus.lost_its_data():
+                    self._from_start = True
+                await bus.read_clock()  # live offsets are checked against Redis's clock
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
