@@ -137,6 +137,8 @@ class Realtime:
                 name=f"{settings.channel_prefix}:{settings.instance_id}",
                 tls=tls,
                 topology=topology,
+                inbox_max_messages=settings.inbox_max_messages,
+                inbox_max_bytes=settings.inbox_max_bytes,
             )
         # Recovery needs the history: with REPLAY_MAX_LEN=0 the opt-in is ignored.
         self.recovery = (
