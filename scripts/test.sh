@@ -12,6 +12,11 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   echo "webapp: installing redis-server, redis-tools and openssl"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools openssl >/dev/null
 fi
+# The clock tests (tests/test_clocks.py) run instances behind Redis's clock with libfaketime.
+if ! command -v faketime >/dev/null 2>&1; then
+  echo "webapp: installing faketime for the clock tests"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null
+fi
 if ! redis_answers; then
   echo "webapp: starting redis-server on 127.0.0.1:6379"
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \

@@ -60,6 +60,22 @@ def test_the_cluster_shards_benchmark_runs_and_spreads_the_scripts() -> None:
     assert all(15 <= share <= 55 for share in shares["16"]), output  # about a third each
 
 
+@pytest.mark.bench
+@pytest.mark.cluster
+def test_the_flood_benchmark_runs_and_keeps_the_inbox_bounded() -> None:
+    """No timing asserted: a short flood at three times the measured capacity, against an inbox
+    bound of 500 messages, overflows it, sheds to the history and keeps every socket."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.flood", "--runs", "1", "--seconds", "4", "--probe", "2", "--sockets", "50",
+         "--inbox-max-messages", "500"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads(result.stdout.split("run 1/1: ", 1)[1].splitlines()[0])
+    assert run["alive"] and run["sockets_kept"] == 50, run
+    assert run["capacity_per_s"] > 0 and run["overflows"] >= 1 and run["shed"] > 0, run
+
+
 def _quick_bench(*args: str) -> tuple[subprocess.CompletedProcess[str], str]:
     """`python -m bench --quick ARGS`: the finished run, and the end of what it printed."""
     result = subprocess.run(

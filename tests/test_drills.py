@@ -186,3 +186,67 @@ async def test_an_instance_cut_off_from_redis_for_seconds_loses_nothing(instance
             assert a.status()[1]["bus"]["gaps"] == 0
         finally:
             await probe.close()
+
+
+async def test_a_subscriber_cut_twice_within_100_ms_under_load_loses_nothing(instances: list[Instance]) -> None:
+    """The second cut lands while the instance reconnects or catches up from the first: a catch-up
+    cut short must not move the instance's position past what it had not delivered."""
+    prefix = unique("flap")
+    with TcpProxy([("127.0.0.1", 6379)]).start() as redis_link:
+        a = Instance("A", instance_env(prefix, redis_url=redis_link.redis_url, REDIS_BACKOFF_MAX="0.2")).start()
+        b = Instance("B", instance_env(prefix)).start()
+        instances.extend([a, b])
+        a.wait_serving()
+        b.wait_serving()
+        user = unique("user")
+        probe = Probe(f"{user}@A")
+        await probe.connect(a.url, await token_for(b.url, user))
+        acked: list[int] = []
+        stop = asyncio.Event()
+
+        async def flood(first: int, step: int) -> None:
+            """Batches of 20 events to the user on B, back to back: the load A catches up on."""
+            n = first
+            while not stop.is_set():
+                events = [{"scope": "user", "user_id": user, "event": "tick", "data": n + i} for i in range(20)]
+                status, answer = await api(b.url, "/api/emit/batch", {"events": events})
+                assert status == 202, answer
+                acked.extend(range(n, n + 20))
+                n += step
+
+        async def toggle_rooms() -> None:
+            """Backend room changes for the user between the events: applying one awaits Redis
+            (the room's channel is subscribed), so a catch-up of them yields mid-way."""
+            k = 0
+            while not stop.is_set():
+                for method in ("PUT", "DELETE"):
+                    status, answer = await api(b.url, f"/api/users/{user}/rooms/r{k % 5}", method=method)
+                    assert status == 200, answer
+                k += 1
+
+        floods = [asyncio.create_task(flood(k * 20, 40)) for k in range(2)]
+        floods.append(asyncio.create_task(toggle_rooms()))
+        try:
+            await wait_until(lambda: len(acked) >= 200, "the flood to flow")
+            for gap in (0.1, 0.08, 0.06, 0.04, 0.02, 0.1):  # the second cut at various points of the first's recovery
+                redis_link.cut()
+                redis_link.restore()
+                await asyncio.sleep(gap)
+                redis_link.cut()
+                redis_link.restore()
+                await wait_until(lambda: a.readyz()[0] == 200, "A back after the second cut", timeout=15)
+                await asyncio.sleep(0.3)  # load in between
+        finally:
+            stop.set()
+            await asyncio.gather(*floods)
+            try:
+                status, answer = await api(b.url, "/api/emit/all", {"event": "fence", "data": None})
+                assert status == 202, answer
+                await probe.wait_for("fence", timeout=30)
+                ticks = probe.of("tick")
+                assert len(ticks) == len(set(ticks)), f"{len(ticks) - len(set(ticks))} duplicates"
+                assert sorted(ticks) == sorted(acked), f"lost {sorted(set(acked) - set(ticks))[:20]}"
+                status, body = a.status()
+                assert body["bus"]["reconnects"] >= 6 and body["bus"]["gaps"] == 0
+            finally:
+                await probe.close()

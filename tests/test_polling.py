@@ -37,6 +37,18 @@ def open_connections(port: int) -> int:
     return count
 
 
+def closing_wait(port: int) -> int:
+    """Server-side TCP connections on `port` in CLOSE-WAIT: their client closed, the server has not."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        path = Path(table)
+        if path.exists():
+            for line in path.read_text().splitlines()[1:]:
+                fields = line.split()
+                count += int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "08"
+    return count
+
+
 class Polling:
     """A bare Engine.IO v4 long-polling session; every request on a connection of its own."""
 
@@ -115,6 +127,21 @@ async def test_a_malformed_post_is_answered_at_once_and_leaves_nothing_open(
     assert await asyncio.wait_for(session.get_status(), ANSWER_WITHIN) == 400
     await wait_until(lambda: server.status()[1]["sockets"] == 0, "the refused socket to be forgotten")
     await wait_until(lambda: open_connections(server.port) == 0, "every connection to be closed")
+
+
+@pytest.mark.parametrize("payload", ["4hello", "1"], ids=["malformed", "close-packet"])
+async def test_a_connection_its_client_closed_is_released_within_a_second(server: Instance, payload: str) -> None:
+    # Kept-alive connections (no `Connection: close`): the server keeps each open after its
+    # answer, for the Procfile's --keep-alive 30, unless the client ends it.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as kept_alive:
+        session = Polling(kept_alive, server.url)
+        await session.open()
+        assert await asyncio.wait_for(session.post(payload), ANSWER_WITHIN) == (200, "ok")
+        assert open_connections(server.port) >= 1
+    # The client closed every connection: the server must close its side too, not wait 30 s.
+    await wait_until(lambda: closing_wait(server.port) == 0, "no connection left in CLOSE-WAIT", timeout=1.0)
+    await asyncio.sleep(1.5)  # and none after 2.5 s either
+    assert closing_wait(server.port) == 0 and open_connections(server.port) == 0
 
 
 async def test_a_client_close_answers_the_pending_get_with_a_valid_payload(

@@ -25,6 +25,23 @@ def test_the_hook_is_where_it_was_checked(hook: Hook) -> None:
         )
 
 
+def test_a_connection_holds_its_keep_alive_timer_where_release_on_eof_stops_it() -> None:
+    # serving.release_on_eof stops `idle_task` once `_read_data` returns; TCPServer.__init__
+    # only stores what it is given, so it can be built here without a connection.
+    from hypercorn.asyncio.tcp_server import TCPServer
+    from hypercorn.asyncio.worker_context import AsyncioSingleTask
+    from hypercorn.config import Config
+
+    from webapp import serving
+
+    server = TCPServer(None, None, Config(), None, None, None, None)  # type: ignore[arg-type]
+    assert isinstance(server.idle_task, AsyncioSingleTask)
+    serving.release_on_eof()
+    serving.release_on_eof()  # idempotent: wrapped once
+    assert getattr(TCPServer._read_data, "releases_on_eof", False)
+    assert inspect.signature(TCPServer._read_data).parameters.keys() == {"self"}
+
+
 def test_the_managers_room_table_has_the_layout_the_propagator_reads() -> None:
     # propagator.Propagator._members_here reads `manager.rooms[namespace][room]` (no copy per check).
     import socketio

@@ -46,14 +46,14 @@ def envelope(text: str) -> bytes:
 
 @asynccontextmanager
 async def pair(
-    prefix: str, url: str = REDIS_URL, **subscriber_options: object
+    prefix: str, url: str = REDIS_URL, collected: Collected | None = None, **subscriber_options: object
 ) -> AsyncIterator[tuple[RedisBus, RedisBus, Collected, Callable[[str], bytes]]]:
     """A subscribing bus and a publishing bus on one history, both started and closed."""
     options = {"history_key": f"{prefix}:replay", "epoch_key": f"{prefix}:epoch"}
     subscriber_options = {"backoff_min": 0.2, **subscriber_options}
     subscriber = RedisBus(url, name=f"{prefix}:sub-side", **options, **subscriber_options)  # type: ignore[arg-type]
     publisher = RedisBus(url, name=f"{prefix}:pub-side", **options)  # type: ignore[arg-type]
-    got = Collected()
+    got = collected or Collected()
     await subscriber.start(got.on_message, got.on_gap)
     await publisher.start(Collected().on_message, Collected().on_gap)
     try:
@@ -86,6 +86,47 @@ async def test_a_gap_of_seconds_is_replayed_once_and_in_order(redis_client: redi
         assert sent > 20 and subscriber.replayed >= 1 and got.gaps == []
         offsets = [o for o in got.offsets if o is not None]
         assert len(offsets) == len(got.offsets) and offsets == sorted(set(offsets))
+    redis_client.delete(f"{prefix}:replay", f"{prefix}:epoch")
+
+
+class DroppingAgain(Collected):
+    """A handler that awaits (as the propagator's ops do): at one message of a catch-up, it
+    has the subscriber's connection killed and waits until the subscriber has noticed."""
+
+    def __init__(self, redis_client: redis.Redis, name: str, at: bytes) -> None:
+        super().__init__()
+        self.redis_client, self.name, self.at = redis_client, name, at
+        self.bus: RedisBus | None = None
+        self.dropped = False
+
+    async def on_message(self, channel: str, message: bytes, mark: Mark | None) -> None:
+        await super().on_message(channel, message, mark)
+        if self.messages[-1] == self.at and not self.dropped:
+            self.dropped = True
+            kill_subscriber(self.redis_client, self.name)
+            bus = self.bus
+            assert bus is not None
+            await wait_until(lambda: not bus.status()["connected"], "the subscriber to notice the second drop")
+
+
+async def test_a_subscriber_dropped_again_mid_catch_up_loses_nothing(redis_client: redis.Redis) -> None:
+    """The catch-up advanced the position past every entry it had not delivered yet when the
+    connection dropped under it: they were never delivered, and no gap was counted."""
+    prefix = unique("replay-flap")
+    channel = f"{prefix}:all"
+    got = DroppingAgain(redis_client, f"{prefix}:sub-side", b"5")
+    async with pair(prefix, collected=got, backoff_min=0.4) as (subscriber, publisher, _, env):
+        got.bus = subscriber
+        await publisher.publish(channel, env('"before"'))
+        await wait_until(lambda: got.messages == [b'"before"'], "the first message")
+        kill_subscriber(redis_client, f"{prefix}:sub-side")
+        await wait_until(lambda: not subscriber.status()["connected"], "the subscriber to notice")
+        await asyncio.gather(*(publisher.publish(channel, env(str(n))) for n in range(20)))  # while it is away
+        await wait_until(lambda: got.dropped and subscriber.ready, "the second drop, and the subscriber back", timeout=15)
+        await publisher.publish(channel, env('"after"'))
+        await wait_until(lambda: got.messages[-1:] == [b'"after"'], "the live message after recovery", timeout=15)
+        assert got.messages == [b'"before"', *(str(n).encode() for n in range(20)), b'"after"']
+        assert got.gaps == [] and subscriber.gaps == 0
     redis_client.delete(f"{prefix}:replay", f"{prefix}:epoch")
 
 

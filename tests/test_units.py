@@ -336,12 +336,15 @@ class TestOffsets:
         assert Offset(5, 9) < Offset(6, 0) and Offset(6, 0) < Offset(6, 1) and ZERO < Offset(0, 1)
 
     def test_live_offsets_are_read_from_the_spliced_field_and_sanity_checked(self) -> None:
-        assert offset_of(b'{"offset":"1700000000000-2","v":1}') == Offset(1700000000000, 2)
-        assert offset_of(b'{"v":1,"offset":"1-0"}') is None  # only where the publish script puts it
-        assert offset_of(b'{"offset":"junk","v":1}') is None
-        assert offset_of(b"garbage") is None
-        # far ahead of the clock: forged by someone publishing on our channels
-        assert offset_of(b'{"offset":"99999999999999-0","v":1}') is None
+        now = 1_700_000_000_000
+        assert offset_of(b'{"offset":"1700000000000-2","v":1}', now) == Offset(1700000000000, 2)
+        assert offset_of(b'{"v":1,"offset":"1-0"}', now) is None  # only where the publish script puts it
+        assert offset_of(b'{"offset":"junk","v":1}', now) is None
+        assert offset_of(b"garbage", now) is None
+        # far ahead of Redis's clock: forged by someone publishing on our channels
+        assert offset_of(b'{"offset":"99999999999999-0","v":1}', now) is None
+        assert offset_of(b'{"offset":"1700000059000-0","v":1}', now) == Offset(1700000059000, 0)
+        assert offset_of(b'{"offset":"1700000061000-0","v":1}', now) is None
 
     def test_a_position_is_an_offset_per_partition(self) -> None:
         one = Position.parse("1700000000000-3", 1)

@@ -18,3 +18,4 @@ except ConfigError as exc:
 
 gcpolicy.settle()  # this module is the server's entry point: the process is ours to tune
 frames.install()  # and its WebSocket streams: broadcasts written as ready frames
+serving.release_on_eof()  # and its connections: closed when the client closes, not at keep-alive's end

@@ -55,6 +55,10 @@ class Settings:
     redis_backoff_max: float = 5.0
     outbox_max_messages: int = 1000
     outbox_max_age: float = 30.0
+    # Messages consumed from Redis and waiting for delivery, per subscriber connection: past
+    # either bound, live messages are read from the history instead (bounded memory).
+    inbox_max_messages: int = 10_000
+    inbox_max_bytes: int = 16 * 1024 * 1024
     shutdown_timeout: float = 10.0
     drain_delay: float = 0.0
     socket_rate: float = 20.0
@@ -156,6 +160,8 @@ class Settings:
             "redis_backoff_max": _float(get("REDIS_BACKOFF_MAX"), "REDIS_BACKOFF_MAX", 5.0, 0.1, 300),
             "outbox_max_messages": _int(get("OUTBOX_MAX_MESSAGES"), "OUTBOX_MAX_MESSAGES", 1000, 0, 1_000_000),
             "outbox_max_age": _float(get("OUTBOX_MAX_AGE"), "OUTBOX_MAX_AGE", 30.0, 0.1, 3600),
+            "inbox_max_messages": _int(get("INBOX_MAX_MESSAGES"), "INBOX_MAX_MESSAGES", 10_000, 10, 10_000_000),
+            "inbox_max_bytes": _int(get("INBOX_MAX_BYTES"), "INBOX_MAX_BYTES", 16 * 1024 * 1024, 64 * 1024, 1 << 32),
             "drain_delay": _float(get("DRAIN_DELAY"), "DRAIN_DELAY", 0.0, 0.0, 300),
             "shutdown_timeout": _float(get("SHUTDOWN_TIMEOUT"), "SHUTDOWN_TIMEOUT", 10.0, 0.0, 600),
             "socket_rate": _float(get("SOCKET_RATE"), "SOCKET_RATE", 20.0, 0.1, 100_000),

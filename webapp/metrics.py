@@ -84,6 +84,8 @@ class _RealtimeCollector(Collector):
             ("reconnects", "Reconnects of the bus's subscriber"),
             ("replayed", "Messages replayed from the history after a gap"),
             ("gaps", "Gaps past the history's retention"),
+            ("overflows", "Times a subscriber's inbox reached INBOX_MAX_MESSAGES or INBOX_MAX_BYTES"),
+            ("shed", "Live messages left to the history while an inbox was full"),
             ("epoch_changes", "Times Redis was found to have lost its data"),
             ("moved_channels", "Channels followed to another shard (failover, reshard)"),
         ):

@@ -106,6 +106,15 @@ HOOKS: tuple[Hook, ...] = (
          "FrameStream.write_now: `writer` and `send_lock`"),
     Hook("hypercorn.asyncio.tcp_server:TCPServer.protocol_send", ("self", "event"), "hypercorn 0.18.0",
          "FrameStream.write_now: RawData is written under send_lock, then drained"),
+    # serving.release_on_eof wraps the connection's reader: once it returns (the client's end of
+    # stream), the connection's keep-alive timer `idle_task` (an AsyncioSingleTask made by
+    # TCPServer.__init__, checked in tests/test_private_hooks.py) is stopped, so the connection's
+    # task group ends and hypercorn closes the socket. tests/test_polling.py's
+    # test_a_connection_its_client_closed_is_released_within_a_second fails when this moves.
+    Hook("hypercorn.asyncio.tcp_server:TCPServer._read_data", ("self",), "hypercorn 0.18.0",
+         "serving.release_on_eof: no CLOSE-WAIT until --keep-alive runs out"),
+    Hook("hypercorn.asyncio.worker_context:AsyncioSingleTask.stop", ("self",), "hypercorn 0.18.0",
+         "serving.release_on_eof: the keep-alive timer stopped"),
     Hook("engineio.async_drivers.asgi:WebSocket.__call__", ("self", "environ"), "python-engineio 4.15.1",
          "frames.stream_of: `asgi_send` is set from environ['asgi.send']"),
     Hook("redis.asyncio.connection:AbstractConnection.send_command", ("self", "args", "kwargs"), "redis 8.1.0",

@@ -4,6 +4,10 @@
 Hypercorn's graceful timeout is derived from SHUTDOWN_TIMEOUT, so the SIGTERM drain always
 finishes before hypercorn cancels what is left.
 
+Hypercorn (0.18) keeps a connection its client closed open until its keep-alive timer runs out
+(--keep-alive: 30 s with the Procfile), in CLOSE-WAIT; `release_on_eof` ends that wait at the
+client's end of stream (docs/hypercorn-close-wait.md is the upstream report).
+
 Hypercorn buffers a WebSocket message up to its own limit (16 MiB by default) before the app
 sees it; the app's frame cap (twice MAX_PAYLOAD_BYTES: Engine.IO's max_http_buffer_size) is far
 lower, so a client could make each connection buffer 16 MiB. The same cap here refuses an
@@ -20,6 +24,8 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
+
+from hypercorn.asyncio.tcp_server import TCPServer
 
 from .config import ConfigError, Settings
 
@@ -87,6 +93,31 @@ class hypercorn:
     websocket_max_message_size = frame_cap()
     graceful_timeout = graceful_timeout()
     workers = worker_count()
+
+
+def release_on_eof() -> None:
+    """Make hypercorn let go of a connection as soon as its client ended it. Idempotent.
+
+    Hypercorn's connection task (TCPServer.run) closes its socket only once every task of its
+    task group has ended, the keep-alive timer included: after the client's FIN that timer runs
+    out its whole --keep-alive, and the socket sits in CLOSE-WAIT meanwhile (a descriptor and
+    a task per closed connection; thousands at a few hundred closing clients a second). Once
+    the reader has seen the end of the stream no further request can come, so there is
+    nothing to keep alive: stopping the timer there lets the task group end, and hypercorn
+    closes the socket at once. A request still in flight is answered first (hypercorn already
+    sent its app `http.disconnect`), then the connection closes as hypercorn closes any
+    connection whose client is done. The hooks are listed in webapp/private_hooks.py.
+    """
+    if getattr(TCPServer._read_data, "releases_on_eof", False):
+        return
+    read_data = TCPServer._read_data
+
+    async def read_then_release(self: TCPServer) -> None:
+        await read_data(self)
+        await self.idle_task.stop()
+
+    read_then_release.releases_on_eof = True  # type: ignore[attr-defined]
+    TCPServer._read_data = read_then_release  # type: ignore[method-assign]
 
 
 def bound_writes(timeout: float) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -53,16 +53,23 @@ class Token:
 
 
 class TokenSigner:
-    """Mints and verifies tokens; the signature check is constant-time (HMAC)."""
+    """Mints and verifies tokens; the signature check is constant-time (HMAC).
 
-    def __init__(self, secret_keys: str | Sequence[str]) -> None:
+    `clock` (seconds) dates each token's `iat`, which a revocation's "not before" is compared
+    with: the realtime extension sets it to Redis's clock, the one its revocations are stamped
+    with, so the hosts' own clocks never meet in that comparison. A signer outside the fleet
+    keeps its host's clock (then keep that host on NTP with Redis's)."""
+
+    def __init__(self, secret_keys: str | Sequence[str], clock: Callable[[], float] = time.time) -> None:
         self._serializer = signed_serializer(secret_keys, _SALT)
+        self.clock = clock
 
     def mint(self, user_id: str, ttl: int, now: float | None = None) -> Token:
         if not is_user_id(user_id):
             raise ValueError("invalid user id")
-        issued_at = time.time() if now is None else now
-        expires_at = int(issued_at + ttl)
+        # `exp` on this host's clock, as `claims` checks it here; `iat` on the signer's clock.
+        expires_at = int((time.time() if now is None else now) + ttl)
+        issued_at = self.clock() if now is None else now
         # `iat` in milliseconds: a revocation refuses the tokens minted before it.
         value = self._serializer.dumps({"sub": user_id, "exp": expires_at, "iat": int(issued_at * 1000)})
         return Token(value=value, user_id=user_id, expires_at=expires_at)

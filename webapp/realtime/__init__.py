@@ -141,6 +141,8 @@ class Realtime:
                 name=f"{settings.channel_prefix}:{settings.instance_id}",
                 tls=tls,
                 topology=topology,
+                inbox_max_messages=settings.inbox_max_messages,
+                inbox_max_bytes=settings.inbox_max_bytes,
             )
         # Recovery needs the history: with REPLAY_MAX_LEN=0 the opt-in is ignored.
         self.recovery = (
@@ -196,6 +198,9 @@ class Realtime:
         self.sio.connect_reply = self._connect_reply
         # The app's signer when it has one (the project's auth), else one of our own.
         signer: TokenSigner = app.extensions.setdefault("tokens", TokenSigner(settings.secret_keys))
+        # Tokens dated on Redis's clock, as revocations are (realtime/directory.py).
+        bus = self.bus
+        signer.clock = lambda: bus.clock_ms() / 1000
         self.signer = signer
         gateway.register(self, signer)
         for event, handler in self._gateways.items():

@@ -1,11 +1,17 @@
 """What the backend decided about each user, in one Redis hash per user, read once per handshake:
 the rooms it gave them (`room:<name>` fields) and when their tokens were last revoked
-(`not_before`). Every instance sees the same record."""
+(`not_before`). Every instance sees the same record.
+
+"Not before" is a moment on Redis's clock (`Bus.clock_ms`), and so is every token's `iat` minted
+by an instance (the extension gives its signer that clock): the revoking host's clock and the
+minting host's never meet. The two ends agree within each instance's error on Redis's clock:
+half the round trip of its last TIME (at boot and at every subscriber reconnect) plus how far
+its own clock drifted since, milliseconds on a LAN. No tolerance is added on top: one wide
+enough for hosts' clocks would let tokens minted before the revocation through."""
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 from ..auth.tokens import Claims
@@ -69,7 +75,8 @@ class UserDirectory:
         return await self._bus.delete_field(self._key(user_id), _ROOM + room)
 
     async def revoke(self, user_id: str) -> float:
-        """Refuse from now on the user's tokens minted before now; returns that moment."""
-        now = time.time()
+        """Refuse from now on the user's tokens minted before now; returns that moment (on
+        Redis's clock, as the tokens' `iat`)."""
+        now = self._bus.clock_ms() / 1000
         await self._bus.set_field(self._key(user_id), _NOT_BEFORE, repr(now))
         return now

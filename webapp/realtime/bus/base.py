@@ -154,6 +154,7 @@ class History:
     entries: list[Entry]  # in order within each partition
     end: Position  # the last offsets read, whatever their channel (the reader is caught up to here)
     complete: bool  # False when something after the position was trimmed before it could be read
+    more: bool = False  # read up to a limit: some partition may hold more after `end`
 
 
 class BusUnavailable(RuntimeError):

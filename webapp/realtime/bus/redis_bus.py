@@ -78,19 +78,23 @@ _PUBLISH_SHA = hashlib.sha1(_PUBLISH_AND_RECORD.encode()).hexdigest()
 SCRIPT_BATCH_MAX = 128
 _OFFSET_MARK = b'{"offset":"'
 _READ_CHUNK = 1000
-# A live offset far ahead of our clock is forged (anyone can publish on our channels): trusting
-# it would make the seam drop every real message after it.
+# A live offset far ahead of Redis's clock is forged (anyone can publish on our channels):
+# trusting it would make the seam drop every real message after it. Compared with Redis's clock
+# (`RedisBus.clock_ms`), never ours: an instance whose clock runs behind Redis's would take
+# every real offset for a forged one, deliver without moving its position, and replay
+# everything it had delivered at the next catch-up.
 _MAX_CLOCK_SKEW_MS = 60_000
 
 
-def offset_of(message: bytes) -> Offset | None:
-    """The offset the publish script spliced into a live message, if it is there and sane."""
+def offset_of(message: bytes, now_ms: float) -> Offset | None:
+    """The offset the publish script spliced into a live message, if it is there and sane:
+    not past `now_ms` (Redis's clock, as stream ids count) by more than a minute."""
     if not message.startswith(_OFFSET_MARK):
         return None
     start = len(_OFFSET_MARK)
     stop = message.find(b'"', start, start + 40)
     offset = Offset.parse(message[start:stop]) if stop > 0 else None
-    if offset is None or offset.ms > time.time() * 1000 + _MAX_CLOCK_SKEW_MS:
+    if offset is None or offset.ms > now_ms + _MAX_CLOCK_SKEW_MS:
         return None
     return offset
 
@@ -125,6 +129,8 @@ class RedisBus:
         tls: TlsOptions | None = None,
         topology: Topology | None = None,
         partitions: int = CLUSTER_PARTITIONS,
+        inbox_max_messages: int = 10_000,
+        inbox_max_bytes: int = 16 * 1024 * 1024,
         script_by_hash: bool = True,  # False sends the script's text with every publish (the bench compares)
     ) -> None:
         self._url = url
@@ -145,6 +151,9 @@ class RedisBus:
         self.sync_channel = sync_channel
         self._cluster_partitions = partitions
         self._by_hash = script_by_hash
+        # Each subscriber's inbox: past either bound, live messages are read from the history.
+        self.inbox_max_messages = inbox_max_messages
+        self.inbox_max_bytes = inbox_max_bytes
         # One partition until Redis says it is a cluster.
         self._parts = Partitions(history_key or "", 1)
         self._queued_marker: asyncio.Future[Mark | None] | None = None  # a sync marker not sent yet
@@ -172,6 +181,8 @@ class RedisBus:
         self.replayed = 0
         self.deduplicated = 0
         self.gaps = 0
+        self.overflows = 0  # times an inbox reached its bound
+        self.shed = 0  # live messages left to the history meanwhile
         self.epoch_changes = 0
         self.moved_channels = 0  # followed to another shard after a failover or a reshard
         self.last_error: str | None = None
@@ -231,7 +242,7 @@ class RedisBus:
                             self._history_key or "{webapp}:replay", self._cluster_partitions, sharded=True
                         )
                 await self.lost_its_data()
-                await self._read_clock()
+                await self.read_clock()
                 # The process's first connection owes nothing: it starts at the ends of the histories.
                 self._position = await self.end() if self.has_history else Position()
                 if self.sharded:
@@ -616,8 +627,10 @@ class RedisBus:
         log.warning("Redis lost its data since we last saw it (new epoch); replaying its whole history")
         return True
 
-    async def _read_clock(self) -> None:
-        """Learn how far Redis's clock is from ours: stream ids are Redis milliseconds."""
+    async def read_clock(self) -> None:
+        """Learn how far Redis's clock is from ours: stream ids are Redis milliseconds. Read at
+        boot and at every subscriber reconnect (Redis may have restarted on another host, or
+        either clock been stepped)."""
         client = self._require_client()
         before = time.time()
         with _answered():
@@ -658,33 +671,40 @@ class RedisBus:
         partitions = range(self._parts.count) if channels is None else {self._parts.of(c) for c in channels}
         return await self.read(after, partitions, None if channels is None else set(channels))
 
-    async def read(self, after: Position, partitions: Collection[int], wanted: set[str] | None) -> History:
-        """What `history` reads, partition by partition, all at once."""
+    async def read(
+        self, after: Position, partitions: Collection[int], wanted: set[str] | None, limit: int | None = None
+    ) -> History:
+        """What `history` reads, partition by partition, all at once; with `limit`, at most that
+        many entries of each partition (whatever their channel), `more` telling whether a
+        partition may hold more: a reader pages through a long history in bounded memory."""
         if not self.has_history:
             raise BusUnavailable("this bus keeps no history")
         chosen = sorted(partitions)
-        read = await asyncio.gather(*(self._read_partition(p, after.at(p), wanted) for p in chosen))
+        read = await asyncio.gather(*(self._read_partition(p, after.at(p), wanted, limit) for p in chosen))
         end = after.copy()
         entries: list[Entry] = []
-        complete = True
-        for partition, (found, last, whole) in zip(chosen, read, strict=True):
+        complete, more = True, False
+        for partition, (found, last, whole, full) in zip(chosen, read, strict=True):
             entries.extend(found)
             end.advance(Mark(partition, last))
             complete = complete and whole
+            more = more or full
         if len(chosen) > 1:
             entries.sort(key=lambda entry: entry.mark.offset)  # about publish order across partitions
-        return History(entries, end, complete)
+        return History(entries, end, complete, more)
 
     async def _read_partition(
-        self, partition: int, after: Offset, wanted: set[str] | None
-    ) -> tuple[list[Entry], Offset, bool]:
+        self, partition: int, after: Offset, wanted: set[str] | None, limit: int | None = None
+    ) -> tuple[list[Entry], Offset, bool, bool]:
         client = self._require_client()
         stream = self._parts.stream(partition)
         entries: list[Entry] = []
         end = after
+        left = limit
         with _answered():
             while True:
-                chunk = await client.xrange(stream, min=f"({end}", max="+", count=_READ_CHUNK) or []
+                count = _READ_CHUNK if left is None else min(_READ_CHUNK, left)
+                chunk = await client.xrange(stream, min=f"({end}", max="+", count=count) or []
                 for raw_id, fields in chunk:
                     fields = fields or {}
                     offset = Offset.parse(raw_id)
@@ -694,11 +714,13 @@ class RedisBus:
                     named = self._parts.unwire(_text(fields.get(b"c")))
                     if named is not None and (wanted is None or named[0] in wanted):
                         entries.append(Entry(Mark(partition, offset), named[0], _bytes(fields.get(b"m"))))
-                if len(chunk) < _READ_CHUNK:
+                if left is not None:
+                    left -= len(chunk)
+                if len(chunk) < count or left == 0:
                     break
             # Checked after reading: anything trimmed meanwhile counts as lost too.
             complete = await self._nothing_trimmed_after(client, stream, after)
-        return entries, end, complete
+        return entries, end, complete, left == 0
 
     async def _nothing_trimmed_after(self, client: Client, stream: str, after: Offset) -> bool:
         """Trimming removes from the head: nothing after `after` is gone while `after` itself
@@ -719,7 +741,7 @@ class RedisBus:
         await dispatch(self.handler, channel, message, mark)
 
     def offset_in(self, message: bytes) -> Offset | None:
-        return offset_of(message) if self.has_history else None
+        return offset_of(message, self.clock_ms()) if self.has_history else None
 
     async def on_gap(self, reason: str) -> None:
         assert self._on_gap is not None
@@ -848,6 +870,8 @@ class RedisBus:
             "replayed": self.replayed,
             "deduplicated": self.deduplicated,
             "gaps": self.gaps,
+            "overflows": self.overflows,
+            "shed": self.shed,
             "epoch_changes": self.epoch_changes,
             "moved_channels": self.moved_channels,
             "last_error": self.last_error,

@@ -1,7 +1,12 @@
 """One subscriber connection to one Redis node, and the channels the instance holds there.
 
 One task reads the connection and only parses replies: subscription confirmations are handled
-as they arrive, never stuck behind a backlog of deliveries. Another delivers. The channels the
+as they arrive, never stuck behind a backlog of deliveries. Another delivers. Between them, an
+inbox bounded in messages and bytes (INBOX_MAX_MESSAGES, INBOX_MAX_BYTES): past the bound the
+reader stops queueing live messages (they are in the history already), and once the deliverer
+has emptied the inbox it reads them from the history, a page at a time, from its position;
+what the history no longer holds is reported as a gap. Memory stays bounded however far
+delivery falls behind. The channels the
 instance wants here are the truth: after any reconnect all of them are subscribed again, then
 the history of their partitions is read from the instance's position before anything live is
 delivered. One Redis node has one such connection; a cluster one per shard that owns a channel
@@ -31,6 +36,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Node = tuple[str, int] | None  # a cluster node; None for REDIS_URL's own node
+# Entries of each partition a catch-up reads and delivers at a time: its memory stays bounded
+# however long the history it reads.
+CATCH_UP_PAGE = 1000
+_OVERFLOW_LOG_EVERY = 5.0  # seconds between two warnings of an overflowing inbox
+# Messages delivered between two yields to the event loop: a delivery that never waits (most
+# do not) would otherwise hold the loop for a whole backlog, seconds of it, and with it REST
+# calls, heartbeats, subscription confirmations and the reader that enforces the inbox's bound.
+_YIELD_EVERY = 64
 
 
 class Subscriber:
@@ -47,6 +60,9 @@ class Subscriber:
         self._conn: AbstractConnection | None = None
         self._send_lock = asyncio.Lock()
         self._inbox: deque[tuple[str, int, bytes]] = deque()
+        self._inbox_bytes = 0  # the messages' sizes
+        self._shedding = False  # the inbox reached its bound: live messages are left to the history
+        self._overflow_logged = 0.0
         self._inbox_ready = asyncio.Event()
         self._holding = False  # waiting for subscriptions to be confirmed before delivering
         self._owed = False  # a catch-up from the position is owed before anything live
@@ -221,8 +237,10 @@ class Subscriber:
         try:
             # A reconnect owes a catch-up; a connection made for channels that moved here too.
             owed = self._owed or self._connected_before
-            if self._connected_before and await bus.lost_its_data():
-                self._from_start = True
+            if self._connected_before:
+                if await bus.lost_its_data():
+                    self._from_start = True
+                await bus.read_clock()  # live offsets are checked against Redis's clock
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
@@ -268,13 +286,33 @@ class Subscriber:
             if kind in (b"message", b"smessage"):
                 named = self.bus.unwire(_text(reply[1]))
                 if named is not None:
-                    self._inbox.append((named[0], named[1], reply[2]))
-                    self._inbox_ready.set()
+                    self._take(named[0], named[1], reply[2])
             elif kind in (b"subscribe", b"ssubscribe", b"unsubscribe", b"sunsubscribe"):
                 named = self.bus.unwire(_text(reply[1]))
                 if named is not None:
                     self._confirm(_text(kind), named[0])
                     self._release_when_confirmed()
+
+    def _take(self, channel: str, partition: int, message: bytes) -> None:
+        """Queue a live message, unless the inbox is full: then it is left to the history."""
+        bus = self.bus
+        if self._shedding:
+            bus.shed += 1
+            return
+        self._inbox.append((channel, partition, message))
+        self._inbox_bytes += len(message)
+        self._inbox_ready.set()
+        if len(self._inbox) >= bus.inbox_max_messages or self._inbox_bytes >= bus.inbox_max_bytes:
+            self._shedding = True
+            bus.overflows += 1
+            now = asyncio.get_running_loop().time()
+            if now - self._overflow_logged >= _OVERFLOW_LOG_EVERY:
+                self._overflow_logged = now
+                log.warning(
+                    "Redis subscriber on %s: %d messages (%d bytes) wait for delivery; live messages are "
+                    "read from the history instead until it catches up (%d overflows so far)",
+                    self.name, len(self._inbox), self._inbox_bytes, bus.overflows,
+                )
 
     def _confirm(self, kind: str, channel: str) -> None:
         if kind.endswith("unsubscribe"):
@@ -301,6 +339,9 @@ class Subscriber:
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
+        # A catch-up under way reads `confirmed` to pick what it delivers: it must stop where it
+        # is instead of taking every channel for one not held, and moving past their entries.
+        self._generation += 1
         self.confirmed.clear()
         self._initial.clear()
         for queue in self._waiters.values():
@@ -322,8 +363,14 @@ class Subscriber:
             if self._owed and not await self._catch_up():
                 continue
             inbox = self._inbox
+            handled = 0
             while inbox and not self._holding and not self._owed:
+                handled += 1
+                if handled % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                    continue  # the flags may have changed meanwhile: look again before taking one
                 channel, partition, message = inbox.popleft()
+                self._inbox_bytes -= len(message)
                 offset = bus.offset_in(message)
                 mark = None
                 if offset is not None:
@@ -333,6 +380,23 @@ class Subscriber:
                         continue
                 if channel != bus.sync_channel:
                     await bus.deliver(channel, message, mark)
+            if self._shedding and not inbox and not self._holding and not self._owed:
+                await self._after_shedding()
+
+    async def _after_shedding(self) -> None:
+        """The inbox that overflowed is empty: queue live messages again, and read the ones left
+        out from the history. In this order, with nothing in between: whatever was left out was
+        published before the history is read, so the read covers it."""
+        bus = self.bus
+        self._shedding = False
+        if bus.has_history:
+            self._owed = True
+            self._inbox_ready.set()
+            return
+        bus.gaps += 1
+        log.error("Redis subscriber on %s: live messages were dropped with no history to read them from; "
+                  "its sockets are told", self.name)
+        await bus.on_gap("gap")
 
     async def _catch_up(self) -> bool:
         """Deliver what was published after the position on the partitions held here; False to retry."""
@@ -342,33 +406,55 @@ class Subscriber:
             return True
         # Only partitions whose channels this connection holds: those Redis moved away are caught
         # up by their new node's connection, from a position this one must not move.
+        if self._conn is None:
+            return False  # dropped: the reconnect owes the catch-up, and wakes the deliverer once confirmed
         partitions = {bus.partition_of(channel) for channel in self.confirmed}
         generation = self._generation
         if self._from_start:
             bus.rewind(partitions)
+            self._from_start = False  # rewound once: a catch-up cut short goes on from where it got to
         since = bus.position_now()
-        try:
-            # Every channel of these partitions: one confirmed while this runs gets its entries too.
-            history = await bus.read(since, partitions, None)
-        except BusUnavailable as exc:
-            log.warning("catching up on %s from %s failed (%s); retrying", self.name, since, exc)
-            asyncio.get_running_loop().call_later(bus.backoff_min, self._inbox_ready.set)
-            return False
         replayed = 0
-        for entry in history.entries:
-            if entry.mark.partition not in partitions or not bus.advance(entry.mark):
-                continue  # delivered meanwhile (live on another node's connection, before a move)
-            if entry.channel in self.confirmed and entry.channel != bus.sync_channel:
-                replayed += 1
-                await bus.deliver(entry.channel, entry.message, entry.mark)
+        complete = True
+        while True:
+            start = bus.position_now()
+            try:
+                # Every channel of these partitions: one confirmed while this runs gets its entries too.
+                page = await bus.read(start, partitions, None, limit=CATCH_UP_PAGE)
+            except BusUnavailable as exc:
+                bus.replayed += replayed
+                log.warning("catching up on %s from %s failed (%s); retrying", self.name, start, exc)
+                asyncio.get_running_loop().call_later(bus.backoff_min, self._inbox_ready.set)
+                return False
+            for handled, entry in enumerate(page.entries, 1):
+                if handled % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                if generation != self._generation:
+                    # Another gap began (the connection dropped, or channels moved here): what is
+                    # confirmed no longer says what is held. The position stays at the last entry
+                    # handled, and the next catch-up goes on from there: nothing skipped unseen.
+                    break
+                if entry.mark.partition not in partitions or not bus.advance(entry.mark):
+                    continue  # delivered meanwhile (live on another node's connection, before a move)
+                if entry.channel in self.confirmed and entry.channel != bus.sync_channel:
+                    replayed += 1
+                    await bus.deliver(entry.channel, entry.message, entry.mark)
+            if generation != self._generation:
+                bus.replayed += replayed
+                log.info("Redis subscriber on %s: a gap began during the catch-up from %s (%d replayed); "
+                         "it goes on from %s", self.name, since, replayed, bus.position_now())
+                self._inbox_ready.set()  # the deliverer looks again: still owed, or holding until confirmed
+                return False
+            for partition in partitions:
+                bus.advance(Mark(partition, page.end.at(partition)))
+            complete = complete and page.complete
+            if not page.more:
+                break
+            await asyncio.sleep(0)  # the reader's turn between pages: confirmations, the inbox's bound
         bus.replayed += replayed
-        for partition in partitions:
-            bus.advance(Mark(partition, history.end.at(partition)))
-        self._from_start = False
-        if generation == self._generation:
-            self._owed = False  # else another gap began meanwhile: catch up again from here
+        self._owed = False
         log.info("Redis subscriber on %s caught up from %s: %d replayed", self.name, since, replayed)
-        if not history.complete:
+        if not complete:
             bus.gaps += 1
             log.error(
                 "events after %s were trimmed from the history before this instance could read "
