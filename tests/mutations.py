@@ -1,0 +1,163 @@
+"""Every negative assertion can fail: apply each listed mutation to webapp/, run the test that must
+catch it, expect a failure, and put the file back, always.
+
+    .venv/bin/python -m tests.mutations            # every mutation, one after another
+    .venv/bin/python -m tests.mutations --list     # names, files and tests, nothing run
+    .venv/bin/python -m tests.mutations NAME ...   # only these
+    .venv/bin/python -m tests.mutations --baseline NAME  # first check the test passes unmutated
+
+A mutation is one exact text replacement (the text must occur exactly once, so a moved line fails
+loudly instead of mutating nothing). The original file is copied to `<file>.unmutated` before it is
+changed and restored from memory in a `finally`, on Ctrl-C and on SIGTERM too; a copy left behind
+by a hard kill is put back at the next start. Results print as the table kept in tests/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKUP_SUFFIX = ".unmutated"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to the repository root, under webapp/
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids that must fail with the mutation in place
+    what: str  # the negative check it proves can fail
+
+
+MUTATIONS = [
+    Mutation(
+        "malformed-packet-kept-open",
+        "webapp/realtime/server.py",
+        "            self._refuse(eio_sid, exc)\n            await self.eio.disconnect(eio_sid)\n",
+        "            self._refuse(eio_sid, exc)\n",
+        ("tests/test_hostile.py::test_garbage_frames_never_hurt_the_instance",),
+        "the misbehaving client is closed",
+    ),
+    Mutation(
+        "malformed-packet-not-counted",
+        "webapp/realtime/server.py",
+        "        self.malformed_packets += 1\n",
+        "",
+        ("tests/test_hostile.py::test_garbage_frames_never_hurt_the_instance",),
+        "the misbehaving client is counted (malformed_packets)",
+    ),
+    Mutation(
+        "late-misdelivery-on-one-partition",
+        "webapp/realtime/propagator.py",
+        '        self.deliver(sids, env.event or "", env.data, mark)\n\n    def _recipients',
+        '        self.deliver(sids, env.event or "", env.data, mark)\n'
+        '        if env.scope == "user":  # MUTATION: hold this partition, then deliver to everyone else\n'
+        "            await asyncio.sleep(0.3)\n"
+        '            self.deliver([s for s in self.state.all_sids() if s not in sids], env.event or "", env.data, mark)\n'
+        "\n    def _recipients",
+        ("tests/test_cluster.py::test_user_scope_reaches_exactly_that_users_sockets[redis-cluster-a]",),
+        "a user event never reaches others (the fence waits for every partition on a cluster)",
+    ),
+]
+
+
+class Interrupted(BaseException):
+    """SIGTERM while a mutation is applied: unwinds through the `finally` that restores the file."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted
+
+
+def restore_leftovers() -> list[Path]:
+    """Put back any file a hard-killed earlier run left mutated."""
+    restored = []
+    for backup in (ROOT / "webapp").rglob(f"*{BACKUP_SUFFIX}"):
+        original = backup.with_name(backup.name.removesuffix(BACKUP_SUFFIX))
+        original.write_bytes(backup.read_bytes())
+        backup.unlink()
+        restored.append(original)
+    return restored
+
+
+def run_tests(tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return -1, "timed out"
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    return done.returncode, lines[-1] if lines else done.stderr.strip()[-200:]
+
+
+def apply_and_run(mutation: Mutation, timeout: float) -> tuple[bool, str, float]:
+    """(caught, pytest's last line, seconds): the file is the original again when this returns or raises."""
+    path = ROOT / mutation.file
+    original = path.read_bytes()
+    text = original.decode()
+    found = text.count(mutation.old)
+    if found != 1:
+        raise SystemExit(f"{mutation.name}: the text to mutate occurs {found} times in {mutation.file}; update the list")
+    backup = path.with_name(path.name + BACKUP_SUFFIX)
+    backup.write_bytes(original)
+    started = time.monotonic()
+    try:
+        path.write_text(text.replace(mutation.old, mutation.new))
+        code, last = run_tests(mutation.tests, timeout)
+    finally:
+        path.write_bytes(original)
+        backup.unlink(missing_ok=True)
+    return code == 1, last, time.monotonic() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--baseline", action="store_true", help="run each test unmutated first: it must pass")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTATIONS}
+    if unknown:
+        parser.error(f"no such mutation: {', '.join(sorted(unknown))}")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}\t{m.file}\t{' '.join(m.tests)}\t{m.what}")
+        return 0
+    for path in restore_leftovers():
+        print(f"restored {path.relative_to(ROOT)} from a run that was killed", file=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    missed = 0
+    print("| test | mutation | result |\n| --- | --- | --- |")
+    try:
+        for m in chosen:
+            if args.baseline:
+                code, last = run_tests(m.tests, args.timeout)
+                if code != 0:
+                    print(f"| {' '.join(m.tests)} | (none: baseline) | FAILS UNMUTATED: {last} |")
+                    missed += 1
+                    continue
+            caught, last, took = apply_and_run(m, args.timeout)
+            missed += not caught
+            verdict = "caught" if caught else "NOT CAUGHT"
+            tests = ", ".join(f"`{t.removeprefix('tests/')}`" for t in m.tests)
+            print(f"| {tests} | `{m.name}` ({m.file}): {m.what} | {verdict} ({last}; {took:.0f} s) |", flush=True)
+    except (KeyboardInterrupt, Interrupted):
+        print("interrupted: the mutated file was restored", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
