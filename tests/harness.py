@@ -245,6 +245,9 @@ class Probe:
         self._changed = asyncio.Event()
         self.client.on("*", self._record)
         self.client.on("connect_error", self._on_connect_error)
+        # Not events, but a wait on the connection's state must wake up on them too.
+        self.client.on("connect", self._changed.set)
+        self.client.on("disconnect", lambda *reason: self._changed.set())
 
     async def _record(self, event: str, data: Any = None) -> None:
         self.events.append((event, data))
@@ -419,6 +422,20 @@ async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = W
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def holds_for(predicate: Callable[[], Any], what: str, window: float) -> None:
+    """Check that a cheap condition keeps holding for `window` seconds: the window of a negative
+    check ("never reconnects"), chosen as a multiple of the time the unwanted thing would take."""
+    deadline = time.monotonic() + window
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        assert result, f"{what} stopped holding within {window}s"
+        if time.monotonic() > deadline:
+            return
         await asyncio.sleep(0.02)
 
 

@@ -28,43 +28,66 @@ BACKUP_SUFFIX = ".unmutated"
 
 
 @dataclass(frozen=True)
+class Edit:
+    file: str  # relative to the repository root, under webapp/
+    old: str  # must occur exactly once
+    new: str
+
+
+@dataclass(frozen=True)
 class Mutation:
     name: str
-    file: str  # relative to the repository root, under webapp/
-    old: str
-    new: str
+    edits: tuple[Edit, ...]
     tests: tuple[str, ...]  # pytest node ids that must fail with the mutation in place
     what: str  # the negative check it proves can fail
+
+    @property
+    def files(self) -> str:
+        return ", ".join(dict.fromkeys(edit.file for edit in self.edits))
 
 
 MUTATIONS = [
     Mutation(
         "malformed-packet-kept-open",
-        "webapp/realtime/server.py",
-        "            self._refuse(eio_sid, exc)\n            await self.eio.disconnect(eio_sid)\n",
-        "            self._refuse(eio_sid, exc)\n",
+        (Edit(
+            "webapp/realtime/server.py",
+            "            self._refuse(eio_sid, exc)\n            await self.eio.disconnect(eio_sid)\n",
+            "            self._refuse(eio_sid, exc)\n",
+        ),),
         ("tests/test_hostile.py::test_garbage_frames_never_hurt_the_instance",),
         "the misbehaving client is closed",
     ),
     Mutation(
         "malformed-packet-not-counted",
-        "webapp/realtime/server.py",
-        "        self.malformed_packets += 1\n",
-        "",
+        (Edit("webapp/realtime/server.py", "        self.malformed_packets += 1\n", ""),),
         ("tests/test_hostile.py::test_garbage_frames_never_hurt_the_instance",),
         "the misbehaving client is counted (malformed_packets)",
     ),
     Mutation(
         "late-misdelivery-on-one-partition",
-        "webapp/realtime/propagator.py",
-        '        self.deliver(sids, env.event or "", env.data, mark)\n\n    def _recipients',
-        '        self.deliver(sids, env.event or "", env.data, mark)\n'
-        '        if env.scope == "user":  # MUTATION: hold this partition, then deliver to everyone else\n'
-        "            await asyncio.sleep(0.3)\n"
-        '            self.deliver([s for s in self.state.all_sids() if s not in sids], env.event or "", env.data, mark)\n'
-        "\n    def _recipients",
+        (Edit(
+            "webapp/realtime/propagator.py",
+            '        self.deliver(sids, env.event or "", env.data, mark)\n\n    def _recipients',
+            '        self.deliver(sids, env.event or "", env.data, mark)\n'
+            '        if env.scope == "user":  # MUTATION: hold this partition, then deliver to everyone else\n'
+            "            await asyncio.sleep(0.3)\n"
+            '            self.deliver([s for s in self.state.all_sids() if s not in sids], env.event or "", env.data, mark)\n'
+            "\n    def _recipients",
+        ),),
         ("tests/test_cluster.py::test_user_scope_reaches_exactly_that_users_sockets[redis-cluster-a]",),
         "a user event never reaches others (the fence waits for every partition on a cluster)",
+    ),
+    Mutation(
+        "server-disconnect-as-transport-close",
+        (Edit(
+            "webapp/realtime/propagator.py",
+            "        task = asyncio.ensure_future(self.sio.disconnect(sid))\n",
+            "        task = asyncio.ensure_future(  # MUTATION: the transport ends, no Socket.IO DISCONNECT\n"
+            "            self.sio.eio.sockets[self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)].close(wait=True, abort=True)\n"
+            "        )\n",
+        ),),
+        ("tests/test_rooms.py::test_the_backend_disconnects_a_user_everywhere_and_clients_stay_away",),
+        "disconnected clients stay away (python-socketio and the official JS client)",
     ),
 ]
 
@@ -88,33 +111,45 @@ def restore_leftovers() -> list[Path]:
     return restored
 
 
+SHOW = False  # --show: print why each run failed (pytest's short summary)
+
+
 def run_tests(tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "--tb=line", "-p", "no:cacheprovider", *tests]
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return -1, "timed out"
     lines = [line for line in done.stdout.splitlines() if line.strip()]
+    if SHOW:
+        print("\n".join(line[:400] for line in lines if line.startswith(("FAILED", "E ", "/"))), file=sys.stderr)
     return done.returncode, lines[-1] if lines else done.stderr.strip()[-200:]
 
 
 def apply_and_run(mutation: Mutation, timeout: float) -> tuple[bool, str, float]:
-    """(caught, pytest's last line, seconds): the file is the original again when this returns or raises."""
-    path = ROOT / mutation.file
-    original = path.read_bytes()
-    text = original.decode()
-    found = text.count(mutation.old)
-    if found != 1:
-        raise SystemExit(f"{mutation.name}: the text to mutate occurs {found} times in {mutation.file}; update the list")
-    backup = path.with_name(path.name + BACKUP_SUFFIX)
-    backup.write_bytes(original)
+    """(caught, pytest's last line, seconds): every file is the original again when this returns or raises."""
+    originals: dict[Path, bytes] = {}
+    for edit in mutation.edits:
+        path = ROOT / edit.file
+        text = (originals.get(path) or path.read_bytes()).decode()
+        found = text.count(edit.old)
+        if found != 1:
+            raise SystemExit(f"{mutation.name}: the text to mutate occurs {found} times in {edit.file}; update the list")
+        originals.setdefault(path, path.read_bytes())
     started = time.monotonic()
     try:
-        path.write_text(text.replace(mutation.old, mutation.new))
+        for path, original in originals.items():
+            path.with_name(path.name + BACKUP_SUFFIX).write_bytes(original)
+        mutated = {path: original.decode() for path, original in originals.items()}
+        for edit in mutation.edits:
+            mutated[ROOT / edit.file] = mutated[ROOT / edit.file].replace(edit.old, edit.new)
+        for path, text in mutated.items():
+            path.write_text(text)
         code, last = run_tests(mutation.tests, timeout)
     finally:
-        path.write_bytes(original)
-        backup.unlink(missing_ok=True)
+        for path, original in originals.items():
+            path.write_bytes(original)
+            path.with_name(path.name + BACKUP_SUFFIX).unlink(missing_ok=True)
     return code == 1, last, time.monotonic() - started
 
 
@@ -124,14 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--baseline", action="store_true", help="run each test unmutated first: it must pass")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run")
+    parser.add_argument("--show", action="store_true", help="print why each run failed")
     args = parser.parse_args(argv)
+    global SHOW
+    SHOW = args.show
     chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
     unknown = set(args.names) - {m.name for m in MUTATIONS}
     if unknown:
         parser.error(f"no such mutation: {', '.join(sorted(unknown))}")
     if args.list:
         for m in chosen:
-            print(f"{m.name}\t{m.file}\t{' '.join(m.tests)}\t{m.what}")
+            print(f"{m.name}\t{m.files}\t{' '.join(m.tests)}\t{m.what}")
         return 0
     for path in restore_leftovers():
         print(f"restored {path.relative_to(ROOT)} from a run that was killed", file=sys.stderr)
@@ -150,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             missed += not caught
             verdict = "caught" if caught else "NOT CAUGHT"
             tests = ", ".join(f"`{t.removeprefix('tests/')}`" for t in m.tests)
-            print(f"| {tests} | `{m.name}` ({m.file}): {m.what} | {verdict} ({last}; {took:.0f} s) |", flush=True)
+            print(f"| {tests} | `{m.name}` ({m.files}): {m.what} | {verdict} ({last}; {took:.0f} s) |", flush=True)
     except (KeyboardInterrupt, Interrupted):
         print("interrupted: the mutated file was restored", file=sys.stderr)
         return 130
