@@ -89,6 +89,16 @@ MUTATIONS = [
         ("tests/test_rooms.py::test_the_backend_disconnects_a_user_everywhere_and_clients_stay_away",),
         "disconnected clients stay away (python-socketio and the official JS client)",
     ),
+    Mutation(
+        "user-event-to-every-signed-in-socket",
+        (Edit(
+            "webapp/realtime/propagator.py",
+            '            sids = self.state.sids_of(env.user_id or "")\n',
+            "            sids = self.state.authenticated_sids()  # MUTATION: every signed-in socket here\n",
+        ),),
+        ("tests/test_extension.py::test_the_readme_example_propagates_a_gateway_answer_across_instances",),
+        "bob's gateway answer never reaches alice (checked behind a fence, not at once)",
+    ),
 ]
 
 
