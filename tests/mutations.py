@@ -99,6 +99,52 @@ MUTATIONS = [
         ("tests/test_extension.py::test_the_readme_example_propagates_a_gateway_answer_across_instances",),
         "bob's gateway answer never reaches alice (checked behind a fence, not at once)",
     ),
+    Mutation(
+        "late-duplicate-broadcast",
+        (Edit(
+            "webapp/realtime/propagator.py",
+            '        self.deliver(sids, env.event or "", env.data, mark)\n\n    def _recipients',
+            '        self.deliver(sids, env.event or "", env.data, mark)\n'
+            '        if env.scope == "all":  # MUTATION: a second copy, 0.2 s later (the partition held meanwhile)\n'
+            "            await asyncio.sleep(0.2)\n"
+            '            self.deliver(sids, env.event or "", env.data, mark)\n'
+            "\n    def _recipients",
+        ),),
+        ("tests/test_nginx.py::test_three_instances_behind_nginx_serve_every_client_through_a_drain",),
+        "the broadcast after a drain reaches every client exactly once (not: at least once)",
+    ),
+    Mutation(
+        "late-duplicate-user-event",
+        (Edit(
+            "webapp/realtime/propagator.py",
+            '        self.deliver(sids, env.event or "", env.data, mark)\n\n    def _recipients',
+            '        self.deliver(sids, env.event or "", env.data, mark)\n'
+            '        if env.scope == "user":  # MUTATION: a second copy, 0.2 s later (the partition held meanwhile)\n'
+            "            await asyncio.sleep(0.2)\n"
+            '            self.deliver(sids, env.event or "", env.data, mark)\n'
+            "\n    def _recipients",
+        ),),
+        ("tests/test_faults.py::test_sigkill_leaves_the_other_instance_serving[redis]",),
+        "an event after a crash reaches each of the user's sockets exactly once (not: at least once)",
+    ),
+    Mutation(
+        "outbox-publishes-twice",
+        (
+            Edit(
+                "webapp/realtime/outbox.py",
+                "                try:\n                    await self._bus.publish(channel, message)\n",
+                "                try:\n                    await self._bus.publish(channel, message)\n"
+                "                    await self._bus.publish(channel, message)  # MUTATION: published twice\n",
+            ),
+            Edit(
+                "webapp/realtime/propagator.py",
+                "        if self._seen.check_and_add(env.id):\n",
+                "        if False and self._seen.check_and_add(env.id):  # MUTATION: no deduplication\n",
+            ),
+        ),
+        ("tests/test_faults.py::test_redis_restart_under_traffic",),
+        "an answer held in the outbox during an outage reaches the user's other socket exactly once",
+    ),
 ]
 
 

@@ -124,6 +124,9 @@ async def test_redis_restart_under_traffic(
     assert await carol_a.wait_for("dm") == ["hi carol"]
     everyone = [alice_a, alice_b, anon_b, carol_a]
     await fence(a.url, everyone)
+    # the answer given during the outage: once to the asker, once to her other socket, late
+    assert alice_a.of("events") == alice_b.of("events") == ["said during the outage"]
+    assert carol_a.of("dm") == ["hi carol"]
     for probe in (alice_a, alice_b, anon_b):
         assert probe.client.connected, f"{probe.name} was disconnected by a Redis restart"
         ticks = probe.of("tick")
@@ -150,7 +153,9 @@ async def test_redis_missing_at_start_then_appearing(instances: list[Instance], 
         probes.append(probe)
         await probe.connect(instance.url, await token_for(instance.url, user))
         assert (await api(instance.url, f"/api/emit/users/{user}", {"event": "dm", "data": 1}))[0] == 202
-        assert await probe.wait_for("dm") == [1]
+        await probe.wait_for("dm")
+        await fence(instance.url, [probe])
+        assert probe.of("dm") == [1]  # once
     finally:
         later.stop(signal.SIGKILL)
 
@@ -199,8 +204,10 @@ async def test_sigkill_leaves_the_other_instance_serving(
     probes.append(back)
     await back.connect(b.url, token)
     assert (await api(b.url, f"/api/emit/users/{alice}", {"event": "dm", "data": "after the crash"}))[0] == 202
-    assert await back.wait_for("dm") == ["after the crash"]
-    assert await alice_b.wait_for("dm") == ["after the crash"]
+    await back.wait_for("dm")
+    await alice_b.wait_for("dm")
+    await fence(b.url, [back, alice_b])
+    assert back.of("dm") == alice_b.of("dm") == ["after the crash"]  # once each
 
 
 async def test_sigterm_drains_tells_clients_and_exits_zero(
@@ -222,7 +229,9 @@ async def test_sigterm_drains_tells_clients_and_exits_zero(
         assert subscribers(backend, channel, sharded_prefix=prefix) == 1  # only B's remains
     assert "drained; 0 sockets left" in a.output()
     assert (await api(b.url, f"/api/emit/users/{gina}", {"event": "dm", "data": "still here"}))[0] == 202
-    assert await on_b.wait_for("dm") == ["still here"]
+    await on_b.wait_for("dm")
+    await fence(b.url, [on_b])
+    assert on_b.of("dm") == ["still here"]  # once
 
 
 async def test_sigterm_turns_unready_first_and_drains_after_the_delay(
@@ -281,7 +290,10 @@ async def test_web_concurrency_workers_serve_as_instances_and_drain_on_the_paren
     assert all(name.startswith("W.") for name in held), held  # INSTANCE_ID, then the worker's pid
     assert (await api(server.url, f"/api/emit/users/{walt}", {"event": "dm", "data": 1}))[0] == 202
     for probe in held.values():
-        assert await probe.wait_for("dm") == [1]
+        await probe.wait_for("dm")
+    await fence(server.url, held.values())  # one Redis node: the broadcast reaches both workers
+    for probe in held.values():
+        assert probe.of("dm") == [1], probe.name  # once on each worker
 
     assert server.proc is not None
     server.proc.send_signal(signal.SIGTERM)  # the parent only
@@ -383,6 +395,8 @@ async def test_a_socket_whose_channel_redis_does_not_confirm_is_refused(
         await probe.connect(a.url, token)  # Redis answers again: accepted, and reached
         status, _ = await api(a.url, f"/api/emit/users/{user}", {"event": "dm", "data": 1})
         assert status == 202
-        assert await probe.wait_for("dm") == [1]
+        await probe.wait_for("dm")
+        await fence(a.url, [probe])
+        assert probe.of("dm") == [1]  # once
     finally:
         await probe.close()
