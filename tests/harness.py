@@ -239,6 +239,7 @@ class Probe:
     def __init__(self, name: str) -> None:
         self.name = name
         self.events: list[tuple[str, Any]] = []
+        self.arrivals: list[float] = []  # time.monotonic() at each event's arrival, beside `events`
         self.connect_error: Any = None
         self.client = socketio.AsyncClient(reconnection=False)
         self.base: str | None = None  # the URL it connected to: the instance a fence must wait for
@@ -251,6 +252,7 @@ class Probe:
 
     async def _record(self, event: str, data: Any = None) -> None:
         self.events.append((event, data))
+        self.arrivals.append(time.monotonic())
         self._changed.set()
 
     async def _on_connect_error(self, data: Any) -> None:

@@ -145,6 +145,26 @@ MUTATIONS = [
         ("tests/test_faults.py::test_redis_restart_under_traffic",),
         "an answer held in the outbox during an outage reaches the user's other socket exactly once",
     ),
+    Mutation(
+        "reap-announces-every-share",
+        (Edit(
+            "webapp/realtime/presence.py",
+            "            if result == -1\n",
+            "            if result in (-1, 0)  # MUTATION: a leave for every reaped share, not per user\n",
+        ),),
+        ("tests/test_presence.py::test_a_killed_instance_is_forgotten_within_the_ttl_and_its_leaves_announced[redis]",),
+        "a killed instance's users leave once per user, and not while still in the room elsewhere",
+    ),
+    Mutation(
+        "heartbeat-claims-twice-the-ttl",
+        (Edit(
+            "webapp/realtime/presence.py",
+            "pipe.zadd(self._instances_key, {self._tag: (time.time() + self._ttl) * 1000})",
+            "pipe.zadd(self._instances_key, {self._tag: (time.time() + 2 * self._ttl) * 1000})  # MUTATION",
+        ),),
+        ("tests/test_presence.py::test_a_killed_instance_is_forgotten_within_the_ttl_and_its_leaves_announced[redis]",),
+        "no answer counts a SIGKILLed instance's sockets once PRESENCE_TTL has passed; its leaves within 2x",
+    ),
 ]
 
 
