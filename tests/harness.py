@@ -573,6 +573,43 @@ class StalledSocket:
         masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
         self.sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
 
+    def read_until_closed(self, timeout: float = WAIT) -> tuple[list[str], bool]:
+        """Read at last: the text of every message the server sent, in order, until it ended the
+        connection; and whether it ended it with a close frame (False: the TCP connection ended).
+        Blocking: for a test whose server is another process."""
+        self.sock.settimeout(timeout)
+        texts: list[str] = []
+        partial = b""
+        while True:
+            head = self._exactly(2)
+            if head is None:
+                return texts, False
+            opcode, length = head[0] & 0x0F, head[1] & 0x7F
+            if length >= 126:
+                extended = self._exactly(2 if length == 126 else 8)
+                if extended is None:
+                    return texts, False
+                length = int.from_bytes(extended, "big")
+            payload = self._exactly(length) if length else b""
+            if payload is None:
+                return texts, False
+            if opcode == 0x8:
+                return texts, True
+            if opcode in (0x0, 0x1):
+                partial += payload
+                if head[0] & 0x80:  # FIN: the message is whole
+                    texts.append(partial.decode())
+                    partial = b""
+
+    def _exactly(self, count: int) -> bytes | None:
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
     def close(self) -> None:
         self.sock.close()
 

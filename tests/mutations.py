@@ -165,6 +165,19 @@ MUTATIONS = [
         ("tests/test_presence.py::test_a_killed_instance_is_forgotten_within_the_ttl_and_its_leaves_announced[redis]",),
         "no answer counts a SIGKILLed instance's sockets once PRESENCE_TTL has passed; its leaves within 2x",
     ),
+    Mutation(
+        "close-drops-the-queue",
+        (Edit(
+            "webapp/realtime/transport.py",
+            "        closing = not (self.closed or self.closing)\n        writer = self._writer\n",
+            "        closing = not (self.closed or self.closing)\n        writer = self._writer\n"
+            "        while abort and not self.queue.empty():  # MUTATION: what was queued is dropped\n"
+            "            self.queue.get_nowait()\n"
+            "            self.queue.task_done()\n",
+        ),),
+        ("tests/test_faults.py::test_sigterm_flushes_what_was_sent_before_each_socket_closes[queued]",),
+        "on SIGTERM nothing queued for a socket is lost before it closes",
+    ),
 ]
 
 

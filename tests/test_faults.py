@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -235,6 +236,37 @@ async def test_sigterm_drains_tells_clients_and_exits_zero(
     await on_b.wait_for("dm")
     await fence(b.url, [on_b])
     assert on_b.of("dm") == ["still here"]  # once
+
+
+@pytest.mark.parametrize("consumed", [True, False], ids=["queued", "in-flight"])
+async def test_sigterm_flushes_what_was_sent_before_each_socket_closes(instances: list[Instance], consumed: bool) -> None:
+    """Events sent to a socket just before SIGTERM, while it reads nothing, all reach it in order,
+    then `server_shutdown`, then the end of the connection: nothing in flight is lost."""
+    instance = launch(instances, "F", unique("flush"), REDIS_URL, SHUTDOWN_TIMEOUT="10")
+    instance.wait_serving()
+    stalled = StalledSocket(instance.url)  # anonymous: broadcasts reach it; it reads nothing for now
+    try:
+        await wait_until(lambda: instance.status()[1]["sockets"] == 1, "the socket to be held")
+        delivered = instance.status()[1]["delivered"]
+        # 8 MB: more than the connection's buffers take (a loopback send buffer grows to 4 MB), so
+        # most of it waits in the socket's queue when the signal comes.
+        count, blob = 140, "x" * 60_000
+        for n in range(count):
+            assert (await api(instance.url, "/api/emit/all", {"event": "sent", "data": [n, blob]}))[0] == 202
+        if consumed:  # consumed and queued for the socket (or written to it), not yet read
+            await wait_until(lambda: instance.status()[1]["delivered"] >= delivered + count, "every event queued")
+        assert instance.proc is not None
+        instance.proc.send_signal(signal.SIGTERM)
+        texts, close_frame = stalled.read_until_closed()
+    finally:
+        stalled.close()
+    events = [json.loads(text[2:]) for text in texts if text.startswith("42")]
+    assert [event[0] for event in events] == ["sent"] * count + ["server_shutdown"], [e[0] for e in events]
+    assert [event[1][0] for event in events[:count]] == list(range(count))
+    assert texts[-1].startswith('42["server_shutdown"')  # and then the connection ended
+    await wait_until(lambda: instance.proc.poll() is not None, "the exit", timeout=10)  # type: ignore[union-attr]
+    assert instance.proc.returncode == 0
+    print(f"ended {'with' if close_frame else 'without'} a close frame")
 
 
 async def test_sigterm_turns_unready_first_and_drains_after_the_delay(
