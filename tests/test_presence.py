@@ -3,6 +3,7 @@ per user, and answers that forget a SIGKILLed instance within PRESENCE_TTL."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections import Counter
@@ -16,7 +17,19 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from .conftest import BACKENDS, Cluster, on_backend
-from .harness import WAIT, Instance, LoopThread, Probe, api, fence, run_machine, token_for, unique, wait_until
+from .harness import (
+    WAIT,
+    Instance,
+    LoopThread,
+    Probe,
+    api,
+    fence,
+    holds_for,
+    run_machine,
+    token_for,
+    unique,
+    wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -139,22 +152,61 @@ async def two_in_a_room(fleet: Cluster, probes: list[Probe], at: int) -> tuple[s
     return room, watcher, watching, other
 
 
+async def last_asked_online(base: str, user: str, timeout: float) -> float:
+    """Ask for `user`'s presence until an answer says offline; when the last answer saying online
+    was asked (time.monotonic(); now if the first one says offline)."""
+    last = time.monotonic()
+    deadline = last + timeout
+    while True:
+        asked = time.monotonic()
+        if not (await get(base, f"/api/users/{user}/presence"))["online"]:
+            return last
+        assert asked < deadline, f"{user} still online after {timeout}s"
+        last = asked
+        await asyncio.sleep(0.02)
+
+
 async def test_a_killed_instance_is_forgotten_within_the_ttl_and_its_leaves_announced(
     fleet: Cluster, probes: list[Probe]
 ) -> None:
-    room, watcher, dave, carol = await two_in_a_room(fleet, probes, at=1)
+    a, b, c = fleet.instances
+    room, dave, carol, erin = f"public:{unique('room')}", unique("watcher"), unique("carol"), unique("erin")
+    watcher = await connect(probes, a, dave)
+    assert (await watcher.client.call("join", {"room": room}, timeout=WAIT))["ok"]
+    # carol: two sockets in the room, both on B (the instance that dies); erin: one on B, one on C
+    members = [await connect(probes, b, carol), await connect(probes, b, carol)]
+    members += [await connect(probes, b, erin), await connect(probes, c, erin)]
+    for member in members:
+        assert (await member.client.call("join", {"room": room}, timeout=WAIT))["ok"]
+    await watcher.wait_for("presence", 3)  # dave, carol and erin joined: once per user
 
     killed = time.monotonic()
-    fleet.restart(1)  # SIGKILL: no goodbye from the instance
-    await watcher.wait_for("presence", 3, timeout=TTL * 3 + WAIT)
-    took = time.monotonic() - killed
+    b.stop(signal.SIGKILL)  # no goodbye from the instance
+    try:
+        # Answers count only fresh heartbeats: none says carol is online once PRESENCE_TTL has passed.
+        last_online = await last_asked_online(c.url, carol, timeout=TTL * 2 + WAIT)
+        assert last_online - killed < TTL, f"carol still counted {last_online - killed:.1f}s after the kill"
+        await watcher.wait_for("presence", 4, timeout=TTL * 2 + WAIT)
+        took = watcher.arrivals[[n for n, (e, _) in enumerate(watcher.events) if e == "presence"][3]] - killed
+        # The heartbeat runs every TTL/3: the share expires within TTL of the kill, and a survivor's
+        # reaper, as often, finds it within TTL/3 more.
+        assert took < TTL * 2, f"the leave came {took:.1f}s after the kill"
+        # Once per user: carol's two sockets are one leave, and erin, still in the room on C, none,
+        # whichever survivor reaps (a window of three reaper periods, then a fence).
+        await holds_for(lambda: len(watcher.of("presence")) == 4, "no other presence event", TTL)
+    finally:
+        fleet.restart(1)  # the fleet serves the module's other tests
+    await fence(a.url, [watcher])
+    assert Counter((p["user"], p["status"]) for p in watcher.of("presence")) == Counter(
+        {(dave, "join"): 1, (carol, "join"): 1, (erin, "join"): 1, (carol, "leave"): 1}
+    )
     assert watcher.of("presence")[-1] == {"room": room, "user": carol, "status": "leave"}
-    answer = await get(fleet.instances[2].url, f"/api/users/{carol}/presence")
+    answer = await get(c.url, f"/api/users/{carol}/presence")
     assert answer["online"] is False and answer["sockets"] == 0
-    members = (await get(fleet.instances[0].url, f"/api/rooms/{room}/presence"))["members"]
-    assert members == [{"user_id": dave, "sockets": 1}]
-    # The heartbeat runs every TTL/3; the reaper needs one more beat after the expiry.
-    assert took < TTL * 2 + 5, f"the leave came {took:.1f}s after the kill"
+    answer = await get(c.url, f"/api/users/{erin}/presence")
+    assert (answer["sockets"], answer["instances"]) == (1, ["C"])
+    listed = (await get(a.url, f"/api/rooms/{room}/presence"))["members"]
+    assert listed == sorted([{"user_id": dave, "sockets": 1}, {"user_id": erin, "sockets": 1}], key=lambda m: m["user_id"])
 
 
 async def test_a_drained_instance_announces_its_users_leaving(fleet: Cluster, probes: list[Probe]) -> None:
