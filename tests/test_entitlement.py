@@ -269,10 +269,11 @@ async def test_live_deduplication_holds_as_long_as_the_history_does(
 
 
 async def test_a_socket_accepted_during_an_outage_is_caught_up_only_from_its_connect(
-    instances: list[Instance], probes: list[Probe], redis_client: redis.Redis
+    instances: list[Instance], probes: list[Probe], wires: list[Wire], redis_client: redis.Redis
 ) -> None:
     """Suspicion: sockets accepted while Redis was unreachable got catch-up events from before
-    they connected. Held: such a join is dated by Redis's clock, as last measured."""
+    they connected (and a session begun then, on its resume). Held: such a join, and such a
+    session's start, are dated by Redis's clock, as last measured."""
     prefix = unique("entitled-outage")
 
     def redis_ms() -> int:
@@ -293,6 +294,9 @@ async def test_a_socket_accepted_during_an_outage_is_caught_up_only_from_its_con
         probe = Probe("anon@A")
         probes.append(probe)
         await probe.connect(a.url)  # accepted in the outage mode
+        away = await Wire.connect(a.url, {"recover": True})  # so is a session, which then blinks
+        wires.append(away)
+        await away.close()
         connected = redis_ms()
         await wait_until(lambda: redis_ms() > connected + 100, "Redis's clock to move on")
         await emit(b.url, "/api/emit/all", "news", "after")
@@ -301,3 +305,6 @@ async def test_a_socket_accepted_during_an_outage_is_caught_up_only_from_its_con
         await emit(b.url, "/api/emit/all", "news", "live")
         await probe.wait_until(lambda: "live" in probe.of("news"), "the live event")
         assert probe.of("news") == ["after", "live"]
+        back = await Wire.connect(b.url, {"recover": True, "pid": away.reply["pid"]})  # nothing received: no offset
+        wires.append(back)
+        assert await next_events(back, "recovered") == [["news", "after"], ["news", "live"], ["recovered", {"missed": 2}]]

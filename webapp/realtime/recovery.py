@@ -146,9 +146,13 @@ class Recovery:
         try:
             start = await self._bus.end()
         except BusUnavailable:
-            # The outage mode: accepted anyway. The instance's own catch-up after Redis comes
-            # back starts at its position, so nothing after it can be missed.
-            start = self._bus.position or Position()
+            # The outage mode: accepted anyway, as of Redis's clock as last measured (as its
+            # memberships are): what was sent before it connected is not its to be replayed.
+            # The instance's own catch-up after Redis comes back starts at its position, so
+            # nothing after the session's start can be missed.
+            consumed = self._bus.position or Position()
+            clock = Offset(self._bus.clock_ms(), 0)
+            start = Position({p: max(consumed.at(p), clock) for p in range(self._bus.partitions)})
         pid = self._signer.dumps({"u": user_id, "s": sid, "o": str(start), "e": self._bus.epoch})
         return Session(pid=pid, origin=sid, start=start, sent=start.only(self._partitions(channels)), floor=start)
 

@@ -885,6 +885,12 @@ def _answered() -> Iterator[None]:
         yield
     except REDIS_FAILURES as exc:
         raise BusUnavailable(f"Redis did not answer: {exc}") from None
+    except RuntimeError as exc:
+        # uvloop's answer to a write on a connection the peer reset ("unable to perform
+        # operation on <TCPTransport closed=True>"): a handshake once hung on it, unanswered.
+        if "closed" not in str(exc):
+            raise
+        raise BusUnavailable(f"Redis did not answer: {exc}") from None
 
 
 def _bytes(value: object) -> bytes:
