@@ -22,7 +22,7 @@ from typing import Any, Self
 
 import aiohttp
 import socketio
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import RuleBasedStateMachine
 
 from bench.cluster import procfile_flags  # tests serve the app exactly as the Procfile deploys it
@@ -662,11 +662,24 @@ class LoopThread:
             loop.close()
 
 
-def run_machine(machine: type[RuleBasedStateMachine], *, examples: int, steps: int) -> None:
-    """Run a hypothesis state machine for a bounded number of examples and steps."""
+# MODEL_RANDOM=1 draws new cases for the Hypothesis models; otherwise (CI) they run derandomised:
+# the same cases every run, so a failure is one the next run meets again.
+MODEL_RANDOM = os.environ.get("MODEL_RANDOM") == "1"
+
+
+def run_machine(
+    machine: type[RuleBasedStateMachine], *, examples: int, steps: int, derandomize: bool = False
+) -> None:
+    """Run a hypothesis state machine for a bounded number of examples and steps.
+
+    `derandomize` (pass `not MODEL_RANDOM`): the same cases every run, and a failing case is
+    reported as found, not shrunk (shrinking replays real processes for minutes; the case
+    comes back at the next run anyway)."""
     case: Any = machine.TestCase
     case.settings = settings(
-        max_examples=examples, stateful_step_count=steps, deadline=None, suppress_health_check=list(HealthCheck)
+        max_examples=examples, stateful_step_count=steps, deadline=None, suppress_health_check=list(HealthCheck),
+        derandomize=derandomize, database=None if derandomize else settings.default.database,
+        phases=[phase for phase in Phase if phase is not Phase.shrink or not derandomize],
     )
     case().runTest()
 

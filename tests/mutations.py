@@ -178,6 +178,17 @@ MUTATIONS = [
         ("tests/test_faults.py::test_sigterm_flushes_what_was_sent_before_each_socket_closes[queued]",),
         "on SIGTERM nothing queued for a socket is lost before it closes",
     ),
+    Mutation(
+        "room-leave-written-late",
+        (Edit(
+            "webapp/realtime/presence.py",
+            "            del self._rooms[room, user_id]\n        self._mark_room(room, user_id)\n",
+            "            del self._rooms[room, user_id]\n"
+            "        asyncio.get_running_loop().call_later(0.3, self._mark_room, room, user_id)  # MUTATION: late\n",
+        ),),
+        ("tests/test_presence.py::test_presence_counts_stay_exact_under_churn_and_kills[redis]",),
+        "presence counts are exact at a fence after every step (not: eventually)",
+    ),
 ]
 
 
