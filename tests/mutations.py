@@ -67,11 +67,11 @@ MUTATIONS = [
         "late-misdelivery-on-one-partition",
         (Edit(
             "webapp/realtime/propagator.py",
-            '        self.deliver(sids, env.event or "", env.data, mark)\n\n    def _recipients',
-            '        self.deliver(sids, env.event or "", env.data, mark)\n'
+            '        self.deliver(sids, env.event or "", env.data, mark, channel)\n\n    def _recipients',
+            '        self.deliver(sids, env.event or "", env.data, mark, channel)\n'
             '        if env.scope == "user":  # MUTATION: hold this partition, then deliver to everyone else\n'
             "            await asyncio.sleep(0.3)\n"
-            '            self.deliver([s for s in self.state.all_sids() if s not in sids], env.event or "", env.data, mark)\n'
+            '            self.deliver([s for s in self.state.all_sids() if s not in sids], env.event or "", env.data, mark, channel)\n'
             "\n    def _recipients",
         ),),
         ("tests/test_cluster.py::test_user_scope_reaches_exactly_that_users_sockets[redis-cluster-a]",),
@@ -93,8 +93,10 @@ MUTATIONS = [
         "user-event-to-every-signed-in-socket",
         (Edit(
             "webapp/realtime/propagator.py",
-            '            sids = self.state.sids_of(env.user_id or "")\n',
-            "            sids = self.state.authenticated_sids()  # MUTATION: every signed-in socket here\n",
+            "        sids: Iterable[str] = scopes.row(env.scope).recipients(self._local, env)\n",
+            "        sids: Iterable[str] = scopes.row(env.scope).recipients(self._local, env)\n"
+            '        if env.scope == "user":  # MUTATION: every signed-in socket here\n'
+            "            sids = self.state.authenticated_sids()\n",
         ),),
         ("tests/test_extension.py::test_the_readme_example_propagates_a_gateway_answer_across_instances",),
         "bob's gateway answer never reaches alice (checked behind a fence, not at once)",
@@ -103,11 +105,11 @@ MUTATIONS = [
         "late-duplicate-broadcast",
         (Edit(
             "webapp/realtime/propagator.py",
-            '        self.deliver(sids, env.event or "", env.data, mark)\n\n    def _recipients',
-            '        self.deliver(sids, env.event or "", env.data, mark)\n'
+            '        self.deliver(sids, env.event or "", env.data, mark, channel)\n\n    def _recipients',
+            '        self.deliver(sids, env.event or "", env.data, mark, channel)\n'
             '        if env.scope == "all":  # MUTATION: a second copy, 0.2 s later (the partition held meanwhile)\n'
             "            await asyncio.sleep(0.2)\n"
-            '            self.deliver(sids, env.event or "", env.data, mark)\n'
+            '            self.deliver(sids, env.event or "", env.data, mark, channel)\n'
             "\n    def _recipients",
         ),),
         ("tests/test_nginx.py::test_three_instances_behind_nginx_serve_every_client_through_a_drain",),
@@ -117,11 +119,11 @@ MUTATIONS = [
         "late-duplicate-user-event",
         (Edit(
             "webapp/realtime/propagator.py",
-            '        self.deliver(sids, env.event or "", env.data, mark)\n\n    def _recipients',
-            '        self.deliver(sids, env.event or "", env.data, mark)\n'
+            '        self.deliver(sids, env.event or "", env.data, mark, channel)\n\n    def _recipients',
+            '        self.deliver(sids, env.event or "", env.data, mark, channel)\n'
             '        if env.scope == "user":  # MUTATION: a second copy, 0.2 s later (the partition held meanwhile)\n'
             "            await asyncio.sleep(0.2)\n"
-            '            self.deliver(sids, env.event or "", env.data, mark)\n'
+            '            self.deliver(sids, env.event or "", env.data, mark, channel)\n'
             "\n    def _recipients",
         ),),
         ("tests/test_faults.py::test_sigkill_leaves_the_other_instance_serving[redis]",),
@@ -138,8 +140,8 @@ MUTATIONS = [
             ),
             Edit(
                 "webapp/realtime/propagator.py",
-                "        if self._seen.check_and_add(env.id):\n",
-                "        if False and self._seen.check_and_add(env.id):  # MUTATION: no deduplication\n",
+                "        if self._seen.seen(env.id, mark):\n",
+                "        if False and self._seen.seen(env.id, mark):  # MUTATION: no deduplication\n",
             ),
         ),
         ("tests/test_faults.py::test_redis_restart_under_traffic",),
@@ -188,6 +190,93 @@ MUTATIONS = [
         ),),
         ("tests/test_presence.py::test_presence_counts_stay_exact_under_churn_and_kills[redis]",),
         "presence counts are exact at a fence after every step (not: eventually)",
+    ),
+    # Who may receive what, from which offset (tests/test_entitlement.py and its neighbours).
+    Mutation(
+        "gateway-hands-out-scope-rooms",
+        (Edit(
+            "webapp/realtime/gateway.py",
+            '    if scopes.reserved(str(room)) or not scopes.member_may_publish("room"):\n',
+            "    if False:  # MUTATION: the scopes' own rooms go to the join policy like any other\n",
+        ),),
+        ("tests/test_entitlement.py::test_the_scopes_rooms_are_refused_whatever_the_join_policy",),
+        "nobody room_sends to `authenticated` (bob gets no room_message behind a fence)",
+    ),
+    Mutation(
+        "backend-leave-kept-in-the-session",
+        (Edit(
+            "webapp/realtime/propagator.py",
+            "        if session is not None and room in session.rooms:\n            # However",
+            "        if session is not None and room in session.rooms and not by_backend:  # MUTATION\n            # However",
+        ),),
+        ("tests/test_entitlement.py::test_a_room_the_backend_took_away_does_not_come_back_on_recovery[live]",),
+        "a room the backend took away gets nothing to the socket after its recovery",
+    ),
+    Mutation(
+        "replay-ignores-join-offsets",
+        (Edit(
+            "webapp/realtime/membership.py",
+            "            if joined is not None and entry.mark.offset <= joined and entry.channel == room_channel(room):\n",
+            "            if False:  # MUTATION: a room's whole history is replayed\n",
+        ),),
+        ("tests/test_entitlement.py::test_a_sigkilled_sessions_self_join_replays_nothing_from_before_it",),
+        "nothing sent to a room before the socket joined it is replayed",
+    ),
+    Mutation(
+        "replay-ignores-ops",
+        (Edit(
+            "webapp/realtime/membership.py",
+            "            _apply_op(env, user_id, member, pending, plan)\n",
+            "            pass  # MUTATION: ops in the history change no membership\n",
+        ),),
+        ("tests/test_entitlement.py::test_a_room_the_backend_took_away_does_not_come_back_on_recovery[while away]",),
+        "a room taken away while the socket was away gets nothing replayed",
+    ),
+    Mutation(
+        "replay-keeps-copies",
+        (Edit("webapp/realtime/membership.py", "        if env.id in seen:\n", "        if False:  # MUTATION\n"),),
+        ("tests/test_entitlement.py::test_an_answer_recorded_twice_is_replayed_once",),
+        "an envelope recorded twice is replayed once",
+    ),
+    Mutation(
+        "outage-joins-at-the-consumed-position",
+        (Edit(
+            "webapp/realtime/membership.py",
+            "        if bus.ready:\n            return\n",
+            "        return  # MUTATION: a socket accepted in an outage joins where the instance stopped\n",
+        ),),
+        ("tests/test_entitlement.py::test_a_socket_accepted_during_an_outage_is_caught_up_only_from_its_connect",),
+        "a socket accepted during an outage gets nothing from before its connect",
+    ),
+    Mutation(
+        "replay-in-one-turn",
+        (Edit(
+            "webapp/realtime/propagator.py",
+            "        chunk = max(1, self.writer.max_queue // 2)\n",
+            "        chunk = max(1, len(session.replay))  # MUTATION: the whole replay queued at once\n",
+        ),),
+        ("tests/test_large_recovery.py::test_nine_thousand_missed_events_are_recovered_whole_on_the_other_instance",),
+        "a client that reads is never evicted during its replay",
+    ),
+    Mutation(
+        "recoveries-unbounded",
+        (Edit(
+            "webapp/realtime/recovery.py",
+            "            await asyncio.wait_for(self._turns.acquire(), self._wait)\n",
+            "            await asyncio.wait_for(asyncio.sleep(0), self._wait)  # MUTATION: no limit\n",
+        ),),
+        ("tests/test_large_recovery.py::test_a_crowd_of_recoveries_waits_its_turn_and_publishes_keep_answering",),
+        "a crowd of recoveries fails none for Redis timing out (only `busy`)",
+    ),
+    Mutation(
+        "join-race-keeps-the-channel",
+        (Edit(
+            "webapp/realtime/propagator.py",
+            "                if not self._members_here(room):\n                    await self.bus.unsubscribe(channel)\n                return\n",
+            "                return  # MUTATION: the channel stays held\n",
+        ),),
+        ("tests/test_churn.py::test_cut_off_handshakes_and_joins_racing_disconnects_leak_nothing",),
+        "a join racing its socket's disconnect leaves no channel held",
     ),
 ]
 
