@@ -301,3 +301,67 @@ async def test_a_whole_shard_down_is_reported_and_the_rest_keeps_working(redis_c
         assert lost.of("dm") == []
     finally:
         fleet.close()
+
+
+def stop_node(base: int, port: int, sig: int) -> None:
+    pid = int(Path(f"/tmp/webapp-redis-cluster-{base}/{port}.pid").read_text())
+    os.kill(pid, sig)
+
+
+def p99(latencies: list[float]) -> float:
+    ordered = sorted(latencies)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+async def test_a_hung_shard_delays_only_its_own_partitions(redis_cluster: int) -> None:
+    """A master that hangs (SIGSTOP: connections accepted, nothing answered; its replica stopped
+    too, so no failover ends the hang) holds each publish to its partitions for REDIS_TIMEOUT.
+    Emits to users whose channels live on the other shards keep their p99 meanwhile; they used
+    to wait behind the hung batch, for REDIS_TIMEOUT each."""
+    base = redis_cluster
+    prefix = next(p for p in (unique("hang") for _ in range(200)) if len({master_of(base, k) for k in fixed_keys(p)}) < 3)
+    master, replicas = shard_without(base, fixed_keys(prefix))
+    healthy = [u for u in (f"u{n}" for n in range(400)) if master_of(base, wired(prefix, f"{prefix}:user:{u}")) != master][:8]
+    victim = user_on(base, master, prefix, owned=True)
+    fleet = Cluster(prefix, ("A",), redis_url=f"redis://127.0.0.1:{base}/0", REDIS_BACKOFF_MAX="0.5")
+    stopped: list[int] = []
+    try:
+        a = fleet.a
+        refused: list[int] = []
+
+        async def emit_to(user: str, seconds: float, latencies: list[float] | None) -> None:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                status, answer = await api(a.url, f"/api/emit/users/{user}", {"event": "n", "data": 1})
+                if latencies is not None:
+                    assert status == 202, answer
+                    latencies.append(time.monotonic() - started)
+                else:
+                    refused.append(status)
+
+        async def measure(seconds: float) -> list[float]:
+            latencies: list[float] = []
+            # The victim's emits beside the healthy ones: in every batch there is one for the hung shard.
+            await asyncio.gather(
+                *(emit_to(user, seconds, latencies) for user in healthy), emit_to(victim, seconds, None)
+            )
+            return latencies
+
+        before = await measure(3.0)
+        for port in (master, *replicas):
+            stop_node(base, port, signal.SIGSTOP)
+            stopped.append(port)
+        refused.clear()
+        during = await measure(6.0)
+        assert refused and set(refused) == {503}, refused  # the hung shard's own emits: refused in time
+        assert len(during) > 100, len(during)
+        # Far below REDIS_TIMEOUT (2 s), which each of them waited before; room for a loaded machine.
+        assert p99(during) <= max(3 * p99(before), p99(before) + 0.25), (
+            f"p99 {p99(during) * 1000:.0f} ms with a shard hung, {p99(before) * 1000:.0f} ms before "
+            f"({len(during)} and {len(before)} emits)"
+        )
+    finally:
+        for port in stopped:
+            stop_node(base, port, signal.SIGCONT)
+        fleet.close()

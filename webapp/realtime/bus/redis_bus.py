@@ -102,7 +102,8 @@ def offset_of(message: bytes, now_ms: float) -> Offset | None:
 class RedisBus:
     """Redis pub/sub and histories, on one node or a Redis Cluster.
 
-    Publishing goes through one queue and one sender: concurrent publishes travel together. On
+    Publishing goes through one queue and one sender per partition: concurrent publishes travel
+    together, and a shard that hangs delays only the partitions it owns. On
     a cluster, channels are spread over partitions (`bus/partitions.py`), each in one slot: a
     publish touches only the shard that owns its channel, and the instance holds one subscriber
     connection per shard it needs (`bus/subscriber.py`), following the channels when a failover
@@ -172,8 +173,7 @@ class RedisBus:
         self._client: Client | None = None  # made at the first connection, once the topology is known
         self._sub_pool: ConnectionPool | None = None
         self._shards: ShardWatch | None = None  # on a cluster: which masters do not answer
-        self._outgoing: list[tuple[str, bytes, asyncio.Future[Mark | None]]] = []
-        self._outgoing_ready = asyncio.Event()
+        self._outgoing: dict[int, _Outgoing] = {}  # each partition's queue and sender
         self._position: Position | None = None  # the offsets consumed; None before the first connection
         self._epoch: str | None = None
         self._skew_ms = 0.0  # Redis's clock minus ours, as TIME said at the last boot
@@ -205,10 +205,7 @@ class RedisBus:
         )
         self._shards = ShardWatch(lambda: self._client, timeout=self.timeout)
         self._shards.start()
-        self._tasks = [
-            asyncio.create_task(self._boot(), name="redis-bus-boot"),
-            asyncio.create_task(self._send_forever(), name="redis-bus-publisher"),
-        ]
+        self._tasks = [asyncio.create_task(self._boot(), name="redis-bus-boot")]
 
     async def close(self) -> None:
         if self._shards is not None:
@@ -216,10 +213,12 @@ class RedisBus:
         for task in self._tasks:
             await cancel(task)
         self._tasks = []
-        for _, _, done in self._outgoing:
-            if not done.done():
-                done.set_exception(BusUnavailable("the Redis bus closed"))
-        self._outgoing = []
+        for queue in self._outgoing.values():
+            await cancel(queue.task)
+            for _, _, done in queue.messages:
+                if not done.done():
+                    done.set_exception(BusUnavailable("the Redis bus closed"))
+        self._outgoing = {}
         for subscriber in self._subscribers.values():
             await subscriber.close()
         self._subscribers.clear()
@@ -424,13 +423,13 @@ class RedisBus:
 
         Concurrent publishes are sent together: one round trip per partition (one script call
         per SCRIPT_BATCH_MAX messages when there is a history), one pooled connection per batch
-        instead of per message. Order is kept (one queue, one sender).
+        instead of per message. Order is kept within each partition (one queue, one sender per
+        partition, each batch sent once the one before it answered).
         """
         if self._client is None or not self._booted:
             raise BusUnavailable("Redis has not been reached yet")
         done: asyncio.Future[Mark | None] = asyncio.get_running_loop().create_future()
-        self._outgoing.append((channel, message, done))
-        self._outgoing_ready.set()
+        self._enqueue(channel, message, done)
         return await done
 
     async def sync(self) -> Position:
@@ -448,8 +447,7 @@ class RedisBus:
         sent = self._queued_marker
         if sent is None:
             sent = self._queued_marker = asyncio.get_running_loop().create_future()
-            self._outgoing.append((self.sync_channel, b'{"sync":1}', sent))
-            self._outgoing_ready.set()
+            self._enqueue(self.sync_channel, b'{"sync":1}', sent)
         marker = await asyncio.shield(sent)
         if marker is None or self.position_now().covers(marker):
             return self.position_now()
@@ -479,40 +477,40 @@ class RedisBus:
         old = self.position_now()
         self._position = Position({p: old.at(p) for p in old.partitions() if p not in partitions})
 
-    async def _send_forever(self) -> None:
+    def _enqueue(self, channel: str, message: bytes, done: asyncio.Future[Mark | None]) -> None:
+        """Queue a message on its partition's sender, started at its first message."""
+        partition = self._parts.of(channel)
+        queue = self._outgoing.get(partition)
+        if queue is None:
+            queue = self._outgoing[partition] = _Outgoing()
+            queue.task = asyncio.create_task(self._send_forever(partition, queue), name=f"redis-bus-publisher-{partition}")
+        queue.messages.append((channel, message, done))
+        queue.ready.set()
+
+    async def _send_forever(self, partition: int, queue: _Outgoing) -> None:
+        """Send one partition's messages, in order, each batch once the one before it answered.
+
+        One sender per partition, not one for all: a shard that hangs (a stopped process, a
+        black-holed network: no refusal, just silence) holds each call to it for REDIS_TIMEOUT,
+        and only the partitions it owns wait behind that; the others' batches go on."""
         while True:
-            await self._outgoing_ready.wait()
-            self._outgoing_ready.clear()
-            while self._outgoing:
-                batch, self._outgoing = self._outgoing, []
-                self._queued_marker = None  # taken: a later sync needs a marker of its own
-                results = await self._send_batch(batch)
-                for (_, _, done), result in zip(batch, results, strict=True):
+            await queue.ready.wait()
+            queue.ready.clear()
+            while queue.messages:
+                batch, queue.messages = queue.messages, []
+                if any(done is self._queued_marker for _, _, done in batch):
+                    self._queued_marker = None  # taken: a later sync needs a marker of its own
+                replies = await self._send_group(batch)
+                for (_, _, done), reply in zip(batch, replies, strict=True):
                     if done.done():
                         continue
-                    if isinstance(result, Exception):
-                        done.set_exception(BusUnavailable(f"Redis did not confirm the publish: {result}"))
+                    if isinstance(reply, Exception):
+                        done.set_exception(BusUnavailable(f"Redis did not confirm the publish: {reply}"))
+                    elif self.has_history:
+                        offset = Offset.parse(reply)
+                        done.set_result(Mark(partition, offset) if offset is not None else None)
                     else:
-                        done.set_result(result)
-
-    async def _send_batch(
-        self, batch: list[tuple[str, bytes, asyncio.Future[Mark | None]]]
-    ) -> list[Mark | None | Exception]:
-        """Where each message now sits (None without a history), or what went wrong with it.
-        One round trip per partition (per SCRIPT_BATCH_MAX of its messages), all partitions at once."""
-        groups: dict[int, list[int]] = {}
-        for index, (channel, _, _) in enumerate(batch):
-            groups.setdefault(self._parts.of(channel), []).append(index)
-        sent = await asyncio.gather(*(self._send_group([batch[i] for i in indexes]) for indexes in groups.values()))
-        results: list[Mark | None | Exception] = [None] * len(batch)
-        for (partition, indexes), replies in zip(groups.items(), sent, strict=True):
-            for index, reply in zip(indexes, replies, strict=True):
-                if isinstance(reply, Exception):
-                    results[index] = reply
-                elif self.has_history:
-                    offset = Offset.parse(reply)
-                    results[index] = Mark(partition, offset) if offset is not None else None
-        return results
+                        done.set_result(None)
 
     async def _send_group(self, group: list[tuple[str, bytes, asyncio.Future[Mark | None]]]) -> list[Any]:
         """Publish messages of one partition: per message, its reply or what went wrong.
@@ -876,6 +874,17 @@ class RedisBus:
             "moved_channels": self.moved_channels,
             "last_error": self.last_error,
         }
+
+
+class _Outgoing:
+    """One partition's messages waiting to be published, and the task that sends them."""
+
+    __slots__ = ("messages", "ready", "task")
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes, asyncio.Future[Mark | None]]] = []
+        self.ready = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
 
 
 @contextmanager
