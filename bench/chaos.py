@@ -114,7 +114,7 @@ async def soak(world: World, args: argparse.Namespace, users: list[str], rng: ra
     async def progress() -> None:
         acked = sum(1 for e in world.emits if e.acked)
         last = chaos.faults[-1].kind if chaos.faults else "-"
-        log(f"chaos: {time.monotonic() - began:4.0f}s  {acked:,} emits acknowledged  {len(chaos.faults)} faults "
+        log(f"chaos: {acked:,} emits acknowledged  {len(chaos.faults)} faults "
             f"(last {last})  {len(world.sessions)} sessions  {len(world.failures)} findings")
 
     helpers = [
@@ -137,6 +137,7 @@ async def soak(world: World, args: argparse.Namespace, users: list[str], rng: ra
         stop.set()
         await asyncio.gather(*helpers, return_exceptions=True)
     world.stopping = True
+    log("chaos: closing the sockets")
     await close_clients(world)
     log("chaos: judging")
     verdict = await asyncio.to_thread(judge, world.emits, world.sessions)
@@ -175,7 +176,9 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         await close_clients(world)
         await http.close()
+        log("chaos: stopping the instances and Redis")
         fleet.close()
+        log("chaos: done")
     (args.out / f"chaos-{stamp}.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2) if args.json else text(summary))
     return 0 if summary["ok"] else 1

@@ -44,9 +44,12 @@ class Process(Server):
         return None if self._proc is None else self._proc.poll()
 
 
+_STARTED = time.monotonic()
+
+
 def log(message: str) -> None:
-    """Progress, on stderr: stdout carries the report."""
-    print(message, file=sys.stderr, flush=True)
+    """Progress, on stderr (stdout carries the report), with the seconds since the soak began."""
+    print(f"[{time.monotonic() - _STARTED:5.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def redis_pongs(port: int) -> bool:

@@ -79,8 +79,10 @@ def summarise(
     for emit in emits:
         kind = kind_of.get(emit.fault, "calm")
         per_kind[kind]["emits"] += 1
-        if not emit.acked:
+        if emit.status == 503:
             per_kind[kind]["refused"] += 1
+        elif not emit.acked:
+            per_kind[kind]["unanswered"] += 1  # no answer: its instance died, or hung
     for session in world.sessions:
         if session.fault:
             per_kind[kind_of[session.fault]]["fresh_sessions"] += 1
@@ -127,7 +129,8 @@ def summarise(
         "failures": failures,
         "examples": verdict.examples,
         "emits": {"sent": len(emits), "acknowledged": sum(scopes.values()), "by_scope": dict(scopes),
-                  "refused_or_unanswered": sum(1 for e in emits if not e.acked), "skipped_ticks": skipped},
+                  "refused": sum(1 for e in emits if e.status == 503),
+                  "unanswered": sum(1 for e in emits if e.status == 0), "skipped_ticks": skipped},
         "oracle": {
             "checked": verdict.checked, "delivered": verdict.delivered, "required": verdict.required,
             "missing": verdict.missing, "duplicated": verdict.duplicated, "misdelivered": verdict.misdelivered,
@@ -158,13 +161,13 @@ def text(summary: dict[str, Any]) -> str:
          f"{s['rate']} emits/s, a fault every {s['gap'][0]}-{s['gap'][1]} s after the last healed"),
         (f"emits: {e['acknowledged']:,} acknowledged of {e['sent']:,} "
          f"({', '.join(f'{k} {v:,}' for k, v in sorted(e['by_scope'].items()))}); "
-         f"{e['refused_or_unanswered']:,} refused (503) or unanswered"),
+         f"{e['refused']:,} refused (503), {e['unanswered']:,} unanswered"),
         (f"deliveries: {o['delivered']:,} checked in {summary['sessions']:,} socket sessions; live lag p50 "
          f"{_ms(lag['live']['p50_ms'])} ms, p99 {_ms(lag['live']['p99_ms'])} ms, max {_ms(lag['live']['max_ms'])} ms; "
          f"{lag['replayed']['count']:,} replayed by recoveries (lag p50 {_ms(lag['replayed']['p50_ms'])} ms, "
          f"p99 {_ms(lag['replayed']['p99_ms'])} ms)"),
         "",
-        ("| fault | count | mean s | REST refused | sockets back: resumed / fresh | recovery_failed | "
+        ("| fault | count | mean s | REST emits: 503 / no answer / sent | sockets back: resumed / fresh | recovery_failed | "
          "events excused by recovery_failed | events missed by sockets not opted in | live lag p50 / p99 ms |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -172,7 +175,8 @@ def text(summary: dict[str, Any]) -> str:
         failed = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in sorted(row.items()) if k.startswith("recovery_failed:"))
         lines.append(
             f"| {row['kind']} | {row.get('count', '-')} | {row['mean_seconds'] if row['mean_seconds'] is not None else '-'} "
-            f"| {row.get('refused', 0)} of {row.get('emits', 0)} | {row.get('resumed', 0)} / {row.get('fresh', 0)} "
+            f"| {row.get('refused', 0)} / {row.get('unanswered', 0)} / {row.get('emits', 0)} "
+            f"| {row.get('resumed', 0)} / {row.get('fresh', 0)} "
             f"| {failed or 0} | {row.get('excused', 0):,} | {row.get('missed_not_opted_in', 0):,} "
             f"| {_ms(row['live_lag']['p50_ms'])} / {_ms(row['live_lag']['p99_ms'])} |"
         )

@@ -1,8 +1,18 @@
-"""The chaos soak's oracle (`bench/chaos_oracle.py`): its rules on made-up sessions and events."""
+"""The chaos soak (`python -m bench.chaos`): its oracle's rules on made-up sessions and events, and
+one minute of it against real instances, a real Redis and real clients, which must pass."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
 from bench.chaos_oracle import SLACK, Emit, Membership, Owed, Session, judge, owed
+
+from .harness import ROOT
 
 
 def emit(id: int, scope: str, target: str | None, at: float, *, took: float = 0.01, status: int = 202) -> Emit:
@@ -66,3 +76,20 @@ def test_judge_counts_losses_duplicates_misdeliveries_and_what_a_failed_recovery
     failed.end, failed.end_fault, failed.end_reason = 103.5, 4, "recovery_failed:history_lost"
     verdict = judge(emits, [failed])
     assert verdict.ok and verdict.excused == {4: 2}  # events 2 and 3: owed but for the failed recovery
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_a_minute_of_chaos_passes_the_oracle() -> None:
+    """Redis restarts, partitions, SIGKILLs, drains, blinks and floods for 60 s over 3 instances
+    and 200 sockets: every acknowledged event reached every socket owed it exactly once."""
+    began = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.chaos", "--minutes", "1", "--seed", "7", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=220, check=False,
+    )
+    took = time.monotonic() - began
+    assert result.returncode == 0, f"exit {result.returncode} after {took:.0f}s\n{result.stdout[-6000:]}\n{result.stderr[-4000:]}"
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["oracle"]["required"] > 10_000, report["oracle"]
+    assert {row["kind"] for row in report["per_fault_kind"]} >= {"blink", "partition", "sigkill", "sigterm"}
