@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -193,7 +192,7 @@ class Recovery:
             ended = await self._ended(pid)
             if ended is not None:
                 left_at, last_sent, position = ended
-                if time.time() - left_at > self.window:
+                if self._bus.clock_ms() / 1000 - left_at > self.window:  # Redis's clock at both ends
                     raise RecoveryFailed("expired")
                 if (held if offset_sent else start.only(last_sent.partitions())) == last_sent:
                     # It received all it was sent, and it had been sent all it was addressed by
@@ -241,7 +240,7 @@ class Recovery:
     async def ended(self, session: Session, position: Position | None) -> None:
         """Remember, for the window, when a session's socket left and what it had been sent."""
         value = orjson.dumps(
-            {"at": time.time(), "last": str(session.sent), "pos": str((position or Position()).merged(session.sent))}
+            {"at": self._bus.clock_ms() / 1000, "last": str(session.sent), "pos": str((position or Position()).merged(session.sent))}
         )
         try:
             await self._bus.remember(self._key(session.pid), value, self._record_ttl)
