@@ -22,7 +22,7 @@ from typing import Any, Self
 
 import aiohttp
 import socketio
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import RuleBasedStateMachine
 
 from bench.cluster import procfile_flags  # tests serve the app exactly as the Procfile deploys it
@@ -36,6 +36,9 @@ _OUR_VARIABLES = frozenset(
      "MAX_PAYLOAD_BYTES", "TOKEN_TTL", "INSTANCE_ID", "PORT", "REDIS_TLS_VERIFY", "REDIS_TLS_CA"}
 )
 WAIT = 10.0  # upper bound of every wait on an event, in seconds
+# The instances tests started, by URL: a fence finds the instance (and its channel prefix) behind a
+# probe's URL here. A restart on the same port replaces the entry.
+STARTED: dict[str, Instance] = {}
 
 
 def free_port() -> int:
@@ -137,6 +140,7 @@ class Instance:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Instance:
+        STARTED[self.url] = self
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -235,14 +239,20 @@ class Probe:
     def __init__(self, name: str) -> None:
         self.name = name
         self.events: list[tuple[str, Any]] = []
+        self.arrivals: list[float] = []  # time.monotonic() at each event's arrival, beside `events`
         self.connect_error: Any = None
         self.client = socketio.AsyncClient(reconnection=False)
+        self.base: str | None = None  # the URL it connected to: the instance a fence must wait for
         self._changed = asyncio.Event()
         self.client.on("*", self._record)
         self.client.on("connect_error", self._on_connect_error)
+        # Not events, but a wait on the connection's state must wake up on them too.
+        self.client.on("connect", self._changed.set)
+        self.client.on("disconnect", lambda *reason: self._changed.set())
 
     async def _record(self, event: str, data: Any = None) -> None:
         self.events.append((event, data))
+        self.arrivals.append(time.monotonic())
         self._changed.set()
 
     async def _on_connect_error(self, data: Any) -> None:
@@ -265,6 +275,7 @@ class Probe:
             url = f"{base}?token={token}"
         elif token is not None and how == "header":
             headers = {"Authorization": f"Bearer {token}"}
+        self.base = base
         await self.client.connect(
             url, auth=auth, headers=headers, transports=list(transports), wait_timeout=wait
         )
@@ -303,18 +314,99 @@ class Probe:
             await http.close()
 
 
-async def fence(base: str, probes: Iterable[Probe]) -> None:
-    """Broadcast a marker to all and wait until every probe has it.
+async def fence(base: str, probes: Iterable[Probe], *, instances: Iterable[Instance] = ()) -> None:
+    """Wait until everything published before this call that was going to reach `probes` has
+    reached them: after it, asserting "never arrives" or "exactly once" is safe, on one Redis node
+    and on a Redis Cluster alike.
 
-    Each instance delivers what it consumes in order, so once the marker is in, anything
-    published before it that was going to arrive has arrived: asserting "never" is safe.
+    An instance delivers each partition in the order it consumes it, and queues a socket's
+    frames in order. On one node (one partition) a broadcast after the events under test is
+    enough: once a probe has it, nothing earlier is still on its way. On a cluster the
+    partitions are consumed independently (a subscriber connection per shard), so first every
+    instance holding a probe (and each of `instances`) is made to consume every partition past
+    this moment (`caught_up`); then the broadcast, queued after whatever that consumption sent.
+    `base` is the instance the broadcast is sent through (any of the fleet).
     """
+    probes = list(probes)
+    behind = {p.base for p in probes if p.base is not None} | {i.url for i in instances}
+    await caught_up(sorted(behind), via=base)
     marker = uuid.uuid4().hex
     status, answer = await api(base, "/api/emit/all", {"event": "fence", "data": marker})
     assert status == 202, answer
     await asyncio.gather(
         *(p.wait_until(lambda p=p: marker in p.of("fence"), f"fence {marker}") for p in probes)
     )
+
+
+async def caught_up(urls: Iterable[str], *, via: str | None = None) -> None:
+    """Return once each instance at `urls` has consumed every partition of its bus past this
+    moment: whatever was published before, on any channel, has been handled (and its frames
+    queued to its sockets) there.
+
+    On one partition (one Redis node, or the in-memory bus) there is nothing to do: a marker to
+    the probes themselves orders everything. On a cluster, a fence socket on each instance joins
+    one room per partition (rooms named so that their channels fall in each partition), a batch
+    of markers goes to those rooms, and each fence socket waits for all of them: a marker is
+    consumed after everything published earlier on its partition.
+    """
+    urls = list(dict.fromkeys(urls))
+    if not urls:
+        return
+    counts = await asyncio.gather(*(_partitions(url) for url in urls))
+    urls = [url for url, count in zip(urls, counts, strict=True) if count > 1]
+    if not urls:
+        return
+    unknown = [url for url in urls if url not in STARTED]
+    assert not unknown, f"fence: no instance this test started answers at {unknown}; pass it as `instances`"
+    prefixes = {STARTED[url].env["CHANNEL_PREFIX"] for url in urls}
+    count = max(counts)
+    assert len(prefixes) == 1, f"fence: instances of several fleets {sorted(prefixes)}"
+    marker = uuid.uuid4().hex[:12]
+    rooms = _rooms_per_partition(prefixes.pop(), count, f"public:fence-{marker}")
+    user = f"fence-{marker}"
+    sockets = [Probe(f"fence@{url}") for url in urls]
+    try:
+        token = await token_for(urls[0], user)
+        for sock, url in zip(sockets, urls, strict=True):
+            await sock.connect(url, token)
+        joins = await asyncio.gather(
+            *(sock.client.call("join", {"room": room}, timeout=WAIT) for sock in sockets for room in rooms)
+        )
+        assert all(join.get("ok") for join in joins), f"fence sockets could not join their rooms: {joins}"
+        events = [{"scope": "room", "room": room, "event": "fence", "data": room} for room in rooms]
+        status, answer = await api(via or urls[0], "/api/emit/batch", {"events": events})
+        assert status == 202, answer
+        await asyncio.gather(
+            *(
+                sock.wait_until(lambda sock=sock: set(rooms) <= set(sock.of("fence")), f"a marker on each of {count} partitions")
+                for sock in sockets
+            )
+        )
+    finally:
+        for sock in sockets:
+            await sock.close()
+
+
+async def _partitions(url: str) -> int:
+    """How many partitions the bus of the instance at `url` has (1 on one Redis node or in memory)."""
+    status, answer = await api(url, "/api/status", method="GET")
+    assert status == 200, answer
+    return int(answer["bus"].get("partitions") or 1)
+
+
+def _rooms_per_partition(prefix: str, count: int, stem: str) -> list[str]:
+    """A room name for each partition, in partition order: the channel of room `i` falls in partition `i`
+    (as the app places it: bus/partitions.py)."""
+    from webapp.realtime.bus.partitions import Partitions
+
+    parts = Partitions(prefix, count, sharded=True)
+    rooms: dict[int, str] = {}
+    for n in range(100 * count):
+        room = f"{stem}-{n}"
+        rooms.setdefault(parts.of(f"{prefix}:room:{room}"), room)
+        if len(rooms) == count:
+            return [rooms[p] for p in range(count)]
+    raise AssertionError(f"no room name for every one of {count} partitions")
 
 
 def without_fences(probe: Probe) -> list[tuple[str, Any]]:
@@ -332,6 +424,20 @@ async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = W
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def holds_for(predicate: Callable[[], Any], what: str, window: float) -> None:
+    """Check that a cheap condition keeps holding for `window` seconds: the window of a negative
+    check ("never reconnects"), chosen as a multiple of the time the unwanted thing would take."""
+    deadline = time.monotonic() + window
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        assert result, f"{what} stopped holding within {window}s"
+        if time.monotonic() > deadline:
+            return
         await asyncio.sleep(0.02)
 
 
@@ -467,6 +573,43 @@ class StalledSocket:
         masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
         self.sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
 
+    def read_until_closed(self, timeout: float = WAIT) -> tuple[list[str], bool]:
+        """Read at last: the text of every message the server sent, in order, until it ended the
+        connection; and whether it ended it with a close frame (False: the TCP connection ended).
+        Blocking: for a test whose server is another process."""
+        self.sock.settimeout(timeout)
+        texts: list[str] = []
+        partial = b""
+        while True:
+            head = self._exactly(2)
+            if head is None:
+                return texts, False
+            opcode, length = head[0] & 0x0F, head[1] & 0x7F
+            if length >= 126:
+                extended = self._exactly(2 if length == 126 else 8)
+                if extended is None:
+                    return texts, False
+                length = int.from_bytes(extended, "big")
+            payload = self._exactly(length) if length else b""
+            if payload is None:
+                return texts, False
+            if opcode == 0x8:
+                return texts, True
+            if opcode in (0x0, 0x1):
+                partial += payload
+                if head[0] & 0x80:  # FIN: the message is whole
+                    texts.append(partial.decode())
+                    partial = b""
+
+    def _exactly(self, count: int) -> bytes | None:
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
     def close(self) -> None:
         self.sock.close()
 
@@ -519,11 +662,24 @@ class LoopThread:
             loop.close()
 
 
-def run_machine(machine: type[RuleBasedStateMachine], *, examples: int, steps: int) -> None:
-    """Run a hypothesis state machine for a bounded number of examples and steps."""
+# MODEL_RANDOM=1 draws new cases for the Hypothesis models; otherwise (CI) they run derandomised:
+# the same cases every run, so a failure is one the next run meets again.
+MODEL_RANDOM = os.environ.get("MODEL_RANDOM") == "1"
+
+
+def run_machine(
+    machine: type[RuleBasedStateMachine], *, examples: int, steps: int, derandomize: bool = False
+) -> None:
+    """Run a hypothesis state machine for a bounded number of examples and steps.
+
+    `derandomize` (pass `not MODEL_RANDOM`): the same cases every run, and a failing case is
+    reported as found, not shrunk (shrinking replays real processes for minutes; the case
+    comes back at the next run anyway)."""
     case: Any = machine.TestCase
     case.settings = settings(
-        max_examples=examples, stateful_step_count=steps, deadline=None, suppress_health_check=list(HealthCheck)
+        max_examples=examples, stateful_step_count=steps, deadline=None, suppress_health_check=list(HealthCheck),
+        derandomize=derandomize, database=None if derandomize else settings.default.database,
+        phases=[phase for phase in Phase if phase is not Phase.shrink or not derandomize],
     )
     case().runTest()
 

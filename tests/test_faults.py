@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -36,7 +37,8 @@ from .harness import (
 
 pytestmark = pytest.mark.cluster
 
-FAST_RECOVERY = {"REDIS_BACKOFF_MAX": "0.5"}
+BACKOFF_MAX = 0.5  # REDIS_BACKOFF_MAX of these instances, in seconds
+FAST_RECOVERY = {"REDIS_BACKOFF_MAX": str(BACKOFF_MAX)}
 
 
 @pytest.fixture
@@ -70,8 +72,8 @@ async def pair(
     return a, b, prefix, user, token, on_a, on_b
 
 
-async def ready(instance: Instance, want: bool = True) -> None:
-    await wait_until(lambda: (instance.readyz()[0] == 200) is want, f"{instance.name} ready={want}", timeout=15)
+async def ready(instance: Instance, want: bool = True, timeout: float = 15) -> None:
+    await wait_until(lambda: (instance.readyz()[0] == 200) is want, f"{instance.name} ready={want}", timeout=timeout)
 
 
 async def test_redis_restart_under_traffic(
@@ -113,8 +115,10 @@ async def test_redis_restart_under_traffic(
     assert await alice_a.wait_for("events") == ["said during the outage"]
 
     own_redis.start()
-    await ready(a)
-    await ready(b)
+    # Ready again within the backoff cap, plus the reconnection, resubscription and replay (tens
+    # of milliseconds; 0.0 to 0.2 s measured in all): 1 s for a 0.5 s cap.
+    bound = BACKOFF_MAX + 0.5
+    await asyncio.gather(ready(a, timeout=bound), ready(b, timeout=bound))
     assert await alice_b.wait_for("events") == ["said during the outage"]  # delivered from the outbox
     stop.set()
     await ticker
@@ -124,6 +128,9 @@ async def test_redis_restart_under_traffic(
     assert await carol_a.wait_for("dm") == ["hi carol"]
     everyone = [alice_a, alice_b, anon_b, carol_a]
     await fence(a.url, everyone)
+    # the answer given during the outage: once to the asker, once to her other socket, late
+    assert alice_a.of("events") == alice_b.of("events") == ["said during the outage"]
+    assert carol_a.of("dm") == ["hi carol"]
     for probe in (alice_a, alice_b, anon_b):
         assert probe.client.connected, f"{probe.name} was disconnected by a Redis restart"
         ticks = probe.of("tick")
@@ -150,7 +157,9 @@ async def test_redis_missing_at_start_then_appearing(instances: list[Instance], 
         probes.append(probe)
         await probe.connect(instance.url, await token_for(instance.url, user))
         assert (await api(instance.url, f"/api/emit/users/{user}", {"event": "dm", "data": 1}))[0] == 202
-        assert await probe.wait_for("dm") == [1]
+        await probe.wait_for("dm")
+        await fence(instance.url, [probe])
+        assert probe.of("dm") == [1]  # once
     finally:
         later.stop(signal.SIGKILL)
 
@@ -199,8 +208,10 @@ async def test_sigkill_leaves_the_other_instance_serving(
     probes.append(back)
     await back.connect(b.url, token)
     assert (await api(b.url, f"/api/emit/users/{alice}", {"event": "dm", "data": "after the crash"}))[0] == 202
-    assert await back.wait_for("dm") == ["after the crash"]
-    assert await alice_b.wait_for("dm") == ["after the crash"]
+    await back.wait_for("dm")
+    await alice_b.wait_for("dm")
+    await fence(b.url, [back, alice_b])
+    assert back.of("dm") == alice_b.of("dm") == ["after the crash"]  # once each
 
 
 async def test_sigterm_drains_tells_clients_and_exits_zero(
@@ -222,7 +233,40 @@ async def test_sigterm_drains_tells_clients_and_exits_zero(
         assert subscribers(backend, channel, sharded_prefix=prefix) == 1  # only B's remains
     assert "drained; 0 sockets left" in a.output()
     assert (await api(b.url, f"/api/emit/users/{gina}", {"event": "dm", "data": "still here"}))[0] == 202
-    assert await on_b.wait_for("dm") == ["still here"]
+    await on_b.wait_for("dm")
+    await fence(b.url, [on_b])
+    assert on_b.of("dm") == ["still here"]  # once
+
+
+@pytest.mark.parametrize("consumed", [True, False], ids=["queued", "in-flight"])
+async def test_sigterm_flushes_what_was_sent_before_each_socket_closes(instances: list[Instance], consumed: bool) -> None:
+    """Events sent to a socket just before SIGTERM, while it reads nothing, all reach it in order,
+    then `server_shutdown`, then the end of the connection: nothing in flight is lost."""
+    instance = launch(instances, "F", unique("flush"), REDIS_URL, SHUTDOWN_TIMEOUT="10")
+    instance.wait_serving()
+    stalled = StalledSocket(instance.url)  # anonymous: broadcasts reach it; it reads nothing for now
+    try:
+        await wait_until(lambda: instance.status()[1]["sockets"] == 1, "the socket to be held")
+        delivered = instance.status()[1]["delivered"]
+        # 8 MB: more than the connection's buffers take (a loopback send buffer grows to 4 MB), so
+        # most of it waits in the socket's queue when the signal comes.
+        count, blob = 140, "x" * 60_000
+        for n in range(count):
+            assert (await api(instance.url, "/api/emit/all", {"event": "sent", "data": [n, blob]}))[0] == 202
+        if consumed:  # consumed and queued for the socket (or written to it), not yet read
+            await wait_until(lambda: instance.status()[1]["delivered"] >= delivered + count, "every event queued")
+        assert instance.proc is not None
+        instance.proc.send_signal(signal.SIGTERM)
+        texts, close_frame = stalled.read_until_closed()
+    finally:
+        stalled.close()
+    events = [json.loads(text[2:]) for text in texts if text.startswith("42")]
+    assert [event[0] for event in events] == ["sent"] * count + ["server_shutdown"], [e[0] for e in events]
+    assert [event[1][0] for event in events[:count]] == list(range(count))
+    assert texts[-1].startswith('42["server_shutdown"')  # and then the connection ended
+    await wait_until(lambda: instance.proc.poll() is not None, "the exit", timeout=10)  # type: ignore[union-attr]
+    assert instance.proc.returncode == 0
+    print(f"ended {'with' if close_frame else 'without'} a close frame")
 
 
 async def test_sigterm_turns_unready_first_and_drains_after_the_delay(
@@ -281,7 +325,10 @@ async def test_web_concurrency_workers_serve_as_instances_and_drain_on_the_paren
     assert all(name.startswith("W.") for name in held), held  # INSTANCE_ID, then the worker's pid
     assert (await api(server.url, f"/api/emit/users/{walt}", {"event": "dm", "data": 1}))[0] == 202
     for probe in held.values():
-        assert await probe.wait_for("dm") == [1]
+        await probe.wait_for("dm")
+    await fence(server.url, held.values())  # one Redis node: the broadcast reaches both workers
+    for probe in held.values():
+        assert probe.of("dm") == [1], probe.name  # once on each worker
 
     assert server.proc is not None
     server.proc.send_signal(signal.SIGTERM)  # the parent only
@@ -383,6 +430,8 @@ async def test_a_socket_whose_channel_redis_does_not_confirm_is_refused(
         await probe.connect(a.url, token)  # Redis answers again: accepted, and reached
         status, _ = await api(a.url, f"/api/emit/users/{user}", {"event": "dm", "data": 1})
         assert status == 202
-        assert await probe.wait_for("dm") == [1]
+        await probe.wait_for("dm")
+        await fence(a.url, [probe])
+        assert probe.of("dm") == [1]  # once
     finally:
         await probe.close()

@@ -1,6 +1,6 @@
 """Connection state recovery across instances, on the wire: what an opted-in socket is sent, and
 what it gets back after a blink, a SIGTERM, a SIGKILL, a restart, a forged or stolen pid, or too
-long away. The official JS client and python-socketio take the same paths in test_deploy_drill.py."""
+long away. The official JS client and python-socketio take the same paths in test_drills.py."""
 
 from __future__ import annotations
 

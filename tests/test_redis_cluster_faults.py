@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -59,6 +59,27 @@ def master_of(base: int, key: str) -> int:
 def kill_node(base: int, port: int) -> None:
     pid = int(Path(f"/tmp/webapp-redis-cluster-{base}/{port}.pid").read_text())
     os.kill(pid, signal.SIGKILL)
+
+
+def replicas_caught_up(port: int) -> Callable[[], bool]:
+    """A check: have the replicas of the master on `port` acknowledged everything it had written
+    when this was called? (INFO replication: the master's offset then, each replica's ack since.)"""
+    client = redis.Redis(port=port)
+    try:
+        target = int(client.info("replication")["master_repl_offset"])
+    finally:
+        client.close()
+
+    def caught_up() -> bool:
+        client = redis.Redis(port=port)
+        try:
+            info = client.info("replication")
+        finally:
+            client.close()
+        replicas = [value for key, value in info.items() if key.startswith("slave") and isinstance(value, dict)]
+        return bool(replicas) and all(int(replica["offset"]) >= target for replica in replicas)
+
+    return caught_up
 
 
 def healthy_masters(port: int) -> int:
@@ -116,6 +137,9 @@ async def test_a_master_failover_loses_and_duplicates_no_acknowledged_event(
     await probes[1].wait_for("n", 20)
     # The master owning the user's channel (its partition's history and shard channel) dies.
     victim = master_of(base, wired(fleet.prefix, f"{fleet.prefix}:user:{events.user}"))
+    # Replication is asynchronous: an event the master took and died before copying is lost
+    # (README, "What can still lose data"). This test is about the failover, not that window.
+    await wait_until(replicas_caught_up(victim), "the replica to acknowledge the 20 events")
     kill_node(base, victim)
     killed_at = time.monotonic()
     while len([k for k in events.acknowledged if k >= 20]) < 20:
@@ -193,7 +217,7 @@ async def test_moving_a_subscribed_user_channels_slot_under_traffic_loses_and_du
     assert master_of(base, history) == target
     await events.all_delivered_once_in_order()
     assert all(i.status()[1]["bus"]["moved_channels"] >= 1 for i in fleet.instances)  # told, and followed
-    assert events.refused <= 5, f"{events.refused} emits refused while one slot moved"
+    assert events.refused == 0, f"{events.refused} emits refused while one slot moved"  # none refused
     print(f"reshard: {len(events.acknowledged)} acknowledged, {events.refused} refused")
 
 

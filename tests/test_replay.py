@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 
+import pytest
 import redis
 
 from webapp.realtime.bus import BusUnavailable, Mark, Position, RedisBus
@@ -38,6 +39,19 @@ class Collected:
 
     async def on_gap(self, reason: str) -> None:
         self.gaps.append(reason)
+
+
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[tuple[str, redis.Redis]]:
+    """A redis-server of this module's own (its URL and a client): the script calls it counts and
+    the script cache it empties are nobody else's, whoever shares the machine's Redis."""
+    server = RedisServer().start()
+    client = redis.Redis.from_url(server.url)
+    try:
+        yield server.url, client
+    finally:
+        client.close()
+        server.stop(signal.SIGKILL)
 
 
 def envelope(text: str) -> bytes:
@@ -194,12 +208,13 @@ async def test_live_messages_carry_the_offset_the_history_holds(redis_client: re
     redis_client.delete(f"{prefix}:replay", f"{prefix}:epoch")
 
 
-async def test_publishes_survive_an_emptied_script_cache(redis_client: redis.Redis) -> None:
+async def test_publishes_survive_an_emptied_script_cache(own_redis: tuple[str, redis.Redis]) -> None:
     """Publishes run the script by its hash; a Redis whose cache is empty (restarted, or a
     promoted replica) answers NOSCRIPT, having run nothing, and gets the script's text once."""
+    url, redis_client = own_redis
     prefix = unique("replay-noscript")
     channel = f"{prefix}:all"
-    async with pair(prefix) as (_, publisher, got, env):
+    async with pair(prefix, url) as (_, publisher, got, env):
         await publisher.publish(channel, env("0"))
         redis_client.script_flush()
         await publisher.publish(channel, env("1"))  # one alone
@@ -211,15 +226,16 @@ async def test_publishes_survive_an_emptied_script_cache(redis_client: redis.Red
     redis_client.delete(f"{prefix}:replay", f"{prefix}:epoch")
 
 
-async def test_a_large_batch_is_cut_into_script_calls_that_keep_the_order(redis_client: redis.Redis) -> None:
+async def test_a_large_batch_is_cut_into_script_calls_that_keep_the_order(own_redis: tuple[str, redis.Redis]) -> None:
     """Redis runs one script before anything else: a batch past SCRIPT_BATCH_MAX goes as several
     calls, one after another, so other clients run between them and the offsets keep their order,
     also when the script cache was emptied just before (the first call answers NOSCRIPT, having
     run nothing, and goes again as text; nothing is recorded twice)."""
+    url, redis_client = own_redis
     prefix = unique("replay-cut")
     channel = f"{prefix}:all"
     count = 2 * SCRIPT_BATCH_MAX + 44
-    async with pair(prefix) as (_, publisher, got, env):
+    async with pair(prefix, url) as (_, publisher, got, env):
         await publisher.publish(channel, env('"warm"'))  # the script is in Redis's cache
         await wait_until(lambda: len(got.messages) == 1, "the first message")
         before = _scripts_run(redis_client)
@@ -252,16 +268,20 @@ async def test_a_large_batch_on_a_cluster_keeps_its_order(redis_cluster_url: str
 
 
 def _scripts_run(redis_client: redis.Redis) -> int:
+    """Script calls a Redis has run (INFO commandstats counts the whole server: use one of the test's own)."""
     stats = redis_client.info("commandstats")
     return sum(int(stats.get(f"cmdstat_{verb}", {}).get("calls", 0)) for verb in ("evalsha", "eval"))
 
 
-async def test_concurrent_publishes_travel_as_one_script_and_keep_their_order(redis_client: redis.Redis) -> None:
+async def test_concurrent_publishes_travel_as_one_script_and_keep_their_order(
+    own_redis: tuple[str, redis.Redis],
+) -> None:
     """Publishes queued together go to Redis as one script call (not one per message in a MULTI),
     and each still gets its own offset, in order, live and in the history."""
+    url, redis_client = own_redis
     prefix = unique("replay-batch")
     channel = f"{prefix}:all"
-    async with pair(prefix) as (_, publisher, got, env):
+    async with pair(prefix, url) as (_, publisher, got, env):
         await publisher.publish(channel, env('"warm"'))  # the script is in Redis's cache
         await wait_until(lambda: len(got.messages) == 1, "the first message")
         before = _scripts_run(redis_client)

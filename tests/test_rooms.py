@@ -24,12 +24,13 @@ from .harness import (
     Probe,
     api,
     fence,
+    holds_for,
     instance_env,
     token_for,
     unique,
     wait_until,
-    without_fences,
 )
+from .jsclient import JsClients, client_spec
 
 pytestmark = pytest.mark.cluster
 
@@ -220,19 +221,31 @@ async def test_the_backend_disconnects_a_user_everywhere_and_clients_stay_away(
     user = unique("mallory")
     sockets = [await connect(probes, instance, user) for instance in (a, b, b)]
     other = await connect(probes, c, unique("olivia"))
-    for probe in sockets:  # reconnecting clients: they must not come back by themselves
+    for probe in sockets:  # reconnecting clients, and quick ones: a reconnect would come in 0.1 s
         probe.client.reconnection = True
+        probe.client.reconnection_delay = probe.client.reconnection_delay_max = 0.1
+        probe.client.randomization_factor = 0
+    # The official JS client too (it retries after 100 to 500 ms, tests/js/clients.mjs).
+    async with await JsClients.start(c.url, [client_spec("js", await token_for(c.url, user))]) as js:
+        status, answer = await api(c.url, f"/api/users/{user}/disconnect", {"reason": "account suspended"})
+        assert status == 202 and answer["accepted"] is True
+        for probe in sockets:
+            await probe.wait_until(lambda p=probe: not p.client.connected, "a server disconnect")
+            assert probe.of("disconnect_reason") == [{"reason": "account suspended"}]
+        await js.wait_until(lambda: js.disconnects("js"), "the JS client's disconnect")
+        assert js.disconnects("js") == ["io server disconnect"]
+        assert js.of("js", "disconnect_reason") == [[{"reason": "account suspended"}]]
+        await fence(c.url, [other])
+        assert other.client.connected and other.of("disconnect_reason") == []
+        for instance in (a, b):
+            await wait_until(lambda i=instance: i.status()[1]["users"] == 0, "the user to be gone")
 
-    status, answer = await api(c.url, f"/api/users/{user}/disconnect", {"reason": "account suspended"})
-    assert status == 202 and answer["accepted"] is True
-    for probe in sockets:
-        await probe.wait_until(lambda p=probe: not p.client.connected, "a server disconnect")
-        assert probe.of("disconnect_reason") == [{"reason": "account suspended"}]
-    await fence(c.url, [other])
-    assert other.client.connected and other.of("disconnect_reason") == []
-    for instance in (a, b):
-        await wait_until(lambda i=instance: i.status()[1]["users"] == 0, "the user to be gone")
-    assert not any(probe.client.connected for probe in sockets)
+        # They stay away: ten times python-socketio's delay here, twice the JS client's longest.
+        def away() -> bool:
+            return not any(p.client.connected for p in sockets) and len(js.connects("js")) == 1
+
+        await holds_for(away, "no client of the user reconnecting", 1.0)
+        assert [i.status()[1]["users"] for i in (a, b, c)] == [0, 0, 1]  # olivia's, on C
 
     status, answer = await api(c.url, f"/api/users/{user}/disconnect", {"reason": 5})
     assert (status, answer["error"]["code"]) == (422, "invalid_fields")
@@ -275,7 +288,6 @@ async def test_a_recovering_socket_gets_its_rooms_back_even_from_a_killed_instan
         for instance in (a, b):
             instance.stop(signal.SIGKILL)
         forget(redis_client, prefix)
-    assert without_fences  # the helpers module stays the one place for fences
 
 
 async def test_revoking_a_user_refuses_older_tokens_everywhere_and_ends_live_sockets(

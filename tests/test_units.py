@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import logging
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -18,13 +19,14 @@ from webapp.auth.tokens import InvalidToken, TokenSigner
 from webapp.config import ConfigError, Settings
 from webapp.logs import RedactTokens, redact
 from webapp.realtime import envelope
-from webapp.realtime.bus import ZERO, BusUnavailable, Mark, MemoryBus, Offset, Position
+from webapp.realtime.bus import ZERO, BusUnavailable, Entry, Mark, MemoryBus, Offset, Position
 from webapp.realtime.bus.cluster import Topology
 from webapp.realtime.bus.partitions import Partitions
 from webapp.realtime.bus.redis_bus import offset_of
 from webapp.realtime.limits import RateLimiter
+from webapp.realtime.membership import RecentIds, ReplayPlan, plan_replay
 from webapp.realtime.outbox import Outbox
-from webapp.realtime.propagator import _KeyedLocks, _RecentIds
+from webapp.realtime.propagator import _KeyedLocks
 from webapp.realtime.state import SocketState
 
 
@@ -376,12 +378,18 @@ class TestOffsets:
         other = parts.wire("wa:user:u1").replace("wa:user:u1", "wa:user:u2")
         assert parts.of("wa:user:u1") == parts.of("wa:user:u2") or parts.unwire(other) is None
 
-    def test_recent_ids_are_bounded(self) -> None:
-        recent = _RecentIds(2)
-        assert not recent.check_and_add("a")
-        assert recent.check_and_add("a")
-        assert not recent.check_and_add("b") and not recent.check_and_add("c")
-        assert not recent.check_and_add("a")  # forgotten: only the last two are kept
+    def test_recent_ids_last_as_long_as_the_history(self) -> None:
+        """Two entries a partition, ten seconds: an id is forgotten once its entry would be."""
+        recent = RecentIds(2, 10.0)
+        at = [Mark(0, Offset(1_000, n)) for n in range(4)]
+        assert not recent.seen("a", at[0])
+        assert recent.seen("a", at[1])
+        assert not recent.seen("x", Mark(1, Offset(1_000, 0)))  # another partition keeps its own two
+        assert not recent.seen("b", at[1]) and not recent.seen("c", at[2])
+        assert not recent.seen("a", at[3])  # forgotten: only the last two of partition 0 are kept
+        assert not recent.seen("old", Mark(2, Offset(1_000, 0)))
+        assert not recent.seen("new", Mark(2, Offset(11_001, 0)))
+        assert not recent.seen("old", Mark(2, Offset(11_002, 0)))  # older than the history's age
 
 
 class TestMemoryHistory:
@@ -495,3 +503,66 @@ def test_web_concurrency_sets_hypercorns_workers() -> None:
     assert "--workers" not in (Path(__file__).parent.parent / "Procfile").read_text()  # the config decides
     with pytest.raises(ConfigError, match="WEB_CONCURRENCY"):
         Settings.from_env({"WEB_CONCURRENCY": "0"})
+
+
+class TestPlanReplay:
+    """What a resumed session is replayed, from the history's emits and ops, in order."""
+
+    @staticmethod
+    def entry(n: int, channel: str, **fields: Any) -> Entry:
+        body = {"v": 1, "id": fields.pop("id", f"id{n}"), "ts": 1.0, "origin": {"instance": "i"}, **fields}
+        return Entry(Mark(0, Offset(1_000, n)), channel, orjson.dumps(body))
+
+    def plan(self, history: list[Entry], **kwargs: Any) -> ReplayPlan:
+        return plan_replay(
+            history,
+            home=lambda channel, env: True,
+            room_channel=lambda room: f"p:room:{room}",
+            user_id="carol",
+            origin="origin-sid",
+            **{"kept": {}, "given": (), **kwargs},
+        )
+
+    def sent(self, plan: ReplayPlan) -> list[Any]:
+        return [env.data for _, env in plan.entries]
+
+    def test_a_room_counts_from_the_offset_it_was_joined_at(self) -> None:
+        room = "p:room:r"
+        history = [self.entry(n, room, scope="room", room="r", event="m", data=n) for n in (1, 2, 3)]
+        assert self.sent(self.plan(history, kept={"r": Offset(1_000, 2)})) == [3]
+        assert self.sent(self.plan(history, kept={"r": None})) == [1, 2, 3]
+        assert self.sent(self.plan(history)) == []  # never a member
+
+    def test_a_room_given_while_away_counts_from_the_op_that_gave_it(self) -> None:
+        history = [
+            self.entry(1, "p:room:r", scope="room", room="r", event="m", data="before"),
+            self.entry(2, "p:user:carol", scope="user", user_id="carol", op="join", room="r"),
+            self.entry(3, "p:room:r", scope="room", room="r", event="m", data="after"),
+        ]
+        plan = self.plan(history, given=["r"])
+        assert self.sent(plan) == ["after"] and plan.rooms == {"r"} and plan.ended == set()
+
+    def test_a_leave_op_or_a_close_ends_a_membership_however_it_began(self) -> None:
+        for op in (
+            self.entry(2, "p:user:carol", scope="user", user_id="carol", op="leave", room="r"),
+            self.entry(2, "p:room:r", scope="room", room="r", op="close"),
+        ):
+            history = [
+                self.entry(1, "p:room:r", scope="room", room="r", event="m", data="member"),
+                op,
+                self.entry(3, "p:room:r", scope="room", room="r", event="m", data="gone"),
+            ]
+            plan = self.plan(history, kept={"r": None})
+            assert self.sent(plan) == ["member"] and plan.rooms == set() and plan.ended == {"r"}
+
+    def test_other_targets_own_answers_and_copies_are_skipped(self) -> None:
+        history = [
+            self.entry(1, "p:user:dave", scope="user", user_id="dave", event="m", data="dave's"),
+            self.entry(2, "p:user:carol", scope="user", user_id="carol", event="m", data="own",
+                       origin={"sid": "origin-sid"}),
+            self.entry(3, "p:user:carol", scope="user", user_id="carol", event="m", data="once", id="same"),
+            self.entry(4, "p:user:carol", scope="user", user_id="carol", event="m", data="once", id="same"),
+            self.entry(5, "p:all", scope="all", event="m", data="all"),
+        ]
+        plan = self.plan(history)
+        assert self.sent(plan) == ["once", "all"] and plan.duplicates == 1

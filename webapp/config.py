@@ -68,6 +68,7 @@ class Settings:
     replay_max_len: int = 10_000
     replay_max_age: float = 300.0
     recovery_window: float = 120.0
+    recovery_concurrency: int = 16
     presence_ttl: float = 15.0
     disconnect_on_token_expiry: bool = False
     allow_query_token: bool = True
@@ -171,6 +172,7 @@ class Settings:
             "replay_max_len": _int(get("REPLAY_MAX_LEN"), "REPLAY_MAX_LEN", 10_000, 0, 10_000_000),
             "replay_max_age": _float(get("REPLAY_MAX_AGE"), "REPLAY_MAX_AGE", 300.0, 1.0, 7 * 24 * 3600),
             "recovery_window": _float(get("RECOVERY_WINDOW"), "RECOVERY_WINDOW", 120.0, 1.0, 7 * 24 * 3600),
+            "recovery_concurrency": _int(get("RECOVERY_CONCURRENCY"), "RECOVERY_CONCURRENCY", 16, 1, 10_000),
             "log_format": _choice(get("LOG_FORMAT"), "LOG_FORMAT", "text", ("text", "json")),
             "access_log": _bool(get("ACCESS_LOG"), "ACCESS_LOG", False),
             "max_batch": _int(get("MAX_BATCH"), "MAX_BATCH", 100, 1, 10_000),

@@ -37,7 +37,7 @@ class Metrics:
             "webapp_delivery_lag_seconds", "From an envelope's creation to its delivery to local sockets",
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
-        realtime.propagator.observe_publish = publish.observe
+        realtime.publisher.observe_publish = publish.observe
         realtime.propagator.observe_lag = lag.observe
 
     def render(self) -> bytes:
@@ -63,7 +63,7 @@ class _RealtimeCollector(Collector):
             CounterMetricFamily, "webapp_deliveries", "Sockets an event was delivered to, by scope", "scope",
             propagator.deliveries_by_scope,
         )
-        yield _labelled(CounterMetricFamily, "webapp_publishes", "Publishes by outcome", "outcome", propagator.publishes)
+        yield _labelled(CounterMetricFamily, "webapp_publishes", "Publishes by outcome", "outcome", realtime.publisher.publishes)
         yield _counter("webapp_dropped_messages", "Invalid messages dropped from our channels", status["dropped_invalid"])
         yield _counter("webapp_deduplicated_messages", "Messages delivered once already, dropped", status["deduplicated"])
         yield _counter("webapp_slow_consumers_evicted", "Sockets disconnected for not reading", status["slow_consumers_evicted"])

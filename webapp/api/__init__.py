@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -17,11 +16,9 @@ from ..auth import signer
 from ..config import Settings
 from ..errors import ApiError
 from ..names import is_room_name, is_user_id
-from ..realtime import realtime
-from ..realtime.bus import BusUnavailable
+from ..realtime import BusUnavailable, Outgoing, Scope, realtime, scopes
 from ..realtime.control import iso
 from ..realtime.presence import PAGE_MAX
-from ..realtime.propagator import Outgoing, reserved_room
 from .docs import (
     AUTH,
     BODY,
@@ -123,14 +120,14 @@ async def create_token() -> Response:
 @documented((202, AcceptedOut), body=EmitIn, errors=AUTH + BODY + BUS)
 async def emit_all() -> Response:
     """Send an event to every open connection on every instance."""
-    return await _emit("all", realtime().propagator.emit_to_all)
+    return await _emit("all")
 
 
 @bp.post("/emit/authenticated")
 @documented((202, AcceptedOut), body=EmitIn, errors=AUTH + BODY + BUS)
 async def emit_authenticated() -> Response:
     """Send an event to every connection that has a user."""
-    return await _emit("authenticated", realtime().propagator.emit_to_authenticated)
+    return await _emit("authenticated")
 
 
 @bp.post("/emit/users/<user_id>")
@@ -138,7 +135,7 @@ async def emit_authenticated() -> Response:
 async def emit_user(user_id: str) -> Response:
     """Send an event to every socket of one user."""
     _check_user_id(user_id)
-    return await _emit("user", functools.partial(realtime().propagator.emit_to_user, user_id))
+    return await _emit("user", user_id=user_id)
 
 
 @bp.post("/emit/rooms/<room>")
@@ -146,7 +143,7 @@ async def emit_user(user_id: str) -> Response:
 async def emit_room(room: str) -> Response:
     """Send an event to every socket in a room, on every instance."""
     _check_room(room)
-    return await _emit("room", functools.partial(realtime().propagator.emit_to_room, room))
+    return await _emit("room", room=room)
 
 
 @bp.get("/users/<user_id>/rooms")
@@ -155,7 +152,7 @@ async def user_rooms(user_id: str) -> Response:
     """The rooms the backend put a user in."""
     _check_user_id(user_id)
     async with _bus_call(_NO_ANSWER + "the rooms could not be read"):
-        rooms = await realtime().users.rooms(user_id)
+        rooms = await realtime().user_rooms(user_id)
     return jsonify({"user_id": user_id, "rooms": sorted(rooms)})
 
 
@@ -178,11 +175,8 @@ async def _membership(user_id: str, room: str, *, member: bool) -> Response:
     Both steps are idempotent, so a 503 is answered by retrying."""
     _check_user_id(user_id)
     _check_room(room)
-    service = realtime()
     async with _bus_call(_NO_ANSWER + "the membership may not be stored or applied; retry (it is idempotent)"):
-        store = service.users.add_room if member else service.users.remove_room
-        changed = await store(user_id, room)
-        await service.propagator.publish_op("join" if member else "leave", user_id=user_id, room=room)
+        changed = await realtime().put_in_room(user_id, room, member=member)
     return jsonify({"user_id": user_id, "room": room, "member": member, "changed": changed})
 
 
@@ -196,7 +190,7 @@ async def disconnect_user(user_id: str) -> Response:
     _check_user_id(user_id)
     body = await body_as(DisconnectIn)
     async with _bus_call(_NO_ANSWER + "the disconnect was most likely not sent, but may have been"):
-        envelope_id = await realtime().propagator.publish_op("disconnect", user_id=user_id, reason=body.reason)
+        envelope_id = await realtime().disconnect_user(user_id, body.reason)
     return _accepted({"id": envelope_id, "user_id": user_id})
 
 
@@ -248,10 +242,8 @@ async def revoke_user(user_id: str) -> Response:
 
     In force on every instance; tokens minted afterwards work."""
     _check_user_id(user_id)
-    service = realtime()
     async with _bus_call(_NO_ANSWER + "the revocation may not be in force; retry (it is idempotent)"):
-        not_before = await service.users.revoke(user_id)
-        envelope_id = await service.propagator.publish_op("disconnect", user_id=user_id, reason="token revoked")
+        envelope_id, not_before = await realtime().revoke(user_id)
     return _accepted({"id": envelope_id, "user_id": user_id, "not_before": iso(not_before)})
 
 
@@ -263,7 +255,7 @@ def _check_user_id(user_id: str) -> None:
 def _check_room(room: str) -> None:
     if not is_room_name(room):
         raise ApiError(422, "invalid_fields", "room: 1-128 characters of A-Z a-z 0-9 _ . @ - : (not shaped like a sid)")
-    if reserved_room(room):
+    if scopes.reserved(room):
         raise ApiError(422, "invalid_fields", f"room: {room!r} belongs to a delivery scope; use its emit hook")
 
 
@@ -294,12 +286,12 @@ async def emit_batch() -> Response:
     one id per event, in order."""
     body = await body_as(BatchIn)
     _check_batch_size("events", len(body.events))
-    propagator = realtime().propagator
+    service = realtime()
     outgoing = []
     for index, item in enumerate(body.events):
         try:
             target = {"user_id": getattr(item, "user_id", None), "room": getattr(item, "room", None)}
-            outgoing.append(propagator.addressed(item.scope, item.event, item.data, **target))
+            outgoing.append(service.addressed(item.scope, item.event, item.data, **target))
         except TypeError as exc:
             raise ApiError(422, "invalid_fields", f"events.{index}.data: cannot be encoded ({exc})") from None
     return await _publish_many(outgoing, "batch")
@@ -311,9 +303,9 @@ async def emit_users() -> Response:
     """One event to every socket of each of many users (up to MAX_BATCH), in one call."""
     body = await body_as(UsersEmitIn)
     _check_batch_size("user_ids", len(body.user_ids))
-    propagator = realtime().propagator
+    service = realtime()
     try:
-        outgoing = [propagator.addressed("user", body.event, body.data, user_id=u) for u in dict.fromkeys(body.user_ids)]
+        outgoing = [service.addressed("user", body.event, body.data, user_id=u) for u in dict.fromkeys(body.user_ids)]
     except TypeError as exc:
         raise ApiError(422, "invalid_fields", f"data: cannot be encoded ({exc})") from None
     return await _publish_many(outgoing, "user")
@@ -327,18 +319,18 @@ def _check_batch_size(field: str, size: int) -> None:
 
 async def _publish_many(outgoing: list[Outgoing], scope: str) -> Response:
     async with _bus_call("the event bus did not confirm every event: some may have been sent; a retry may duplicate those"):
-        await realtime().propagator.publish_many(outgoing)
+        await realtime().emit_many(outgoing)
     return _accepted({"ids": [item.envelope_id for item in outgoing], "scope": scope})
 
 
-async def _emit(scope: str, publish: Callable[[str, Any], Awaitable[str]]) -> Response:
+async def _emit(scope: Scope, *, user_id: str | None = None, room: str | None = None) -> Response:
     """Validate the body and hand the event to the bus: 202 only once the bus took it."""
     body = await body_as(EmitIn)
     try:
         async with _bus_call(
             "the event bus did not confirm the event: it was most likely not sent, but may have been (a lost reply)"
         ):
-            envelope_id = await publish(body.event, body.data)
+            envelope_id = await realtime().emit(scope, body.event, body.data, user_id=user_id, room=room)
     except TypeError as exc:  # orjson refuses what JSON parsing accepted: nesting over 254
         raise ApiError(422, "invalid_fields", f"data: cannot be encoded ({exc})") from None
     return _accepted({"id": envelope_id, "scope": scope})

@@ -8,7 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 
 from ..config import MAX_TOKEN_TTL
 from ..names import ROOM_PATTERN, USER_ID_PATTERN, EventName, is_room_name
-from ..realtime.propagator import reserved_room
+from ..realtime import scopes
 
 UserId = Annotated[str, Field(pattern=USER_ID_PATTERN)]
 
@@ -48,7 +48,7 @@ class PresenceIn(BaseModel):
 
 
 def _usable_room(value: str) -> str:
-    if not is_room_name(value) or reserved_room(value):
+    if not is_room_name(value) or scopes.reserved(value):
         raise ValueError("1-128 characters of A-Z a-z 0-9 _ . @ - :, not a scope's own room")
     return value
 

@@ -23,7 +23,7 @@ from ..config import Settings, hypercorn_worker
 from ..metrics import Metrics
 from ..names import event_name_problem
 from . import frames, gateway, jsoncodec
-from .bus import Bus, MemoryBus, RedisBus
+from .bus import Bus, BusUnavailable, MemoryBus, RedisBus
 from .bus.base import cancel
 from .bus.cluster import Topology
 from .bus.tls import tls_options
@@ -33,11 +33,15 @@ from .limits import RateLimiter
 from .manager import FleetManager
 from .outbox import Outbox
 from .presence import Presence
-from .propagator import NAMESPACE, Propagator
+from .propagator import Propagator
+from .publisher import Outgoing, Publisher
 from .recovery import Recovery
 from .rooms import JoinPolicy, allowed, nobody
+from .scopes import Scope
 from .server import GuardedServer, engineio_logger
 from .state import SocketState
+
+__all__ = ["BusUnavailable", "Outgoing", "Realtime", "Scope", "mount", "realtime"]
 
 EXTENSION = "realtime"
 # Events the server handles itself (gateway.register): a gateway must not replace them.
@@ -144,7 +148,7 @@ class Realtime:
         self.recovery = (
             Recovery(
                 self.bus, settings.secret_keys, settings.channel_prefix, settings.recovery_window,
-                settings.replay_max_age,
+                settings.replay_max_age, concurrency=settings.recovery_concurrency, wait=settings.redis_timeout,
             )
             if settings.replay_max_len
             else None
@@ -162,17 +166,25 @@ class Realtime:
             redis_url=settings.redis_url, ttl=settings.presence_ttl, timeout=settings.redis_timeout,
             announced_prefixes=self.presence_events, tls=tls, topology=topology,
         )
+        self.publisher = Publisher(
+            self.bus, settings.channel_prefix, settings.instance_id,
+            Outbox(self.bus, settings.outbox_max_messages, settings.outbox_max_age),
+        )
         self.propagator = Propagator(
             self.bus,
             self.state,
             self.sio,
             settings.channel_prefix,
             settings.instance_id,
-            outbox=Outbox(self.bus, settings.outbox_max_messages, settings.outbox_max_age),
+            publisher=self.publisher,
             recovery=self.recovery,
             max_queue=settings.socket_max_queue,
             sid_tag=sid_tag,
             presence=self.presence,
+            # Ids are remembered as long as the history keeps entries (a count per partition, an age).
+            dedupe_size=settings.replay_max_len or 10_000,
+            dedupe_age=settings.replay_max_age,
+            drain_timeout=settings.socket_write_timeout,
         )
         self.presence.announce = self._announce_presence
         self.expiry = (
@@ -240,7 +252,7 @@ class Realtime:
         self.propagator.send([sid], "token_expiring", {"expires_at": iso(expires_at)})
 
     async def _announce_presence(self, room: str, user_id: str, status: str) -> None:
-        await self.propagator.emit_to_room(room, "presence", {"room": room, "user": user_id, "status": status})
+        await self.publisher.emit_to_room(room, "presence", {"room": room, "user": user_id, "status": status})
 
     async def may_join(self, user_id: str | None, room: str) -> bool:
         """Whether the join policy lets a socket of `user_id` join `room` by itself."""
@@ -291,20 +303,60 @@ class Realtime:
         sids = list(self.state.all_sids())
         notice = {"reason": "instance shutting down", "instance": self.settings.instance_id, "reconnect": True}
         self.propagator.send(sids, "server_shutdown", notice)
-        sockets = self.sio.eio.sockets
         closing = []
         for sid in sids:
-            sock = sockets.get(self.sio.manager.eio_sid_from_sid(sid, NAMESPACE))
-            if sock is not None:
-                # The transport just ends, after what was queued: no Socket.IO disconnect and no
-                # Engine.IO close packet, which python-socketio's client takes as final. Every
-                # stock client sees a lost transport and reconnects by itself.
-                closing.append(sock.close(wait=True, abort=True, reason="server shutting down"))
+            # The transport just ends, after what was queued: every stock client sees a lost
+            # transport and reconnects by itself.
+            ending = self.propagator.writer.close(sid, "server shutting down")
+            if ending is not None:
+                closing.append(ending)
         try:
             await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), self.settings.shutdown_timeout)
         except TimeoutError:
             log.warning("drain deadline passed with %d sockets still open", len(self.state))
         log.info("drained; %d sockets left", len(self.state))
+
+    # --- what the REST hooks, gateways and server code ask of the fleet --------------------------
+    # Each raises BusUnavailable when the bus did not confirm it (it may or may not have happened).
+
+    async def emit(
+        self, scope: Scope, event: str, data: Any, *, user_id: str | None = None, room: str | None = None
+    ) -> str:
+        """Send an event to a scope on every instance; its envelope id."""
+        return await self.publisher.publish(self.publisher.addressed(scope, event, data, user_id=user_id, room=room))
+
+    def addressed(
+        self, scope: Scope, event: str, data: Any, *, user_id: str | None = None, room: str | None = None
+    ) -> Outgoing:
+        """An event encoded for a scope, to publish with others (TypeError for data JSON cannot carry)."""
+        return self.publisher.addressed(scope, event, data, user_id=user_id, room=room)
+
+    async def emit_many(self, outgoing: list[Outgoing]) -> None:
+        """Publish encoded events together, in one round trip per partition."""
+        await self.publisher.publish_many(outgoing)
+
+    async def user_rooms(self, user_id: str) -> set[str]:
+        """The rooms the backend put a user in."""
+        return await self.users.rooms(user_id)
+
+    async def put_in_room(self, user_id: str, room: str, *, member: bool = True) -> bool:
+        """Store that a user is (or, with `member=False`, is not) in a room, then have every
+        instance apply it to the user's live sockets; True when the stored record changed.
+        Both steps are idempotent: retry on BusUnavailable."""
+        store = self.users.add_room if member else self.users.remove_room
+        changed = await store(user_id, room)
+        await self.publisher.publish_op("join" if member else "leave", user_id=user_id, room=room)
+        return changed
+
+    async def disconnect_user(self, user_id: str, reason: str) -> str:
+        """Disconnect every socket of a user, each told `reason` first."""
+        return await self.publisher.publish_op("disconnect", user_id=user_id, reason=reason)
+
+    async def revoke(self, user_id: str) -> tuple[str, float]:
+        """Refuse the user's tokens minted before now and disconnect its sockets: the op's id and
+        the moment tokens must be minted after."""
+        not_before = await self.users.revoke(user_id)
+        return await self.disconnect_user(user_id, "token revoked"), not_before
 
     def status(self) -> dict[str, Any]:
         return {

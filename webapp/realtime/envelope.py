@@ -9,9 +9,9 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from ..names import EventName, is_room_name, is_user_id, looks_like_sid
+from ..names import EventName, is_room_name
+from .scopes import ROWS, Scope
 
-Scope = Literal["all", "authenticated", "user", "room", "sid"]
 # "emit" delivers an event; the others change sockets: a user's or one socket's room
 # membership (join, leave), a room's (close), or their connection (disconnect).
 Op = Literal["emit", "join", "leave", "close", "disconnect"]
@@ -45,12 +45,8 @@ class Envelope(BaseModel):
 
     @model_validator(mode="after")
     def _fields_match_scope(self) -> Envelope:
-        if self.scope == "user" and not is_user_id(self.user_id):
-            raise ValueError("a user envelope needs a valid user_id")
-        if self.scope == "room" and not is_room_name(self.room):
-            raise ValueError("a room envelope needs a valid room")
-        if self.scope == "sid" and not (isinstance(self.to, str) and looks_like_sid(self.to)):
-            raise ValueError("a sid envelope needs a valid sid in `to`")
+        if not ROWS[self.scope].valid_target(self):
+            raise ValueError(f"a {self.scope} envelope needs its target (user_id, room or to) valid")
         if self.op == "emit" and self.event is None:
             raise ValueError("an emit needs an event")
         if self.op in ("join", "leave") and (self.scope not in ("user", "sid") or not is_room_name(self.room)):

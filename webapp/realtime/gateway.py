@@ -15,11 +15,11 @@ import orjson
 import socketio
 
 from ..auth.tokens import Claims, InvalidToken, TokenSigner
-from ..names import is_room_name
-from . import recovery
+from ..names import is_room_name, looks_like_sid
+from . import recovery, scopes
 from .bus import BusUnavailable
 from .directory import UserRecord
-from .propagator import SubscriptionFailed, reserved_room
+from .propagator import SubscriptionFailed
 
 if TYPE_CHECKING:
     from . import Realtime
@@ -113,13 +113,13 @@ async def _answer(realtime: Realtime, sid: str, event: str, data: Any) -> int:
     raw = None
     if user_id is not None:
         try:
-            raw = propagator.answer_envelope(user_id, event, data, propagator.origin_of(sid))
+            raw = propagator.publisher.answer_envelope(user_id, event, data, propagator.origin_of(sid))
         except (TypeError, orjson.JSONEncodeError) as exc:
             log.error("gateway %s gave an answer that is not JSON: %s", event, exc)
             await _error(realtime, sid, event, "bad_answer", "the gateway's answer could not be encoded")
             return 0
     propagator.send([sid], event, data)
-    if raw is not None and not await propagator.propagate_answer(user_id or "", raw):
+    if raw is not None and not await propagator.publisher.propagate_answer(user_id or "", raw):
         log.warning("answer to %s not propagated to %s's other sockets: outbox full", sid, user_id)
     return 1
 
@@ -195,11 +195,11 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
     @sio.event
     async def join(sid: str, data: Any = None) -> dict[str, Any]:
         """Join a room, if the join policy allows it: `{"room": "..."}`."""
-        room = await _room_asked(realtime, sid, "join", data)
+        room, refused = await _room_asked(realtime, sid, "join", data)
         if room is None:
-            return {"ok": False, "error": "bad_payload"}
+            return {"ok": False, "error": refused}
         user_id = realtime.propagator.state.user_of(sid)
-        if reserved_room(room) or not await realtime.may_join(user_id, room):
+        if not await realtime.may_join(user_id, room):
             await _error(realtime, sid, "join", "forbidden", f"you may not join {room!r}")
             return {"ok": False, "error": "forbidden"}
         try:
@@ -212,12 +212,9 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
     @sio.event
     async def leave(sid: str, data: Any = None) -> dict[str, Any]:
         """Leave a room the socket is in: `{"room": "..."}`."""
-        room = await _room_asked(realtime, sid, "leave", data)
+        room, refused = await _room_asked(realtime, sid, "leave", data)
         if room is None:
-            return {"ok": False, "error": "bad_payload"}
-        if reserved_room(room):
-            await _error(realtime, sid, "leave", "forbidden", f"{room!r} is left only by disconnecting")
-            return {"ok": False, "error": "forbidden"}
+            return {"ok": False, "error": refused}
         await sio.leave_room(sid, room)
         return {"ok": True, "room": room}
 
@@ -233,7 +230,7 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
             return {"ok": False, "error": "bad_payload"}
         message = {"room": room, "from": realtime.propagator.state.user_of(sid), "text": text}
         try:
-            await sio.emit("room_message", message, to=room)
+            await realtime.publisher.emit_to_room(room, "room_message", message)
         except BusUnavailable:
             await _error(realtime, sid, "room_send", "bus_unavailable", "the event bus did not take the message; retry")
             return {"ok": False, "error": "bus_unavailable"}
@@ -252,27 +249,32 @@ def register(realtime: Realtime, signer: TokenSigner) -> None:
         return {"ok": True, "room": room, "members": members}
 
 
-async def _room_asked(realtime: Realtime, sid: str, event: str, data: Any) -> str | None:
-    """The room a join or leave names, or None after telling the socket what was wrong."""
+async def _room_asked(realtime: Realtime, sid: str, event: str, data: Any) -> tuple[str | None, str]:
+    """The room a join, leave, room_send or who names, or None and the error code the socket
+    was told. The scopes' own rooms are refused before any join policy is asked: no policy
+    can hand out `authenticated`, `user:*` or a sid's or node's name."""
     problem = realtime.refuse_input(sid, data)
     if problem is not None:
         await _error(realtime, sid, event, *problem)
-        return None
+        return None, problem[0]
     room = data.get("room") if isinstance(data, dict) else None
-    if not is_room_name(room):
+    if not (is_room_name(room) or (isinstance(room, str) and looks_like_sid(room))):
         await _error(
             realtime, sid, event, "bad_payload",
             f'{event} expects {{"room": "<1-128 characters of A-Z a-z 0-9 _ . @ - :>"}}',
         )
-        return None
-    return str(room)
+        return None, "bad_payload"
+    if scopes.reserved(str(room)) or not scopes.member_may_publish("room"):
+        await _error(realtime, sid, event, "forbidden", f"{room!r} belongs to a delivery scope, not to sockets")
+        return None, "forbidden"
+    return str(room), ""
 
 
 async def _member_room(realtime: Realtime, sid: str, event: str, data: Any) -> tuple[str | None, str]:
     """The room an event names if the socket is in it, else None and the error code it was told."""
-    room = await _room_asked(realtime, sid, event, data)
+    room, refused = await _room_asked(realtime, sid, event, data)
     if room is None:
-        return None, "bad_payload"
+        return None, refused
     if room not in realtime.sio.rooms(sid):
         await _error(realtime, sid, event, "forbidden", f"join {room!r} first")
         return None, "forbidden"

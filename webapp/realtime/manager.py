@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import socketio
 
-from ..names import is_room_name, is_user_id, looks_like_sid
-from .propagator import AUTHENTICATED_ROOM, NAMESPACE, USER_ROOM_PREFIX, reserved_room
+from ..names import is_room_name, looks_like_sid
+from . import scopes
+from .propagator import NAMESPACE
 
 if TYPE_CHECKING:
     from .propagator import Propagator
@@ -128,24 +129,25 @@ class FleetManager(socketio.AsyncManager):
         skip = _as_list(skip_sid)
         fleet = self._propagator()
         if target is None:
-            await fleet.emit_to_all(event, data, skip=skip)
-        elif target == AUTHENTICATED_ROOM:
-            await fleet.emit_to_authenticated(event, data, skip=skip)
-        elif target.startswith(USER_ROOM_PREFIX) and is_user_id(target[len(USER_ROOM_PREFIX):]):
-            await fleet.emit_to_user(target[len(USER_ROOM_PREFIX):], event, data, skip=skip)
-        elif self.is_remote_sid(target):
-            if target not in skip:
-                await fleet.emit_to_sid(target, event, data)
-        elif looks_like_sid(target):
-            return  # one of ours that is gone: nobody to send to, as stock
+            await fleet.publisher.emit_to_all(event, data, skip=skip)
+            return
+        scope, named = scopes.scope_of_room(target)
+        if scope == "authenticated":
+            await fleet.publisher.emit_to_authenticated(event, data, skip=skip)
+        elif scope == "user":
+            await fleet.publisher.emit_to_user(named.user_id or "", event, data, skip=skip)
+        elif scope == "sid":
+            if self.is_remote_sid(target) and target not in skip:
+                await fleet.publisher.emit_to_sid(target, event, data)
+            # else one of ours that is gone: nobody to send to, as stock
         else:
-            await fleet.emit_to_room(_room(target), event, data, skip=skip)
+            await fleet.publisher.emit_to_room(_room(target), event, data, skip=skip)
 
     async def can_disconnect(self, sid: str, namespace: str) -> bool:
         if self.is_connected(sid, namespace) or namespace != NAMESPACE:
             return bool(self.is_connected(sid, namespace))
         if self.is_remote_sid(sid):
-            await self._propagator().publish_op("disconnect", to=sid, reason="disconnected by the server")
+            await self._propagator().publisher.publish_op("disconnect", to=sid, reason="disconnected by the server")
         return False
 
     async def disconnect(self, sid: str, namespace: str, **kwargs: Any) -> None:
@@ -162,7 +164,7 @@ class FleetManager(socketio.AsyncManager):
         if self.holds(sid):
             await self._propagator().enter_room(sid, room)
         elif self.is_remote_sid(sid):
-            await self._propagator().publish_op("join", to=sid, room=room)
+            await self._propagator().publisher.publish_op("join", to=sid, room=room)
 
     async def leave_room(self, sid: str, namespace: str, room: Any) -> None:
         if namespace != NAMESPACE:
@@ -172,7 +174,7 @@ class FleetManager(socketio.AsyncManager):
         if self.holds(sid):
             await self._propagator().leave_room(sid, room)
         elif self.is_remote_sid(sid):
-            await self._propagator().publish_op("leave", to=sid, room=room)
+            await self._propagator().publisher.publish_op("leave", to=sid, room=room)
 
     async def close_room(self, room: Any, namespace: str) -> None:
         if namespace != NAMESPACE:
@@ -182,14 +184,14 @@ class FleetManager(socketio.AsyncManager):
         fleet = self._propagator()
         for sid, _ in list(self.get_participants(namespace, room)):
             await fleet.leave_room(sid, room)
-        await fleet.publish_op("close", room=room)
+        await fleet.publisher.publish_op("close", room=room)
 
 
 def _room(room: Any) -> str:
     """A room this fleet can carry: a valid name the scopes do not own."""
     if not is_room_name(room):
         raise ValueError("a room name is 1-128 characters of A-Z a-z 0-9 _ . @ - : and not shaped like a sid")
-    if reserved_room(room):
+    if scopes.reserved(room):
         raise ValueError(f"the room {room!r} belongs to a delivery scope; it is joined and left automatically")
     return str(room)
 

@@ -1,9 +1,9 @@
 """Delivery across instances: the three scopes, rooms and single sockets, and the ops that
 change who is in which room or connected at all.
 
-Channels: `all`, `authenticated`, `user:<id>` (held while a socket of that user is here),
-`room:<room>` (held while a socket here is in that room) and `node:<tag>` (this instance's
-own, for `emit(to=sid)`, disconnects and joins of its sockets asked for elsewhere).
+The scopes, their channels and recipients are rows of `scopes.py`; who was a member of a
+channel at an event's offset is `membership.py`'s answer, asked of every delivery, catch-up
+and replay alike.
 
 Sockets that opted in to recovery get their position as a last argument of each event (the
 event's offset, or on a cluster an offset per partition), their missed events right after
@@ -15,51 +15,59 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, NamedTuple
+from typing import Any
 
 import socketio
-from engineio import packet as eio_packet
-from socketio import packet as sio_packet
 
 from ..names import is_room_name
-from . import envelope
+from . import envelope, scopes
 from .bus import Bus, BusUnavailable, Mark, Position
-from .outbox import Outbox
+from .delivery import Frames, Writer
+from .membership import Membership, RecentIds, plan_replay
 from .presence import Presence
+from .publisher import Publisher
 from .recovery import Recovery, Request, Session
 from .state import SocketState
-from .transport import LeanSocket
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "/"
-RECENT_IDS = 10_000  # envelope ids remembered to drop a batch Redis applied twice
-AUTHENTICATED_ROOM = "authenticated"
-USER_ROOM_PREFIX = "user:"
-
-
-def reserved_room(room: str) -> bool:
-    """Rooms the scopes own: every socket of a user is in `user:<id>`, and every socket with a
-    user in `authenticated`. Nobody joins or leaves them by hand."""
-    return room == AUTHENTICATED_ROOM or room.startswith(USER_ROOM_PREFIX)
-
-
-class Outgoing(NamedTuple):
-    """An event encoded for the bus, not yet published."""
-
-    envelope_id: str
-    channel: str
-    raw: bytes
+AUTHENTICATED_ROOM = scopes.AUTHENTICATED_ROOM
+USER_ROOM_PREFIX = scopes.USER_ROOM_PREFIX
+reserved_room = scopes.reserved
 
 
 class SubscriptionFailed(Exception):
     """Redis is there but did not confirm a user's channel: the socket must not be accepted."""
 
 
-Delivery = tuple[str, Any, "Mark | None"]  # event, data, where the bus holds it
+Delivery = tuple[str, Any, "Mark | None", "str | None"]  # event, data, where the bus holds it, its channel
+
+
+class _Local:
+    """This instance's sockets, as the scope table reads them."""
+
+    def __init__(self, state: SocketState, sio: socketio.AsyncServer) -> None:
+        self._state = state
+        self._sio = sio
+
+    def all_sids(self) -> Iterable[str]:
+        return self._state.all_sids()
+
+    def authenticated_sids(self) -> Iterable[str]:
+        return self._state.authenticated_sids()
+
+    def sids_of(self, user_id: str) -> Iterable[str]:
+        return self._state.sids_of(user_id)
+
+    def room_members(self, room: str) -> Iterable[str]:
+        return [sid for sid, _ in self._sio.manager.get_participants(NAMESPACE, room)]
+
+    def holds(self, sid: str) -> bool:
+        return sid in self._state
 
 
 class Propagator:
@@ -73,12 +81,17 @@ class Propagator:
         prefix: str,
         instance_id: str,
         *,
-        outbox: Outbox,
+        publisher: Publisher,
         recovery: Recovery | None = None,
         max_queue: int = 1000,
         sid_tag: str = "",
         presence: Presence | None = None,
+        dedupe_size: int = 10_000,
+        dedupe_age: float = 300.0,
+        drain_timeout: float = 10.0,
     ) -> None:
+        """`dedupe_size` and `dedupe_age`: how long envelope ids are remembered to drop a
+        message Redis applied twice (as long as the history keeps its entries)."""
         self.bus = bus
         self.state = state
         self.sio = sio
@@ -86,36 +99,36 @@ class Propagator:
         self.sid_tag = sid_tag
         self.presence = presence
         self._in_rooms: dict[str, set[str]] = {}  # sid -> rooms it is counted in by presence
-        self.outbox = outbox
+        self.publisher = publisher
         self.recovery = recovery
-        self.max_queue = max_queue
+        self.writer = Writer(sio, max_queue)
+        self.drain_timeout = drain_timeout  # a replaying socket's queue must drain within it
+        # Live events for a socket whose replay is under way, at most (past it: a slow consumer).
+        self.max_waiting = max(max_queue, dedupe_size)
         # Opted-in sockets, and sockets whose CONNECT reply is not out yet (their deliveries wait).
         self.sessions: dict[str, Session] = {}
         self._connecting: dict[str, list[Delivery]] = {}
-        self._seen = _RecentIds(RECENT_IDS)
+        self._seen = RecentIds(dedupe_size, dedupe_age)
+        self.members = Membership(bus)
+        self._local = _Local(state, sio)
+        self.prefix = prefix
         self._records: set[asyncio.Task[None]] = set()
         self.deduplicated = 0
         self.gap_notices = 0
-        self.slow_evicted = 0
         self.swept = 0
-        self._evictions: set[asyncio.Task[None]] = set()
         self._pending: set[asyncio.Future[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
-        self.channel_all = f"{prefix}:all"
-        self.channel_authenticated = f"{prefix}:authenticated"
-        self._user_prefix = f"{prefix}:user:"
-        self._room_prefix = f"{prefix}:room:"
-        self._node_prefix = f"{prefix}:node:"
-        self.node_channel = self._node_prefix + sid_tag
+        self.channel_all = scopes.channel(prefix, "all")
+        self.channel_authenticated = scopes.channel(prefix, "authenticated")
+        self._user_prefix = scopes.channel(prefix, "user", user_id="")
+        self._room_prefix = scopes.channel(prefix, "room", room="")
+        self.node_channel = scopes.channel(prefix, "sid", to=sid_tag)
         self._locks = _KeyedLocks()  # per channel: holding and releasing it never interleave
         self._ops: set[asyncio.Task[None]] = set()
-        self.delivered = 0
         self.dropped = 0
-        # For metrics: outcomes of publishes, deliveries by scope, and optional timers
-        # (webapp/metrics.py sets them; None costs nothing).
-        self.publishes: Counter[str] = Counter()
-        self.deliveries_by_scope: Counter[str] = Counter()
-        self.observe_publish: Callable[[float], None] | None = None
+        # For metrics: deliveries by scope, and an optional timer (webapp/metrics.py sets it;
+        # None costs nothing).
+        self.deliveries_by_scope: Counter[str] = Counter({name: 0 for name in scopes.ROWS})
         self.observe_lag: Callable[[float], None] | None = None
         self._last_drop_log = 0.0
 
@@ -127,13 +140,13 @@ class Propagator:
 
     def node_channel_of(self, sid: str) -> str:
         """The channel of the instance holding `sid`: its tag is the sid's first part."""
-        return self._node_prefix + sid.partition(".")[0]
+        return scopes.channel(self.prefix, "sid", to=sid)
 
     async def start(self) -> None:
         await self.bus.start(self.on_message, self.on_gap)
         if self.presence is not None:
             await self.presence.start()
-        self.outbox.start()
+        self.publisher.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(10.0), name="state-sweeper")
         await self.bus.subscribe(self.channel_all)
         await self.bus.subscribe(self.channel_authenticated)
@@ -143,16 +156,17 @@ class Propagator:
         if self._records:  # how sessions ended: a drained client recovers with them
             await asyncio.wait(self._records, timeout=5.0)
         tasks = [
-            *self._records, *self._evictions, *self._pending, *self._ops,
+            *self._records, *self._pending, *self._ops,
             *([self._sweeper] if self._sweeper else []),
         ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.writer.stop()
         self._sweeper = None
         if self.presence is not None:
             await self.presence.close()  # while the bus still runs: its leaves are announced
-        await self.outbox.close()
+        await self.publisher.close()
         await self.bus.close()
 
     # --- sockets coming and going -------------------------------------------------------
@@ -188,6 +202,7 @@ class Propagator:
                     self.presence.socket_connected(user_id)
                 manager.basic_enter_room(sid, NAMESPACE, USER_ROOM_PREFIX + user_id)
                 manager.basic_enter_room(sid, NAMESPACE, AUTHENTICATED_ROOM)
+            self.members.connected(sid, self.channels_of(sid))
             given = {room for room in await rooms if is_room_name(room)} if rooms is not None else set()
             for room in given:
                 await self.enter_room(sid, room, by_backend=True)
@@ -200,24 +215,49 @@ class Propagator:
             raise
 
     async def _open_session(self, sid: str, user_id: str | None, request: Request, given: set[str]) -> Session:
-        """Open a recoverable session; a resumed one gets the rooms its socket had joined back
-        before the history is read, so nothing sent to them in between is missed."""
+        """Open a recoverable session; a resumed one gets the rooms its socket was in back
+        before the history is read, so nothing sent to them in between is missed. The history's
+        ops then say where each membership stood: a room the backend took away meanwhile is
+        left again, one it gave counts from the op that gave it."""
         entered: set[str] = set()
 
         async def rejoin(rooms: Iterable[str]) -> list[str]:
             for room in rooms:
-                if is_room_name(room) and not reserved_room(room) and room not in given:
+                if is_room_name(room) and not scopes.reserved(room) and room not in given:
                     await self.enter_room(sid, room, by_backend=True)
                     entered.add(room)
             return self.channels_of(sid)
 
         assert self.recovery is not None
         session = await self.recovery.open(sid, user_id, request, rejoin, self.channels_of(sid))
-        if session.failure is not None:  # a fresh start: without the rooms of the old session
-            for room in entered:
+        if session.failure is not None or not session.resumed:
+            for room in entered:  # a fresh start: without the rooms of the old session
                 await self.leave_room(sid, room, by_backend=True)
-        else:
-            session.rooms = entered
+            session.rooms = {room: self.members.since(sid, self.room_channel(room)) for room in given}
+            if session.rooms:
+                await self._keep_rooms(session)  # a resume must know when these began
+            return session
+        plan = plan_replay(
+            session.replay_entries,
+            home=self._at_home,
+            room_channel=self.room_channel,
+            user_id=user_id,
+            origin=session.origin,
+            kept=session.rooms,
+            given=given,
+        )
+        self.deduplicated += plan.duplicates
+        session.replay = plan.entries
+        for room in plan.ended:
+            if self.members.since(sid, self.room_channel(room)) is not None:
+                await self.leave_room(sid, room, by_backend=True)
+        kept = session.rooms
+        session.rooms = {
+            room: kept.get(room) or self.members.since(sid, self.room_channel(room))
+            for room in plan.rooms - plan.ended
+            if self.members.since(sid, self.room_channel(room)) is not None
+        }
+        await self._keep_rooms(session)
         return session
 
     async def _hold(self, channel: str) -> None:
@@ -255,26 +295,40 @@ class Propagator:
 
     async def _enter_room(self, sid: str, room: str, by_backend: bool) -> None:
         channel = self.room_channel(room)
+        manager = self.sio.manager
         async with self._locks.hold(channel):
-            if self.sio.manager.eio_sid_from_sid(sid, NAMESPACE) is None:
+            if manager.eio_sid_from_sid(sid, NAMESPACE) is None:
                 return  # gone meanwhile
-            if not self._members_here(room):
+            fresh = not self._members_here(room)
+            if fresh:
                 await self._hold(channel)
-            self.sio.manager.basic_enter_room(sid, NAMESPACE, room)
+            at = await self.members.now(channel, fresh=fresh) if self.members.since(sid, channel) is None else None
+            eio_sid = manager.eio_sid_from_sid(sid, NAMESPACE)
+            if eio_sid is None or sid not in self.state:
+                # It left while Redis confirmed the channel: nothing of it may stay behind.
+                if not self._members_here(room):
+                    await self.bus.unsubscribe(channel)
+                return
+            manager.basic_enter_room(sid, NAMESPACE, room, eio_sid=eio_sid)
+            if at is not None:
+                self.members.joined(sid, channel, at)
         self._count_in(sid, room)
         session = self.sessions.get(sid)
-        if session is not None and not by_backend and room not in session.rooms:
-            session.rooms.add(room)
-            self._keep_rooms(session)
+        if session is not None and room not in session.rooms:
+            # Every room, however joined: a resume replays a room only from the offset it began at.
+            session.rooms[room] = self.members.since(sid, channel)
+            await self._keep_rooms(session)
 
     async def leave_room(self, sid: str, room: str, *, by_backend: bool = False) -> None:
         """Take a socket of this instance out of a room; release the channel if it was the last."""
         self.sio.manager.basic_leave_room(sid, NAMESPACE, room)
+        self.members.left(sid, self.room_channel(room))
         self._count_out(sid, room)
         session = self.sessions.get(sid)
-        if session is not None and not by_backend and room in session.rooms:
-            session.rooms.discard(room)
-            self._keep_rooms(session)
+        if session is not None and room in session.rooms:
+            # However it was joined: a room the backend took away must not come back on a resume.
+            del session.rooms[room]
+            await self._keep_rooms(session)
         await self.release_room(room)
 
     async def release_room(self, room: str) -> None:
@@ -302,53 +356,65 @@ class Propagator:
             del self._in_rooms[sid]
         self.presence.left(room, user_id)
 
-    def _keep_rooms(self, session: Session) -> None:
+    async def _keep_rooms(self, session: Session) -> None:
+        """Write a session's rooms before a change is acknowledged: a SIGKILL right after a
+        join or a leave must not resume the session with the rooms of before. One write at a
+        time, each of the newest set, so an older set never lands after a newer one."""
         if self.recovery is None:
             return
-        session.rooms_changed = True
-        if not session.rooms_writer:
-            session.rooms_writer = True
-            self._record(self._write_rooms(session))
-
-    async def _write_rooms(self, session: Session) -> None:
-        """One writer per session, so an older set never lands after a newer one."""
-        assert self.recovery is not None
-        try:
-            while session.rooms_changed:
-                session.rooms_changed = False
-                await self.recovery.keep_rooms(session)
-        finally:
-            session.rooms_writer = False
+        session.rooms_version += 1
+        mine = session.rooms_version
+        async with session.rooms_lock:
+            if session.rooms_written >= mine:
+                return  # a write that started after this change has landed
+            version = session.rooms_version
+            await self.recovery.keep_rooms(session)
+            session.rooms_written = version
 
     async def connected(self, sid: str) -> None:
-        """The socket's CONNECT reply is out: send what it missed, then what waited for it."""
-        waiting = self._connecting.pop(sid, None)
+        """The socket's CONNECT reply is out: send what it missed, then what waited for it.
+
+        A replay follows the socket's reader (a chunk, then its queue drained), so a client
+        that reads as fast as it can is never taken for a slow consumer; live events wait
+        meanwhile, and go out after it, in order."""
         session = self.sessions.get(sid)
+        if session is not None and session.replay:
+            task = asyncio.ensure_future(self._replay_then_go_live(sid, session))
+            self._ops.add(task)
+            task.add_done_callback(self._ops.discard)
+            return
+        self._go_live(sid, session, 0)
+
+    async def _replay_then_go_live(self, sid: str, session: Session) -> None:
+        chunk = max(1, self.writer.max_queue // 2)
+        sent = 0
+        for start in range(0, len(session.replay), chunk):
+            if start and not await self.writer.drain(sid, self.drain_timeout):
+                if sid in self._connecting:  # still here, not reading: what it would be live too
+                    self.writer.evict(sid)
+                return
+            for entry, env in session.replay[start:start + chunk]:
+                session.sent.advance(entry.mark)
+                self.writer.write(sid, self.writer.encode(env.event or "", env.data, str(session.sent)))
+                sent += 1
+        self._go_live(sid, session, sent)
+
+    def _go_live(self, sid: str, session: Session | None, missed: int) -> None:
+        waiting = self._connecting.pop(sid, None)
         if session is not None:
-            missed = self._replay(sid, session)
             if session.failure is not None:
                 self.send([sid], "recovery_failed", {"reason": session.failure})
-            elif session.replay or missed:
+            elif session.replay_entries or missed:  # its channels carried something meanwhile
                 self.send([sid], "recovered", {"missed": missed})
             session.replay = []
-        for event, data, mark in waiting or ():
-            self.deliver([sid], event, data, mark)
+            session.replay_entries = []
+        for event, data, mark, channel in waiting or ():
+            # Membership may have changed meanwhile (a resume leaves rooms taken away).
+            if channel is None or self._still_member(sid, channel):
+                self.deliver([sid], event, data, mark, channel)
 
-    def _replay(self, sid: str, session: Session) -> int:
-        missed = 0
-        user_id = self.state.user_of(sid)
-        for entry in session.replay:
-            env = self._addressed(entry.channel, entry.message)
-            if env is None or env.op != "emit" or env.scope == "sid":
-                continue  # ops changed sockets of their time; a sid named the old socket
-            if env.scope == "user" and env.user_id != user_id:
-                continue
-            if env.origin.sid == session.origin or session.origin in env.skip:
-                continue  # its own answer: the socket had it directly
-            missed += 1
-            session.sent.advance(entry.mark)
-            self._frames_to(sid, self._encode(env.event or "", env.data, str(session.sent)))
-        return missed
+    def _still_member(self, sid: str, channel: str) -> bool:
+        return not channel.startswith(self._room_prefix) or self.members.since(sid, channel) is not None
 
     def origin_of(self, sid: str) -> str:
         """The sid a socket's gateway answers carry: stable across a session's recoveries."""
@@ -377,6 +443,7 @@ class Propagator:
         task.add_done_callback(self._records.discard)
 
     async def _forget(self, sid: str) -> None:
+        self.members.forget(sid)
         if self.presence is not None and self.state.user_of(sid) is not None:
             for room in list(self._in_rooms.get(sid, ())):
                 self._count_out(sid, room)
@@ -408,124 +475,9 @@ class Propagator:
         while True:
             await asyncio.sleep(every)
             for sid in list(self.state.all_sids()):
-                eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
-                sock = self.sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
-                if sock is None or sock.closed:
+                if self.writer.gone(sid):
                     self.swept += 1
                     await self.detach(sid)
-
-    # --- publishing -------------------------------------------------------------------------
-
-    async def emit_to_user(
-        self, user_id: str, event: str, data: Any, *, origin_sid: str | None = None, skip: Iterable[str] = ()
-    ) -> str:
-        """Send to every socket of `user_id` on every instance, except `origin_sid` and `skip`."""
-        envelope_id, raw = envelope.make(
-            "user", event, data, user_id=user_id, instance=self.instance_id, sid=origin_sid, skip=list(skip)
-        )
-        await self._publish(self.user_channel(user_id), raw)
-        return envelope_id
-
-    async def propagate_answer(self, user_id: str, raw: bytes) -> bool:
-        """Publish a gateway answer already encoded as an envelope; held in the outbox while
-        the bus is down. False when the outbox had to drop it."""
-        return await self.outbox.publish(self.user_channel(user_id), raw)
-
-    def answer_envelope(self, user_id: str, event: str, data: Any, origin_sid: str) -> bytes:
-        """Encode an answer for the user's other sockets (raises TypeError for non-JSON data)."""
-        return envelope.make(
-            "user", event, data, user_id=user_id, instance=self.instance_id, sid=origin_sid
-        )[1]
-
-    async def emit_to_all(self, event: str, data: Any, *, skip: Iterable[str] = ()) -> str:
-        """Send to every connected socket on every instance, anonymous ones included."""
-        envelope_id, raw = envelope.make("all", event, data, instance=self.instance_id, skip=list(skip))
-        await self._publish(self.channel_all, raw)
-        return envelope_id
-
-    async def emit_to_authenticated(self, event: str, data: Any, *, skip: Iterable[str] = ()) -> str:
-        """Send to every socket that has a user, on every instance."""
-        envelope_id, raw = envelope.make(
-            "authenticated", event, data, instance=self.instance_id, skip=list(skip)
-        )
-        await self._publish(self.channel_authenticated, raw)
-        return envelope_id
-
-    def addressed(
-        self, scope: envelope.Scope, event: str, data: Any, *, user_id: str | None = None, room: str | None = None
-    ) -> Outgoing:
-        """Encode an event for a scope (raises TypeError for data JSON cannot carry)."""
-        if scope == "user":
-            channel = self.user_channel(user_id or "")
-        elif scope == "room":
-            channel = self.room_channel(room or "")
-        else:
-            channel = self.channel_all if scope == "all" else self.channel_authenticated
-        envelope_id, raw = envelope.make(scope, event, data, user_id=user_id, room=room, instance=self.instance_id)
-        return Outgoing(envelope_id, channel, raw)
-
-    async def publish_many(self, outgoing: list[Outgoing]) -> None:
-        """Publish encoded events together (the bus sends concurrent publishes in one round
-        trip); BusUnavailable if the bus did not confirm every one of them."""
-        results = await asyncio.gather(
-            *(self._publish(item.channel, item.raw) for item in outgoing), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-
-    async def _publish(self, channel: str, raw: bytes) -> None:
-        """Hand one message to the bus, counting the outcome and timing it."""
-        started = time.perf_counter()
-        try:
-            await self.bus.publish(channel, raw)
-        except BusUnavailable:
-            self.publishes["unavailable"] += 1
-            raise
-        self.publishes["ok"] += 1
-        if self.observe_publish is not None:
-            self.observe_publish(time.perf_counter() - started)
-
-    async def emit_to_room(self, room: str, event: str, data: Any, *, skip: Iterable[str] = ()) -> str:
-        """Send to every socket in `room` on every instance; only instances holding one wake."""
-        envelope_id, raw = envelope.make(
-            "room", event, data, room=room, instance=self.instance_id, skip=list(skip)
-        )
-        await self._publish(self.room_channel(room), raw)
-        return envelope_id
-
-    async def emit_to_sid(self, sid: str, event: str, data: Any) -> str:
-        """Send to one socket held by another instance, through that instance's own channel."""
-        envelope_id, raw = envelope.make("sid", event, data, to=sid, instance=self.instance_id)
-        await self._publish(self.node_channel_of(sid), raw)
-        return envelope_id
-
-    async def publish_op(
-        self,
-        op: envelope.Op,
-        *,
-        user_id: str | None = None,
-        room: str | None = None,
-        to: str | None = None,
-        reason: str | None = None,
-    ) -> str:
-        """Ask every instance to change sockets: the sockets of `user_id`, socket `to`, or the
-        sockets in `room` join or leave `room`, leave a closed room, or are disconnected."""
-        if to is not None:
-            scope: envelope.Scope = "sid"
-            channel = self.node_channel_of(to)
-        elif user_id is not None:
-            scope, channel = "user", self.user_channel(user_id)
-        elif room is not None:
-            scope, channel = "room", self.room_channel(room)
-        else:
-            raise ValueError("an op needs a user, a socket or a room")
-        envelope_id, raw = envelope.make(
-            scope, None, None, user_id=user_id, instance=self.instance_id,
-            op=op, room=room, to=to, reason=reason,
-        )
-        await self._publish(channel, raw)
-        return envelope_id
 
     # --- consuming ----------------------------------------------------------------------
 
@@ -534,34 +486,24 @@ class Propagator:
         env = self._addressed(channel, raw)
         if env is None:
             return
-        if self._seen.check_and_add(env.id):
+        if self._seen.seen(env.id, mark):
             self.deduplicated += 1  # a batch Redis applied although its reply was lost, then retried
             return
         if env.op != "emit":
             await self._apply(env)
             return
-        sids = self._recipients(env)
+        sids = self.members.entitled(self._recipients(env), channel, mark)
         self.deliveries_by_scope[env.scope] += len(sids)
         if self.observe_lag is not None:
             self.observe_lag(max(0.0, time.time() - env.ts))
-        self.deliver(sids, env.event or "", env.data, mark)
+        self.deliver(sids, env.event or "", env.data, mark, channel)
 
     def _recipients(self, env: envelope.Envelope) -> list[str]:
         """The local sockets an envelope addresses."""
-        sids: Iterable[str]
-        if env.scope == "user":
-            sids = self.state.sids_of(env.user_id or "")
+        sids: Iterable[str] = scopes.row(env.scope).recipients(self._local, env)
+        if env.scope == "user" and env.origin.sid is not None:
             origin = env.origin.sid
-            if origin is not None:
-                sids = [sid for sid in sids if self.origin_of(sid) != origin]
-        elif env.scope == "all":
-            sids = self.state.all_sids()
-        elif env.scope == "authenticated":
-            sids = self.state.authenticated_sids()
-        elif env.scope == "room":
-            sids = [sid for sid, _ in self.sio.manager.get_participants(NAMESPACE, env.room)]
-        else:
-            sids = [env.to] if env.to is not None and env.to in self.state else []
+            sids = [sid for sid in sids if self.origin_of(sid) != origin]
         if env.skip:
             skip = set(env.skip)
             return [sid for sid in sids if sid not in skip]
@@ -584,6 +526,8 @@ class Propagator:
                     await self.leave_room(sid, env.room)
             except SubscriptionFailed as exc:
                 log.warning("socket %s could not join %s: %s", sid, env.room, exc)
+            except Exception:  # one socket's failure must not skip the op's other sockets
+                log.exception("applying %s of %s to socket %s failed", env.op, env.room, sid)
 
     def end_socket(self, sid: str, reason: str) -> None:
         """Tell a local socket why (`disconnect_reason`), then disconnect it at the Socket.IO
@@ -603,18 +547,14 @@ class Propagator:
         except envelope.BadEnvelope as exc:
             self._drop(channel, str(exc))
             return None
-        if env.scope == "user":
-            home = self.user_channel(env.user_id or "")
-        elif env.scope == "room":
-            home = self.room_channel(env.room or "")
-        elif env.scope == "sid":
-            home = self.node_channel_of(env.to or "")
-        else:
-            home = self.channel_all if env.scope == "all" else self.channel_authenticated
-        if channel != home:
+        if not self._at_home(channel, env):
             self._drop(channel, f"{env.scope} envelope on a channel that is not its scope's")
             return None
         return env
+
+    def _at_home(self, channel: str, env: envelope.Envelope) -> bool:
+        """Whether an envelope came on its scope's own channel (anyone can publish on ours)."""
+        return channel == scopes.row(env.scope).channel(self.prefix, env)
 
     async def on_gap(self, reason: str) -> None:
         """The bus lost events it cannot replay: recoverable sockets must refetch their state."""
@@ -625,7 +565,7 @@ class Propagator:
         """Send an event straight to local sockets (no bus): answers, errors, notices."""
         self.deliver(sids, event, data, None)
 
-    def deliver(self, sids: list[str], event: str, data: Any, mark: Mark | None) -> None:
+    def deliver(self, sids: list[str], event: str, data: Any, mark: Mark | None, channel: str | None = None) -> None:
         """Encode one Socket.IO packet and queue it for each socket (as rooms do).
 
         Recoverable sockets get their position as a last argument (one more encoding, shared
@@ -636,63 +576,34 @@ class Propagator:
         if not sids:
             return
         if not self.sessions and not self._connecting:
-            frames = self._encode(event, data, None)
+            frames = self.writer.encode(event, data, None)
             for sid in sids:
-                self._frames_to(sid, frames)
+                self.writer.write(sid, frames)
             return
-        plain: list[eio_packet.Packet] | None = None
-        stamped: dict[str, list[eio_packet.Packet]] = {}
+        plain: Frames | None = None
+        stamped: dict[str, Frames] = {}
         # One partition: a socket's position is the event's offset, the same for everyone.
         shared = str(mark.offset) if mark is not None and self.bus.partitions == 1 else None
         for sid in sids:
             waiting = self._connecting.get(sid)
             if waiting is not None:
-                waiting.append((event, data, mark))
+                if len(waiting) >= self.max_waiting:  # a replay under way, outpaced by live events
+                    self.writer.evict(sid)
+                    continue
+                waiting.append((event, data, mark, channel))
                 continue
             session = self.sessions.get(sid)
             if session is None:
-                plain = plain or self._encode(event, data, None)
-                self._frames_to(sid, plain)
+                plain = plain or self.writer.encode(event, data, None)
+                self.writer.write(sid, plain)
             elif mark is None:
-                self._frames_to(sid, self._encode(event, data, str(session.sent)))
+                self.writer.write(sid, self.writer.encode(event, data, str(session.sent)))
             elif not session.floor.covers(mark):
                 session.sent.advance(mark)
                 stamp = shared or str(session.sent)
                 if stamp not in stamped:
-                    stamped[stamp] = self._encode(event, data, stamp)
-                self._frames_to(sid, stamped[stamp])
-
-    def _encode(self, event: str, data: Any, stamp: str | None) -> list[eio_packet.Packet]:
-        args = [event, data] if stamp is None else [event, data, stamp]
-        encoded = self.sio.packet_class(sio_packet.EVENT, namespace=NAMESPACE, data=args).encode()
-        parts = encoded if isinstance(encoded, list) else [encoded]
-        # Shared by every recipient: an Engine.IO packet caches its encoding, so each frame is
-        # built once per broadcast, not once per socket.
-        return [eio_packet.Packet(eio_packet.MESSAGE, part) for part in parts]
-
-    def _frames_to(self, sid: str, frames: list[eio_packet.Packet]) -> None:
-        sock = self.sio.eio.sockets.get(self.sio.manager.eio_sid_from_sid(sid, NAMESPACE))
-        if sock is None or sock.closing or sock.closed:
-            return
-        if sock.queue.qsize() >= self.max_queue:
-            self._evict(sock, sid)
-            return
-        # Written at once or queued, never awaited: never blocks on a slow reader, and skips the
-        # library's per-packet ping check (its service task checks pings anyway).
-        if isinstance(sock, LeanSocket):
-            sock.push(frames)
-        else:
-            for frame in frames:
-                sock.queue.put_nowait(frame)
-        self.delivered += 1
-
-    def _evict(self, sock: Any, sid: str) -> None:
-        """Disconnect a socket that stopped reading; its queue stays at the bound it reached."""
-        self.slow_evicted += 1
-        log.warning("socket %s stopped reading (%d packets queued); disconnecting it", sid, sock.queue.qsize())
-        task = asyncio.create_task(sock.close(wait=False, abort=True, reason="slow consumer"))
-        self._evictions.add(task)
-        task.add_done_callback(self._evictions.discard)
+                    stamped[stamp] = self.writer.encode(event, data, stamp)
+                self.writer.write(sid, stamped[stamp])
 
     def _drop(self, channel: str, why: str) -> None:
         self.dropped += 1
@@ -705,35 +616,19 @@ class Propagator:
         return {
             "sockets": len(self.state),
             "users": len(self.state.users()),
-            "delivered": self.delivered,
+            # Sockets listed in python-socketio's room table, rooms of their own included: a
+            # socket gone from `sockets` but not from here is a leak.
+            "room_entries": sum(len(members) for members in self.sio.manager.rooms.get(NAMESPACE, {}).values()),
+            "delivered": self.writer.delivered,
             "dropped_invalid": self.dropped,
-            "slow_consumers_evicted": self.slow_evicted,
+            "slow_consumers_evicted": self.writer.slow_evicted,
             "swept": self.swept,
             "recoverable_sockets": len(self.sessions),
             "deduplicated": self.deduplicated,
             "gap_notices": self.gap_notices,
             **({"recovery": self.recovery.status()} if self.recovery is not None else {}),
-            "outbox": self.outbox.status(),
+            "outbox": self.publisher.outbox.status(),
         }
-
-
-class _RecentIds:
-    """The last `size` envelope ids seen, for dropping a message delivered once already."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._ids: set[str] = set()
-        self._order: deque[str] = deque()
-
-    def check_and_add(self, envelope_id: str) -> bool:
-        """True if `envelope_id` was seen; else remember it (forgetting the oldest)."""
-        if envelope_id in self._ids:
-            return True
-        self._ids.add(envelope_id)
-        self._order.append(envelope_id)
-        if len(self._order) > self._size:
-            self._ids.discard(self._order.popleft())
-        return False
 
 
 class _KeyedLocks:

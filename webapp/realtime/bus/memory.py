@@ -121,7 +121,7 @@ class MemoryBus:
         """The clock offsets are numbered by: this process's own."""
         return int(time.time() * 1000)
 
-    async def end(self) -> Position:
+    async def end(self, partitions: Collection[int] | None = None) -> Position:
         return Position({0: self._last})
 
     async def history(self, after: Position, channels: Collection[str]) -> History:

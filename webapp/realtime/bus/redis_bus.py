@@ -642,12 +642,14 @@ class RedisBus:
         """Redis's clock now, as an offset's milliseconds count it (estimated while Redis is away)."""
         return int(time.time() * 1000 + self._skew_ms)
 
-    async def end(self) -> Position:
-        """The newest offset of every partition's history (everything later arrives live)."""
+    async def end(self, partitions: Collection[int] | None = None) -> Position:
+        """The newest offset of every partition's history, or of `partitions` (everything later
+        arrives live)."""
         client = self._require_client()
         if not self.has_history:
             raise BusUnavailable("this bus keeps no history")
-        streams = [self._parts.stream(p) for p in range(self._parts.count)]
+        chosen = sorted(partitions) if partitions is not None else list(range(self._parts.count))
+        streams = [self._parts.stream(p) for p in chosen]
         with _answered():
             if len(streams) == 1:
                 newest = [await client.xrevrange(streams[0], count=1)]
@@ -657,7 +659,7 @@ class RedisBus:
                         pipe.xrevrange(stream, count=1)
                     newest = await pipe.execute()
         return Position({
-            p: (Offset.parse(found[0][0]) or ZERO) if found else ZERO for p, found in enumerate(newest)
+            p: (Offset.parse(found[0][0]) or ZERO) if found else ZERO for p, found in zip(chosen, newest, strict=True)
         })
 
     async def history(self, after: Position, channels: Collection[str] | None) -> History:
@@ -891,6 +893,12 @@ def _answered() -> Iterator[None]:
     try:
         yield
     except REDIS_FAILURES as exc:
+        raise BusUnavailable(f"Redis did not answer: {exc}") from None
+    except RuntimeError as exc:
+        # uvloop's answer to a write on a connection the peer reset ("unable to perform
+        # operation on <TCPTransport closed=True>"): a handshake once hung on it, unanswered.
+        if "closed" not in str(exc):
+            raise
         raise BusUnavailable(f"Redis did not answer: {exc}") from None
 
 
