@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 import redis
 
-from .harness import Instance, RedisServer, instance_env, token_for, unique, wait_until
+from .harness import Instance, RedisServer, api, instance_env, token_for, unique, wait_until
+from .proxy import TcpProxy
 from .test_recovery import Wire
 
 pytestmark = pytest.mark.cluster
@@ -86,3 +87,31 @@ async def test_cut_off_handshakes_and_joins_racing_disconnects_leak_nothing(
     assert all(count == 0 for _, count in pauser.pubsub_numsub(*rooms))
     assert "Traceback" not in a.output(), a.output()[-3000:]
     pauser.close()
+
+
+async def test_publishing_goes_on_after_its_connections_are_reset_under_load(
+    own_redis: RedisServer, instances: list[Instance]
+) -> None:
+    """Publishes in flight when the instance's Redis connections are reset fail (503) and no more:
+    once Redis answers again every emit is answered 202. (uvloop raised RuntimeError there, which
+    killed the publisher: every later emit waited forever while /readyz said 200.)"""
+    with TcpProxy([("127.0.0.1", own_redis.port)]).start() as link:
+        a = Instance("A", instance_env(unique("reset"), redis_url=link.redis_url, REDIS_BACKOFF_MAX="0.3")).start()
+        instances.append(a)
+        a.wait_serving()
+
+        async def emit() -> int:
+            status, _ = await asyncio.wait_for(api(a.url, "/api/emit/all", {"event": "m", "data": 1}), 8)
+            return status
+
+        in_flight: list[asyncio.Future[int]] = []
+        for n in range(100):  # 50 a second, so that some are in flight at the cut
+            in_flight.append(asyncio.ensure_future(emit()))
+            if n == 25:
+                await asyncio.to_thread(link.cut)
+            if n == 75:
+                await asyncio.to_thread(link.restore)
+            await asyncio.sleep(0.02)
+        assert set(await asyncio.gather(*in_flight)) <= {202, 503}  # every one answered, none hung
+        await wait_until(lambda: a.readyz()[0] == 200, "A back on Redis", timeout=15)
+        assert [await emit() for _ in range(5)] == [202] * 5

@@ -529,7 +529,11 @@ class RedisBus:
                     # Nothing ran: this node's script cache is empty (a restart, a failover). Once
                     # more with the script's text, which caches it there.
                     replies += await self._run_group(part, by_hash=False)
-            except REDIS_FAILURES as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure fails the batch, never the sender
+                # Not only Redis's errors: uvloop raises RuntimeError for a write on a connection
+                # the peer reset, and a sender that died left every later publish waiting forever.
+                if not isinstance(exc, REDIS_FAILURES):
+                    log.warning("publishing a batch failed (%s: %s); its callers are told", type(exc).__name__, exc)
                 return replies + [exc] * (len(group) - len(replies))
         return replies
 
