@@ -189,6 +189,15 @@ class Instance:
         return Path(self.log_path).read_text(errors="replace")[-6000:]
 
 
+def start_pair(instances: list[Instance], env_a: dict[str, str], env_b: dict[str, str]) -> tuple[Instance, Instance]:
+    """Instances A and B, serving and ready; added to `instances` (killed after the test)."""
+    pair = (Instance("A", env_a).start(), Instance("B", env_b).start())
+    instances.extend(pair)
+    for instance in pair:
+        instance.wait_serving()
+    return pair
+
+
 def instance_env(prefix: str, redis_url: str | None = REDIS_URL, **extra: str) -> dict[str, str]:
     env = {
         "SECRET_KEY": SECRET_KEY,

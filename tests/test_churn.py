@@ -28,15 +28,14 @@ def own_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
-def settled(instance: Instance, baseline: dict[str, int]) -> bool:
-    status = instance.status()[1]
-    now = {"sockets": status["sockets"], "room_entries": status["room_entries"], "wanted": status["bus"]["wanted"]}
-    return now == baseline
-
-
 def counts(instance: Instance) -> dict[str, int]:
+    """What a leak would raise: sockets, python-socketio's room table, the channels wanted."""
     status = instance.status()[1]
     return {"sockets": status["sockets"], "room_entries": status["room_entries"], "wanted": status["bus"]["wanted"]}
+
+
+def settled(instance: Instance, baseline: dict[str, int]) -> bool:
+    return counts(instance) == baseline
 
 
 async def cut_off_handshake(session: aiohttp.ClientSession, base: str, token: str) -> None:
@@ -57,36 +56,34 @@ async def test_cut_off_handshakes_and_joins_racing_disconnects_leak_nothing(
     baseline = counts(a)
     users = [unique(f"u{n}") for n in range(20)]
     tokens = await asyncio.gather(*(token_for(a.url, user) for user in users))
-    pauser = redis.Redis.from_url(own_redis.url)
+    with redis.Redis.from_url(own_redis.url) as pauser:
+        # 1. Handshakes whose user channel Redis is slow to confirm, cut off by their clients.
+        async with aiohttp.ClientSession() as session:
+            for start in range(0, ROUNDS, 200):
+                pauser.execute_command("CLIENT", "PAUSE", "300", "ALL")
+                await asyncio.gather(*(
+                    cut_off_handshake(session, a.url, tokens[n % len(tokens)]) for n in range(start, start + 200)
+                ))
+        await wait_until(lambda: settled(a, baseline), f"A back at {baseline} after cut-off handshakes", timeout=30)
 
-    # 1. Handshakes whose user channel Redis is slow to confirm, cut off by their clients.
-    async with aiohttp.ClientSession() as session:
-        for start in range(0, ROUNDS, 200):
-            pauser.execute_command("CLIENT", "PAUSE", "300", "ALL")
-            await asyncio.gather(*(
-                cut_off_handshake(session, a.url, tokens[n % len(tokens)]) for n in range(start, start + 200)
+        # 2. Joins racing their socket's disconnect, by the socket itself.
+        for start in range(0, ROUNDS, 100):
+            wires = await asyncio.gather(*(
+                Wire.connect(a.url, {"token": tokens[n % len(tokens)]}) for n in range(start, start + 100)
             ))
-    await wait_until(lambda: settled(a, baseline), f"A back at {baseline} after cut-off handshakes", timeout=30)
 
-    # 2. Joins racing their socket's disconnect, by the socket itself.
-    for start in range(0, ROUNDS, 100):
-        wires = await asyncio.gather(*(
-            Wire.connect(a.url, {"token": tokens[n % len(tokens)]}) for n in range(start, start + 100)
-        ))
+            async def join_and_go(wire: Wire, n: int) -> None:
+                await wire.ws.send_str("421" + json.dumps(["join", {"room": f"team:churn{n % 7}"}]))
+                await wire.close()
 
-        async def join_and_go(wire: Wire, n: int) -> None:
-            await wire.ws.send_str("421" + json.dumps(["join", {"room": f"team:churn{n % 7}"}]))
-            await wire.close()
-
-        await asyncio.gather(*(join_and_go(wire, n) for n, wire in enumerate(wires)))
-    await wait_until(lambda: settled(a, baseline), f"A back at {baseline} after racing joins", timeout=30)
-    for user in users:
-        channel = f"{a.env['CHANNEL_PREFIX']}:user:{user}"
-        assert dict(pauser.pubsub_numsub(channel))[channel.encode()] == 0
-    rooms = [f"{a.env['CHANNEL_PREFIX']}:room:team:churn{n}" for n in range(7)]
-    assert all(count == 0 for _, count in pauser.pubsub_numsub(*rooms))
-    assert "Traceback" not in a.output(), a.output()[-3000:]
-    pauser.close()
+            await asyncio.gather(*(join_and_go(wire, n) for n, wire in enumerate(wires)))
+        await wait_until(lambda: settled(a, baseline), f"A back at {baseline} after racing joins", timeout=30)
+        for user in users:
+            channel = f"{a.env['CHANNEL_PREFIX']}:user:{user}"
+            assert dict(pauser.pubsub_numsub(channel))[channel.encode()] == 0
+        rooms = [f"{a.env['CHANNEL_PREFIX']}:room:team:churn{n}" for n in range(7)]
+        assert all(count == 0 for _, count in pauser.pubsub_numsub(*rooms))
+        assert "Traceback" not in a.output(), a.output()[-3000:]
 
 
 async def test_publishing_goes_on_after_its_connections_are_reset_under_load(

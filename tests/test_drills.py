@@ -14,7 +14,7 @@ import pytest
 
 from webapp.client import RecoveringClient
 
-from .harness import WAIT, Instance, Probe, api, instance_env, token_for, unique, wait_until
+from .harness import WAIT, Instance, Probe, api, instance_env, start_pair, token_for, unique, wait_until
 from .jsclient import JsClients, client_spec
 from .proxy import TcpProxy
 
@@ -148,11 +148,11 @@ async def test_an_instance_cut_off_from_redis_for_seconds_loses_nothing(instance
     """Cut longer than REDIS_BACKOFF_MAX while the other instance keeps publishing."""
     prefix = unique("partition")
     with TcpProxy([("127.0.0.1", 6379)]).start() as redis_link:
-        a = Instance("A", instance_env(prefix, redis_url=redis_link.redis_url, REDIS_BACKOFF_MAX="1")).start()
-        b = Instance("B", instance_env(prefix, REDIS_BACKOFF_MAX="1")).start()
-        instances.extend([a, b])
-        a.wait_serving()
-        b.wait_serving()
+        a, b = start_pair(
+            instances,
+            instance_env(prefix, redis_url=redis_link.redis_url, REDIS_BACKOFF_MAX="1"),
+            instance_env(prefix, REDIS_BACKOFF_MAX="1"),
+        )
         user = unique("user")
         probe = Probe(f"{user}@A")
         await probe.connect(a.url, await token_for(b.url, user))
@@ -193,11 +193,9 @@ async def test_a_subscriber_cut_twice_within_100_ms_under_load_loses_nothing(ins
     cut short must not move the instance's position past what it had not delivered."""
     prefix = unique("flap")
     with TcpProxy([("127.0.0.1", 6379)]).start() as redis_link:
-        a = Instance("A", instance_env(prefix, redis_url=redis_link.redis_url, REDIS_BACKOFF_MAX="0.2")).start()
-        b = Instance("B", instance_env(prefix)).start()
-        instances.extend([a, b])
-        a.wait_serving()
-        b.wait_serving()
+        a, b = start_pair(
+            instances, instance_env(prefix, redis_url=redis_link.redis_url, REDIS_BACKOFF_MAX="0.2"), instance_env(prefix)
+        )
         user = unique("user")
         probe = Probe(f"{user}@A")
         await probe.connect(a.url, await token_for(b.url, user))

@@ -17,7 +17,18 @@ import redis
 
 from webapp.realtime.bus import RedisBus
 
-from .harness import REDIS_URL, WAIT, Instance, Probe, api, instance_env, token_for, unique, wait_until
+from .harness import (
+    REDIS_URL,
+    WAIT,
+    Instance,
+    Probe,
+    api,
+    instance_env,
+    start_pair,
+    token_for,
+    unique,
+    wait_until,
+)
 from .proxy import TcpProxy
 from .test_recovery import Wire, emit
 
@@ -281,11 +292,9 @@ async def test_a_socket_accepted_during_an_outage_is_caught_up_only_from_its_con
         return int(seconds) * 1000 + int(micros) // 1000
 
     with TcpProxy([("127.0.0.1", 6379)]).start() as link:
-        a = Instance("A", instance_env(prefix, redis_url=link.redis_url, REDIS_BACKOFF_MAX="0.3")).start()
-        b = Instance("B", instance_env(prefix)).start()
-        instances.extend([a, b])
-        a.wait_serving()
-        b.wait_serving()
+        a, b = start_pair(
+            instances, instance_env(prefix, redis_url=link.redis_url, REDIS_BACKOFF_MAX="0.3"), instance_env(prefix)
+        )
         link.cut()
         await wait_until(lambda: a.readyz()[0] == 503, "A to lose Redis")
         await emit(b.url, "/api/emit/all", "news", "before")

@@ -15,7 +15,18 @@ import redis
 
 from webapp.client import RecoveringClient
 
-from .harness import WAIT, Instance, Probe, RedisServer, api, instance_env, token_for, unique, wait_until
+from .harness import (
+    WAIT,
+    Instance,
+    Probe,
+    RedisServer,
+    api,
+    instance_env,
+    start_pair,
+    token_for,
+    unique,
+    wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -60,11 +71,9 @@ async def test_redis_disconnecting_a_lagging_subscriber_loses_nothing(
     # A catch-up hands its whole backlog to the socket at once (replays at the socket's pace are
     # another matter): a queue bound of its own keeps the reader from counting as slow here.
     env = {"REDIS_BACKOFF_MAX": "0.2", "MAX_PAYLOAD_BYTES": "262144", "SOCKET_MAX_QUEUE": "100000"}
-    a = Instance("A", instance_env(prefix, redis_url=own_redis.url, **env)).start()
-    b = Instance("B", instance_env(prefix, redis_url=own_redis.url, **env)).start()
-    instances.extend([a, b])
-    a.wait_serving()
-    b.wait_serving()
+    a, b = start_pair(
+        instances, instance_env(prefix, redis_url=own_redis.url, **env), instance_env(prefix, redis_url=own_redis.url, **env)
+    )
     user = unique("user")
     probe = Probe(f"{user}@A")
     await probe.connect(a.url, await token_for(b.url, user))
@@ -94,11 +103,11 @@ async def test_an_inbox_past_its_bound_reads_from_the_history_and_loses_nothing(
     """INBOX_MAX_MESSAGES=20 against batches of 100: A stops queueing live messages at 20, and
     reads the rest from the history once it has delivered those."""
     prefix = unique("inbox")
-    a = Instance("A", instance_env(prefix, INBOX_MAX_MESSAGES="20", SOCKET_MAX_QUEUE="100000")).start()
-    b = Instance("B", instance_env(prefix, MAX_PAYLOAD_BYTES="262144")).start()
-    instances.extend([a, b])
-    a.wait_serving()
-    b.wait_serving()
+    a, b = start_pair(
+        instances,
+        instance_env(prefix, INBOX_MAX_MESSAGES="20", SOCKET_MAX_QUEUE="100000"),
+        instance_env(prefix, MAX_PAYLOAD_BYTES="262144"),
+    )
     user = unique("user")
     probe = Probe(f"{user}@A")
     await probe.connect(a.url, await token_for(b.url, user))
